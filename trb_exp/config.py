@@ -1,0 +1,46 @@
+"""Early, one-line validation of the composed Hydra config.
+
+``validate(cfg)`` runs before any model is loaded: a bad value stops the run with a
+``ConfigError`` whose message names the field and the fix; the entrypoint prints it as one line.
+Method and schedule fields are checked by ``methods.Method.validate``.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A bad input: its message is one line naming the field and the fix."""
+
+
+def _require(cond: bool, field: str, value, fix: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field}={value!r}: {fix}")
+
+
+def validate(cfg) -> None:
+    tr, op = cfg.trainer, cfg.optim
+    for name in ("max_steps", "eval_every"):
+        v = tr[name]
+        _require(isinstance(v, int) and v >= 0, f"trainer.{name}", v, "must be an integer >= 0")
+    for name in ("prompts_per_step", "rollouts_per_prompt", "micro_batch_size", "max_new_tokens",
+                 "eval_samples", "log_every"):
+        v = tr[name]
+        _require(isinstance(v, int) and v >= 1, f"trainer.{name}", v, "must be an integer >= 1")
+    _require(tr.eval_size is None or (isinstance(tr.eval_size, int) and tr.eval_size >= 1),
+             "trainer.eval_size", tr.eval_size, "must be null (whole test split) or an integer >= 1")
+    _require(isinstance(tr.temperature, (int, float)) and tr.temperature > 0, "trainer.temperature",
+             tr.temperature, "sampling temperature must be > 0")
+    _require(isinstance(op.lr, (int, float)) and op.lr > 0, "optim.lr", op.lr, "must be > 0")
+    _require(op.grad_clip > 0, "optim.grad_clip", op.grad_clip, "must be > 0")
+    _require(op.weight_decay >= 0, "optim.weight_decay", op.weight_decay, "must be >= 0")
+    _require(len(op.betas) == 2 and all(0 <= b < 1 for b in op.betas), "optim.betas", list(op.betas),
+             "give two values in [0, 1)")
+    _require(isinstance(op.warmup_steps, int) and op.warmup_steps >= 0, "optim.warmup_steps",
+             op.warmup_steps, "must be an integer >= 0")
+    _require(isinstance(cfg.seed, int), "seed", cfg.seed, "must be an integer")
+    _require(cfg.device == "auto" or str(cfg.device).split(":")[0] in ("cpu", "cuda", "mps"), "device",
+             cfg.device, "use auto, cpu, cuda or cuda:N")
+    _require(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype", cfg.model.dtype,
+             "use auto, float32, bfloat16 or float16")
+    _require(cfg.logger.backend in ("wandb", "none"), "logger.backend", cfg.logger.backend,
+             "use logger=wandb or logger=none")

@@ -1,0 +1,67 @@
+"""Evaluation: sampled pass@1 (the paper's metric), unbiased pass@k, greedy accuracy.
+
+pass@1 is the mean over problems of c/n, with n samples per problem at temperature 1 drawn by
+the same decode loop the trainer uses (``StudentRule``). Graders are plain functions
+``grade(response_text, reference) -> bool``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trb_exp.data import encode_prompts
+from trb_exp.rollout import GreedyRule, StudentRule, sample
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k estimator (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _generate(model, tokenizer, prompts, rule, *, max_new_tokens, batch_size, generator, device):
+    texts, lengths, finished = [], [], []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = encode_prompts(tokenizer, prompts[i : i + batch_size], device)
+        ro = sample(model, None, ids, mask, rule, max_new_tokens=max_new_tokens,
+                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator)
+        texts += tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
+        lengths += ro.response_mask.sum(1).tolist()
+        finished += ro.finished.tolist()
+    return texts, lengths, finished
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, prompts: list[str], answers: list[str], grade, *, n_samples: int = 4,
+             temperature: float = 1.0, greedy: bool = True, max_new_tokens: int = 64,
+             batch_size: int = 512, seed: int = 0, ks: tuple[int, ...] = (1,)) -> dict[str, float]:
+    """Sampled pass@1 (+ pass@k for k in ``ks`` up to n) and greedy accuracy on ``prompts``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    rep_prompts = [p for p in prompts for _ in range(n_samples)]
+    texts, lengths, finished = _generate(model, tokenizer, rep_prompts, StudentRule(temperature),
+                                         max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                         generator=gen, device=device)
+    correct = [grade(t, answers[i // n_samples]) for i, t in enumerate(texts)]
+    per_problem = [sum(correct[j * n_samples : (j + 1) * n_samples]) for j in range(len(prompts))]
+    out = {
+        "pass@1": sum(c / n_samples for c in per_problem) / len(prompts),
+        "mean_length": sum(lengths) / len(lengths),
+        "eos_rate": sum(finished) / len(finished),
+    }
+    for k in ks:
+        if 1 < k <= n_samples:
+            out[f"pass@{k}"] = sum(pass_at_k(n_samples, c, k) for c in per_problem) / len(prompts)
+    if greedy:
+        gtexts, _, _ = _generate(model, tokenizer, list(prompts), GreedyRule(), max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, generator=gen, device=device)
+        out["greedy_acc"] = sum(grade(t, a) for t, a in zip(gtexts, answers)) / len(prompts)
+    model.train(was_training)
+    return out

@@ -1,0 +1,168 @@
+"""Build the embedded teacher/student pair deterministically.
+
+    python -m trb_exp.prepare                 # rebuild the shipped pair in trb_exp/assets/embedded
+    python -m trb_exp.prepare --out DIR       # somewhere else
+
+Teacher: a 4-layer Llama trained by SFT on the task's worked solutions until its sampled
+(temperature 1) pass@1 on the test split reaches ``teacher_target``.
+Student: a smaller Llama playing the paper's *Base* model. It is pretrained on a corpus that
+teaches the task's language but not the task: bare step lines (``7*8=56;``) and prompts followed
+by the correct worked solution of a DIFFERENT problem. It therefore writes well-formed,
+self-consistent solutions that ignore its prompt, and solves few problems; on-policy distillation
+has to teach it to ground its steps in the prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from trb_exp.data import encode_prompts, encode_targets
+from trb_exp.data.arithmetic import ArithmeticSpec, grade, make_splits, solve
+from trb_exp.data.tokenizer import build_char_tokenizer
+from trb_exp.evaluation import evaluate
+from trb_exp.losses import cross_entropy, masked_token_mean
+from trb_exp.models import EMBEDDED, tiny_llama
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    task: ArithmeticSpec = field(default_factory=ArithmeticSpec)
+    teacher: ModelSize = ModelSize(hidden=128, layers=4, heads=4, intermediate=384)
+    student: ModelSize = ModelSize(hidden=64, layers=2, heads=4, intermediate=192)
+    teacher_steps: int = 3000
+    teacher_target: float = 0.92
+    student_steps: int = 800
+    student_grounded_frac: float = 0.0  # share of student corpus rows whose solution matches the prompt
+    batch_size: int = 128
+    lr: float = 2e-3
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _sft(model, tokenizer, rows, *, steps, batch_size, lr, seed, desc, prompt_loss, eval_fn=None, eval_every=250, target=None):
+    """Plain SFT: cross-entropy on (prompt, target) rows; the prompt is masked unless prompt_loss."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * max(0.1, 1 - s / steps))
+    model.train()
+    history = []
+    bar = tqdm(range(steps), desc=desc)
+    for step in bar:
+        idx = torch.randint(len(rows), (batch_size,), generator=g).tolist()
+        p_ids, p_mask = encode_prompts(tokenizer, [rows[i][0] for i in idx])
+        t_ids, t_mask = encode_targets(tokenizer, [rows[i][1] for i in idx])
+        ids = torch.cat([p_ids, t_ids], 1)
+        attn = torch.cat([p_mask.bool(), t_mask], 1)
+        pos = (attn.long().cumsum(-1) - 1).clamp_min(0)
+        logits = model(input_ids=ids, attention_mask=attn.long(), position_ids=pos).logits[:, :-1]
+        loss_mask = torch.cat([p_mask.bool() & prompt_loss, t_mask], 1)[:, 1:]
+        loss = masked_token_mean(cross_entropy(logits, ids[:, 1:]), loss_mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if eval_fn is not None and (step + 1) % eval_every == 0:
+            score = eval_fn(model)
+            history.append({"step": step + 1, "loss": loss.item(), **score})
+            bar.write(f"[{desc}] step {step + 1}: {score}")
+            if target is not None and score["pass@1"] >= target:
+                break
+            model.train()
+    return history
+
+
+def student_corpus(train_rows, spec: PairSpec, rng: random.Random):
+    """(prompt, text) rows: step-line drills and prompts with another problem's solution."""
+    rows = []
+    sols = [r["solution"] for r in train_rows]
+    for r in train_rows:
+        u = rng.random()
+        if u < spec.student_grounded_frac:
+            rows.append((r["prompt"], r["solution"]))
+        elif u < 0.8:
+            rows.append((r["prompt"], rng.choice(sols)))
+        else:  # a drill of independent single-operation step lines
+            steps = []
+            for _ in range(rng.randint(2, 4)):
+                a, b = rng.randint(-30, 99), rng.randint(0, spec.task.max_operand)
+                op = rng.choice(spec.task.ops)
+                steps.append(solve([a, b], [op])[0][0])
+            rows.append(("", ";".join(steps) + ";"))
+    return rows
+
+
+def prepare_pair(spec: PairSpec, out: Path, *, log=print) -> dict:
+    """Train and save teacher and student (each dir self-contained with its tokenizer)."""
+    torch.manual_seed(spec.seed)
+    t_start = time.time()
+    splits = make_splits(spec.task)
+    tok = build_char_tokenizer()
+    test = splits["test"]
+    prompts, answers = list(test["prompt"]), list(test["answer"])
+
+    def eval_fn(model):
+        r = evaluate(model, tok, prompts, answers, grade, n_samples=2, greedy=False, max_new_tokens=48, seed=spec.seed)
+        return {"pass@1": round(r["pass@1"], 4), "eos_rate": round(r["eos_rate"], 4)}
+
+    train_rows = [(r["prompt"], r["solution"]) for r in splits["train"]]
+    teacher = tiny_llama(tok, seed=spec.seed, **asdict(spec.teacher))
+    t_hist = _sft(teacher, tok, train_rows, steps=spec.teacher_steps, batch_size=spec.batch_size, lr=spec.lr,
+                  seed=spec.seed, desc="teacher SFT", prompt_loss=False, eval_fn=eval_fn, target=spec.teacher_target)
+    t_final = evaluate(teacher, tok, prompts, answers, grade, n_samples=8, max_new_tokens=48, seed=spec.seed + 1)
+    log(f"teacher: {t_final}")
+
+    corpus = student_corpus(list(splits["train"]), spec, random.Random(spec.seed))
+    student = tiny_llama(tok, seed=spec.seed + 1, **asdict(spec.student))
+    s_hist = _sft(student, tok, corpus, steps=spec.student_steps, batch_size=spec.batch_size, lr=spec.lr,
+                  seed=spec.seed + 1, desc="student pretrain", prompt_loss=True)
+    s_final = evaluate(student, tok, prompts, answers, grade, n_samples=8, max_new_tokens=48, seed=spec.seed + 1)
+    log(f"student: {s_final}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    for role, model in (("teacher", teacher), ("student", student)):
+        model.save_pretrained(out / role)  # safetensors
+        tok.save_pretrained(out / role)
+    report = {
+        "spec": asdict(spec), "key": spec.key(), "seconds": round(time.time() - t_start, 1),
+        "teacher": {"params": sum(p.numel() for p in teacher.parameters()), "eval": t_final, "history": t_hist},
+        "student": {"params": sum(p.numel() for p in student.parameters()), "eval": s_final, "history": s_hist},
+    }
+    (out / "prepare.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=EMBEDDED)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = prepare_pair(PairSpec(), args.out)
+    print(json.dumps({k: report[k] for k in ("key", "seconds")}))
+
+
+if __name__ == "__main__":
+    main()

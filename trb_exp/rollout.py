@@ -1,0 +1,216 @@
+"""One KV-cached, two-model decode loop that every method samples with.
+
+``sample`` decodes a batch of left-padded prompts token by token. At each step the student (and,
+when the behaviour rule needs it, the teacher) advances by ONE token using its KV cache; a
+*behaviour rule* turns the two next-token distributions into the distribution the token is drawn
+from. The rules are small objects:
+
+    StudentRule(temperature)   pure student sampling (OPD, evaluation, temperature warmup)
+    TeacherRule(temperature)   pure teacher sampling (offline KD data, SFT warmup data)
+    TrustRegionRule(eps, ...)  TRB: mu_b ∝ pi_S^(1-b) pi_T^b with KL(mu_b||pi_S) <= eps
+    GreedyRule()               argmax of the student (greedy evaluation)
+
+The loop returns a ``Rollout``: token ids and masks for the training forward, the teacher's
+log-probabilities at every response position when the teacher ran during decoding (so the loss
+reuses them instead of a second teacher pass), and per-token diagnostics of the rule.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from trb_exp.blending import kl_divergence, trust_region_blend
+
+
+# --------------------------------------------------------------------------- behaviour rules
+@dataclass
+class StudentRule:
+    temperature: float = 1.0
+    needs_student: bool = True
+    needs_teacher: bool = False
+
+    def __call__(self, student_logits, teacher_logits):
+        return torch.log_softmax(student_logits.float() / self.temperature, -1), {}
+
+
+@dataclass
+class GreedyRule:
+    needs_student: bool = True
+    needs_teacher: bool = False
+
+    def __call__(self, student_logits, teacher_logits):
+        logp = torch.full_like(student_logits, float("-inf"), dtype=torch.float32)
+        return logp.scatter_(-1, student_logits.argmax(-1, keepdim=True), 0.0), {}
+
+
+@dataclass
+class TeacherRule:
+    temperature: float = 1.0
+    needs_student: bool = False
+    needs_teacher: bool = True
+
+    def __call__(self, student_logits, teacher_logits):
+        return torch.log_softmax(teacher_logits.float() / self.temperature, -1), {}
+
+
+@dataclass
+class TrustRegionRule:
+    """TRB's behaviour policy. ``budget='absolute'``: eps nats per token (the paper's knob);
+    ``budget='relative'``: eps = rho * KL(pi_T||pi_S) at each prefix, ``rho = eps`` in [0, 1]."""
+
+    eps: float
+    budget: str = "absolute"
+    temperature: float = 1.0
+    tol: float = 1e-6
+    needs_student: bool = True
+    needs_teacher: bool = True
+
+    def __call__(self, student_logits, teacher_logits):
+        s = student_logits.float() / self.temperature
+        t = teacher_logits.float() / self.temperature
+        if self.budget == "relative":
+            gap = kl_divergence(torch.log_softmax(t, -1), torch.log_softmax(s, -1))
+            eps = self.eps * torch.nan_to_num(gap, posinf=1e4)
+        else:
+            eps = torch.full(s.shape[:-1], float(self.eps))
+        res = trust_region_blend(s, t, eps, tol=self.tol)
+        diag = {
+            "eps": eps,
+            "beta": res.beta,
+            "kl_behavior_student": res.kl,
+            "solver_iters": res.iters.float(),
+        }
+        return res.logprobs, diag
+
+
+# --------------------------------------------------------------------------- the rollout record
+@dataclass
+class Rollout:
+    """A batch of sampled responses. ``T`` = response length (padded), ``P`` = prompt length.
+
+    input_ids        [B, P+T]  left-padded prompt followed by the right-padded response
+    attention_mask   [B, P+T]  1 on real tokens
+    response_mask    [B, T]    1 on response tokens (the EOS included), 0 after it
+    teacher_logprobs [B, T, V] teacher log-probs (temperature 1) predicting each response token,
+                               when the teacher ran during decoding, else None
+    diagnostics      name -> [B, T] per-token values of the behaviour rule
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    prompt_len: int
+    teacher_logprobs: Tensor | None
+    token_logprobs_student: Tensor | None
+    finished: Tensor  # [B] the response ended with EOS within the length limit
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
+    decode_s: float = 0.0  # wall time of the decode loop
+    rule_s: float = 0.0  # of which spent inside the behaviour rule (the TRB solver)
+
+    @property
+    def response_ids(self) -> Tensor:
+        return self.input_ids[:, self.prompt_len :]
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids for left-padded rows: 0 at the first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _step(model, ids, attention_mask, positions, cache):
+    out = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True)
+    return out.logits[:, -1], out.cache
+
+
+# --------------------------------------------------------------------------- the decode loop
+@torch.no_grad()
+def sample(
+    student,
+    teacher,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    rule,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    generator: torch.Generator | None = None,
+    keep_teacher_logprobs: bool = True,
+) -> Rollout:
+    """Decode ``max_new_tokens`` at most from left-padded prompts [B, P] under ``rule``."""
+    B, P = prompt_ids.shape
+    device = prompt_ids.device
+    mask = prompt_mask.long()
+    pos = positions_from_mask(mask)
+    models = {}
+    if rule.needs_student:
+        models["student"] = student
+    if rule.needs_teacher:
+        models["teacher"] = teacher
+    logits, caches = {}, {}
+    for name, m in models.items():
+        logits[name], caches[name] = _step(m, prompt_ids, mask, pos, None)
+    next_pos = pos[:, -1:] + 1
+
+    tokens, t_logprobs, s_token_logprobs = [], [], []
+    diags: dict[str, list[Tensor]] = {}
+    alive = torch.ones(B, dtype=torch.bool, device=device)
+    alive_hist = []
+    t0, rule_s = time.perf_counter(), 0.0
+    for _ in range(max_new_tokens):
+        t_rule = time.perf_counter()
+        behavior, diag = rule(logits.get("student"), logits.get("teacher"))
+        rule_s += time.perf_counter() - t_rule
+        behavior = torch.nan_to_num(behavior, nan=float("-inf"))
+        tok = torch.multinomial(behavior.exp(), 1, generator=generator).squeeze(-1)
+        tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
+        tokens.append(tok)
+        alive_hist.append(alive.clone())
+        if "teacher" in logits and keep_teacher_logprobs:
+            t_logprobs.append(torch.log_softmax(logits["teacher"].float(), -1))
+        if "student" in logits:
+            s_lp = torch.log_softmax(logits["student"].float(), -1)
+            s_token_logprobs.append(s_lp.gather(-1, tok[:, None]).squeeze(-1))
+        for k, v in diag.items():
+            diags.setdefault(k, []).append(v)
+        alive = alive & (tok != eos_id)
+        if not alive.any():
+            break
+        mask = torch.cat([mask, alive_hist[-1].long()[:, None]], 1)
+        for name, m in models.items():
+            logits[name], caches[name] = _step(m, tok[:, None], mask, next_pos, caches[name])
+        next_pos = next_pos + 1
+
+    response = torch.stack(tokens, 1)
+    response_mask = torch.stack(alive_hist, 1)
+    out = Rollout(
+        input_ids=torch.cat([prompt_ids, response], 1),
+        attention_mask=torch.cat([prompt_mask.long(), response_mask.long()], 1),
+        response_mask=response_mask,
+        prompt_len=P,
+        teacher_logprobs=torch.stack(t_logprobs, 1) if t_logprobs else None,
+        token_logprobs_student=torch.stack(s_token_logprobs, 1) if s_token_logprobs else None,
+        finished=~alive,
+        diagnostics={k: torch.stack(v, 1) for k, v in diags.items()},
+        decode_s=time.perf_counter() - t0,
+        rule_s=rule_s,
+    )
+    return out
+
+
+def response_logits(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
+    """One batched forward over prompt+response; logits [B, T, V] predicting each response token."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=positions_from_mask(attention_mask), use_cache=False)
+    return out.logits[:, prompt_len - 1 : -1]
+
+
+@torch.no_grad()
+def teacher_logprobs(teacher, rollout: Rollout) -> Tensor:
+    """The teacher's log-probs over the response positions in one batched pass [B, T, V]."""
+    logits = response_logits(teacher, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+    return torch.log_softmax(logits.float(), -1)

@@ -1,0 +1,201 @@
+"""The training entrypoint: ``python -m trb_exp.train method=trb schedule=linear``.
+
+One loop, top to bottom: sample rollouts with the method's behaviour rule for step k, take the
+teacher's log-probs from the rollout (or one batched teacher pass when the teacher did not run
+during decoding), minimise the per-token loss normalised by the response tokens of the whole
+step, log, evaluate every ``trainer.eval_every`` steps, save the student (safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+import transformers
+
+from trb_exp import losses
+from trb_exp.config import ConfigError, validate
+from trb_exp.data import encode_prompts, load_task
+from trb_exp.evaluation import evaluate
+from trb_exp.logger import RunLogger
+from trb_exp.methods import Method
+from trb_exp.models import check_pair, load_model, load_tokenizer, pick_device
+from trb_exp.rollout import response_logits, sample, teacher_logprobs
+
+
+def rollout_metrics(ro, texts, answers, grade, method: Method, step: int) -> dict:
+    """Per-step diagnostics of the training rollouts (and of the TRB blending, when it ran)."""
+    mask = ro.response_mask
+    n_tok = mask.sum().clamp_min(1)
+    lengths = mask.sum(1).float()
+    m = {
+        "rollout/reward": sum(grade(t, a) for t, a in zip(texts, answers)) / len(texts),
+        "rollout/mean_length": lengths.mean().item(),
+        "rollout/eos_rate": ro.finished.float().mean().item(),
+        "rollout/decode_s": ro.decode_s,
+        "trb/eps": method.budget(step),
+    }
+    if ro.token_logprobs_student is not None:
+        m["rollout/student_logprob"] = (ro.token_logprobs_student * mask).sum().item() / n_tok.item()
+    if ro.teacher_logprobs is not None:
+        t = ro.teacher_logprobs
+        ent = -(t.exp() * t.clamp_min(-1e4)).sum(-1)
+        tok_lp = t.gather(-1, ro.response_ids.clamp_min(0)[..., None]).squeeze(-1)
+        m["rollout/teacher_entropy"] = (ent * mask).sum().item() / n_tok.item()
+        m["rollout/teacher_logprob"] = (tok_lp * mask).sum().item() / n_tok.item()
+    d = ro.diagnostics
+    if "beta" in d:
+        beta, kl = d["beta"][mask], d["kl_behavior_student"][mask]
+        m.update({
+            "trb/eps_mean": d["eps"][mask].mean().item(),
+            "trb/beta_mean": beta.mean().item(),
+            "trb/frac_beta_pos": (beta > 0).float().mean().item(),
+            "trb/frac_beta_one": (beta >= 1).float().mean().item(),
+            "trb/kl_behavior_student_mean": kl.mean().item(),
+            "trb/kl_behavior_student_max": kl.max().item(),
+            "trb/kl_behavior_student_seq_sum": (d["kl_behavior_student"] * mask).sum(1).mean().item(),
+            "trb/kl_excess_max": (kl - d["eps"][mask]).max().item(),
+            "trb/solver_iters_mean": d["solver_iters"][mask].mean().item(),
+            "trb/solver_iters_max": d["solver_iters"][mask].max().item(),
+            "trb/solver_share": ro.rule_s / max(ro.decode_s, 1e-9),
+        })
+    elif method.rollout == "trust_region":
+        m.update({"trb/beta_mean": 0.0, "trb/frac_beta_pos": 0.0, "trb/kl_behavior_student_mean": 0.0})
+    return m
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    validate(cfg)
+    transformers.utils.logging.disable_progress_bar()
+    method = Method.from_cfg(cfg.method, cfg.schedule)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    tr = cfg.trainer
+
+    task = load_task(cfg.dataset)
+    tok = load_tokenizer(cfg.model.student, cfg.model.trust_remote_code)
+    teacher_tok = load_tokenizer(cfg.model.teacher, cfg.model.trust_remote_code)
+    student = load_model(cfg.model.student, device=device, dtype=cfg.model.dtype,
+                         trust_remote_code=cfg.model.trust_remote_code, train=True)
+    teacher = load_model(cfg.model.teacher, device=device, dtype=cfg.model.dtype,
+                         trust_remote_code=cfg.model.trust_remote_code, train=False)
+    check_pair(tok, teacher_tok, student, teacher)
+
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                            weight_decay=cfg.optim.weight_decay)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.optim.warmup_steps)))
+    logger = RunLogger(run_dir, backend=cfg.logger.backend, project=cfg.logger.project,
+                       name=f"{method.name}-s{cfg.seed}", mode=cfg.logger.mode,
+                       config=OmegaConf.to_container(cfg, resolve=True))
+    gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    order = random.Random(cfg.seed)
+    prompt_idx: list[int] = []
+    eval_size = tr.eval_size or len(task.test_prompts)
+    eval_prompts, eval_answers = task.test_prompts[:eval_size], task.test_answers[:eval_size]
+
+    def run_eval(step: int) -> dict:
+        r = evaluate(student, tok, eval_prompts, eval_answers, task.grade, n_samples=tr.eval_samples,
+                     temperature=1.0, max_new_tokens=tr.max_new_tokens, seed=cfg.seed + 1)
+        r = {f"eval/{k}": v for k, v in r.items()}
+        logger.log(r, step)
+        print(f"[eval] step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items()), flush=True)
+        return r
+
+    history = [{"step": 0, **run_eval(0)}]
+    t_train = time.time()
+    for step in range(tr.max_steps):
+        t_step = time.time()
+        # 1. prompts for this step (each repeated rollouts_per_prompt times), epoch-shuffled
+        batch = []
+        while len(batch) < tr.prompts_per_step:
+            if not prompt_idx:
+                prompt_idx = list(range(len(task.train_prompts)))
+                order.shuffle(prompt_idx)
+            batch.append(prompt_idx.pop())
+        batch = [i for i in batch for _ in range(tr.rollouts_per_prompt)]
+        ids, mask = encode_prompts(tok, [task.train_prompts[i] for i in batch], device)
+
+        # 2. rollouts from the method's behaviour rule at this step
+        student.eval()
+        ro = sample(student, teacher, ids, mask, method.rule(step, tr.temperature),
+                    max_new_tokens=tr.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                    generator=gen)
+        student.train()
+
+        # 3. teacher statistics: reuse the rollout's, else one batched pass
+        t_lp = ro.teacher_logprobs
+        if t_lp is None and method.needs_teacher_logprobs:
+            t_lp = teacher_logprobs(teacher, ro)
+
+        # 4. loss over micro-batches, normalised by the response tokens of the whole step
+        n_tokens = ro.response_mask.sum()
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for s in range(0, len(batch), tr.micro_batch_size):
+            sl = slice(s, s + tr.micro_batch_size)
+            logits = response_logits(student, ro.input_ids[sl], ro.attention_mask[sl], ro.prompt_len)
+            per_tok = method.per_token_loss(logits, None if t_lp is None else t_lp[sl], ro.response_ids[sl])
+            loss = losses.masked_token_mean(per_tok, ro.response_mask[sl], n_tokens)
+            loss.backward()
+            total += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        lr_sched.step()
+
+        # 5. log
+        if (step + 1) % tr.log_every == 0 or step == 0:
+            texts = tok.batch_decode(ro.response_ids, skip_special_tokens=True)
+            m = rollout_metrics(ro, texts, [task.train_answers[i] for i in batch], task.grade, method, step)
+            m.update({"train/loss": total, "train/grad_norm": grad_norm.item(),
+                      "train/lr": lr_sched.get_last_lr()[0], "time/step_s": time.time() - t_step})
+            logger.log(m, step + 1)
+        if tr.eval_every and ((step + 1) % tr.eval_every == 0 or step + 1 == tr.max_steps):
+            history.append({"step": step + 1, **run_eval(step + 1)})
+
+    train_s = time.time() - t_train
+    if tr.save_student:
+        student.save_pretrained(run_dir / "student")  # safetensors
+        tok.save_pretrained(run_dir / "student")
+    summary = {
+        "method": method.name, "seed": int(cfg.seed), "steps": int(tr.max_steps),
+        "train_s": round(train_s, 2), "initial": history[0], "final": history[-1],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    logger.close()
+    return summary
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        summary = run(cfg, run_dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    final = summary["final"]
+    print(f"[done] {summary['method']}: pass@1 {summary['initial']['eval/pass@1']:.3f} -> "
+          f"{final['eval/pass@1']:.3f} in {summary['train_s']:.0f}s; run dir {run_dir}")
+    return final.get("eval/pass@1")
+
+
+if __name__ == "__main__":
+    main()
