@@ -1,0 +1,119 @@
+"""End-to-end: each method through Hydra's compose API on a tiny random pair, and the CLI's
+one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import compose
+from transformers import AutoModelForCausalLM
+
+from trb_exp.config import ConfigError
+from trb_exp.train import run
+
+FAST = ["logger=none", "trainer.max_steps=3", "trainer.eval_every=2", "trainer.eval_size=8",
+        "trainer.eval_samples=2", "trainer.prompts_per_step=4", "trainer.max_new_tokens=12", "threads=1"]
+
+
+def _pair(tiny_pair):
+    return [f"model.student={tiny_pair / 'student'}", f"model.teacher={tiny_pair / 'teacher'}"]
+
+
+@pytest.mark.parametrize("method", ["opd", "trb", "offline_kd"])
+def test_each_method_runs_end_to_end(method, tiny_pair, tmp_path):
+    cfg = compose([f"method={method}", *FAST, *_pair(tiny_pair)])
+    summary = run(cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert [r["step"] for r in rows if "eval/pass@1" in r] == [0, 2, 3]
+    assert all(r["train/loss"] >= 0 for r in train_rows)
+    if method == "trb":  # budget logged and respected: linear schedule from eps0 over K steps
+        eps0, K = cfg.schedule.eps0, cfg.schedule.warmup_steps
+        assert [r["trb/eps"] for r in train_rows] == pytest.approx([eps0 * (1 - k / K) for k in range(3)])
+        assert all(r["trb/kl_behavior_student_max"] <= r["trb/eps"] + 1e-6 for r in train_rows)
+    if method == "offline_kd":  # the student never samples: no student log-probs in the rollout
+        assert "rollout/student_logprob" not in train_rows[0]
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert (tmp_path / "student" / "model.safetensors").exists() and student.config.model_type == "llama"
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["method"] == method and saved["final"]["step"] == 3 == summary["final"]["step"]
+
+
+def test_training_is_deterministic(tiny_pair, tmp_path):
+    cfg = compose(["method=trb", *FAST, *_pair(tiny_pair), "trainer.eval_every=0"])
+    a = run(cfg, tmp_path / "a")
+    b = run(cfg, tmp_path / "b")
+    la = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    lb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if "time" not in k and not k.endswith("_s")
+                           and k != "trb/solver_share"} for r in rows]
+    assert strip(la) == strip(lb) and a["final"] == b["final"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("schedule.eps0=-0.1", "schedule.eps0=-0.1: a KL budget must be >= 0"),
+    ("schedule.warmup_steps=0", "schedule.warmup_steps=0"),
+    ("method.loss=l2", "method.loss='l2': choose one of"),
+    ("trainer.max_new_tokens=0", "trainer.max_new_tokens=0"),
+    ("schedule.name=warp", "schedule.name='warp': choose one of"),
+    ("schedule.budget=relative,schedule.eps0=1.5", "schedule.eps0=1.5: a relative budget"),
+])
+def test_config_errors_name_the_field(override, message, tiny_pair, tmp_path):
+    cfg = compose([*override.split(","), *FAST, *_pair(tiny_pair)])
+    with pytest.raises(ConfigError) as e:
+        run(cfg, tmp_path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_tokenizer_mismatch_is_caught(tiny_pair, tmp_path):
+    from trb_exp.data.tokenizer import build_char_tokenizer
+    from trb_exp.models import tiny_llama
+
+    tok = build_char_tokenizer(chars="0123456789+-*=;A:xyz")
+    m = tiny_llama(tok, hidden=16, layers=1, heads=2, intermediate=32)
+    m.save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    cfg = compose([*FAST, f"model.student={tiny_pair / 'student'}", f"model.teacher={tmp_path / 'other'}"])
+    with pytest.raises(ConfigError, match="student and teacher tokenizers differ"):
+        run(cfg, tmp_path / "run")
+
+
+def test_local_dataset_errors(tiny_pair, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "1+2=", "answer": "3"}\n')
+    nofield = tmp_path / "nofield.jsonl"
+    nofield.write_text('{"question": "1+2=", "answer": "3"}\n')
+    base = ["dataset=local", *FAST, *_pair(tiny_pair)]
+    for train, msg in [(empty, "no rows"), (nofield, "no column 'prompt'"), (tmp_path / "missing.jsonl", "no such file")]:
+        cfg = compose([*base, f"dataset.train_file={train}", f"dataset.test_file={good}"])
+        with pytest.raises(ConfigError, match=msg):
+            run(cfg, tmp_path / "run")
+    cfg = compose([*base, f"dataset.train_file={good}", f"dataset.test_file={good}"])
+    assert run(cfg, tmp_path / "ok")["final"]["step"] == 3
+
+
+def _cli(*args):
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "trb_exp.train", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_cli_prints_one_line_errors(tmp_path):
+    r = _cli("schedule.eps0=-1", "logger=none", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == "error: schedule.eps0=-1.0: a KL budget must be >= 0 (0 = plain OPD)"
+    assert "Traceback" not in r.stderr
+    r = _cli("method=nonsense", f"hydra.run.dir={tmp_path}")
+    assert r.returncode != 0 and "Could not find 'method/nonsense'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_help_and_cfg():
+    r = _cli("--cfg", "job")
+    assert r.returncode == 0 and "warmup_steps" in r.stdout and "max_steps" in r.stdout
+    r = _cli("--help")
+    assert r.returncode == 0 and "method: offline_kd, opd, trb" in r.stdout
