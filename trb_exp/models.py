@@ -8,6 +8,8 @@ and ``AutoTokenizer.from_pretrained``; ``trust_remote_code`` stays off unless th
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -38,16 +40,30 @@ def tiny_llama(tokenizer, *, hidden: int, layers: int, heads: int, intermediate:
     return LlamaForCausalLM(cfg)
 
 
-def resolve(name: str) -> str:
-    """Map ``embedded:<role>`` to the shipped directory; leave paths and hub ids alone."""
+def resolve(name: str, embedded_dir: Path | None = None) -> str:
+    """Map ``embedded:<role>`` to the embedded pair's directory; leave paths and hub ids alone."""
     if name.startswith("embedded:"):
-        path = EMBEDDED / name.split(":", 1)[1]
+        path = (embedded_dir or EMBEDDED) / name.split(":", 1)[1]
         if not (path / "config.json").exists():
-            raise ConfigError(
-                f"model: {name} is not prepared at {path}; run `python -m trb_exp.prepare` to build it"
-            )
+            raise ConfigError(f"model: {name} is not prepared at {path}; run `python -m trb_exp.prepare`")
         return str(path)
     return name
+
+
+def embedded_pair_dir(task_spec) -> Path:
+    """The embedded pair trained for ``task_spec``: the shipped one when the task is the default,
+    else a pair prepared once (a few minutes, progress bar) and cached under ``~/.cache/trb_exp``."""
+    from trb_exp.prepare import PairSpec, prepare_pair
+
+    spec = PairSpec(task=task_spec)
+    shipped = EMBEDDED / "prepare.json"
+    if shipped.exists() and json.loads(shipped.read_text()).get("key") == spec.key():
+        return EMBEDDED
+    cache = Path(os.environ.get("TRB_EXP_CACHE", Path.home() / ".cache" / "trb_exp")) / f"embedded-{spec.key()}"
+    if not (cache / "prepare.json").exists():
+        print(f"[prepare] no embedded pair for this task yet: training one into {cache} (one time, a few minutes)")
+        prepare_pair(spec, cache)
+    return cache
 
 
 def pick_device(device: str) -> torch.device:
@@ -56,8 +72,9 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(name: str, *, device: torch.device, dtype: str = "auto", trust_remote_code: bool = False, train: bool):
-    path = resolve(name)
+def load_model(name: str, *, device: torch.device, dtype: str = "auto", trust_remote_code: bool = False,
+               train: bool, embedded_dir: Path | None = None):
+    path = resolve(name, embedded_dir)
     torch_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
                    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     try:
@@ -74,8 +91,8 @@ def load_model(name: str, *, device: torch.device, dtype: str = "auto", trust_re
     return model
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False):
-    tok = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+def load_tokenizer(name: str, trust_remote_code: bool = False, embedded_dir: Path | None = None):
+    tok = AutoTokenizer.from_pretrained(resolve(name, embedded_dir), trust_remote_code=trust_remote_code)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -27,7 +27,7 @@ from trb_exp.data import encode_prompts, load_task
 from trb_exp.evaluation import evaluate
 from trb_exp.logger import RunLogger
 from trb_exp.methods import Method
-from trb_exp.models import check_pair, load_model, load_tokenizer, pick_device
+from trb_exp.models import check_pair, embedded_pair_dir, load_model, load_tokenizer, pick_device
 from trb_exp.rollout import response_logits, sample, teacher_logprobs
 
 
@@ -84,12 +84,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     tr = cfg.trainer
 
     task = load_task(cfg.dataset)
-    tok = load_tokenizer(cfg.model.student, cfg.model.trust_remote_code)
-    teacher_tok = load_tokenizer(cfg.model.teacher, cfg.model.trust_remote_code)
-    student = load_model(cfg.model.student, device=device, dtype=cfg.model.dtype,
-                         trust_remote_code=cfg.model.trust_remote_code, train=True)
-    teacher = load_model(cfg.model.teacher, device=device, dtype=cfg.model.dtype,
-                         trust_remote_code=cfg.model.trust_remote_code, train=False)
+    mc = cfg.model
+    uses_embedded = any(str(n).startswith("embedded:") for n in (mc.student, mc.teacher))
+    emb = embedded_pair_dir(task.spec) if uses_embedded and task.spec is not None else None
+    tok = load_tokenizer(mc.student, mc.trust_remote_code, emb)
+    teacher_tok = load_tokenizer(mc.teacher, mc.trust_remote_code, emb)
+    student = load_model(mc.student, device=device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code,
+                         train=True, embedded_dir=emb)
+    teacher = load_model(mc.teacher, device=device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code,
+                         train=False, embedded_dir=emb)
     check_pair(tok, teacher_tok, student, teacher)
 
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),

@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Benchmark the TRB solver (safeguarded Newton) against plain bisection on beta, on one CPU thread.
+
+Both methods share everything except the root finder: the same preprocessing / exact-case resolution
+(trb_exp.blending._prepare), the same accurate K(b) evaluation (trb_exp.blending._evaluate) and the same
+output assembly.  Bisection runs on [0, 1] until the bracket is narrower than `tol` (the same tolerance
+on beta that the Newton solver uses) and returns the feasible end.
+
+    python scripts/bench_solver.py                # prints the table, writes docs/solver_benchmark.md
+    python scripts/bench_solver.py --out ''       # print only
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trb_exp import blending as B  # noqa: E402
+
+CONFIGS = [  # (V, rows): rows chosen so that every cell takes ~0.1-1 s
+    (20, 20_000),
+    (1_000, 2_000),
+    (151_936, 12),
+]
+EPS = [1e-3, 1e-2, 0.1, 1.0]
+
+
+def bisection_blend(student_logits, teacher_logits, eps, *, tol=1e-6, dtype=torch.float32) -> B.BlendResult:
+    """Baseline: identical to trust_region_blend except that the root is found by bisection."""
+    ws: dict = {}  # same scratch-buffer reuse as trust_region_blend
+    prep = B._prepare(student_logits, teacher_logits, eps, dtype, ws)
+    M = prep.idx.numel()
+    beta_m = torch.zeros(M, dtype=dtype)
+    iters_m = torch.zeros(M, dtype=torch.int64)
+    if M:
+        one = torch.ones((), dtype=dtype)
+        beta_m[~prep.is_solve] = torch.nextafter(one, torch.zeros_like(one))
+        s = prep.is_solve.nonzero().squeeze(-1)
+        if s.numel():
+            logq, q, dc, epsp = prep.logq[s], prep.q[s], prep.dc[s], prep.epsp[s]
+            lo = torch.zeros_like(epsp)
+            hi = torch.ones_like(epsp)
+            its = torch.zeros(s.numel(), dtype=torch.int64)
+            while True:
+                active = (hi - lo) > tol
+                if not bool(active.any()):
+                    break
+                a = active.nonzero().squeeze(-1)
+                mid = 0.5 * (lo[a] + hi[a])
+                if a.numel() < lo.numel():
+                    k, _, _ = B._evaluate(logq[a], q[a], dc[a], mid, need_var=False, ws=ws)
+                else:
+                    k, _, _ = B._evaluate(logq, q, dc, mid, need_var=False, ws=ws)
+                ok = k <= epsp[a]
+                lo[a] = torch.where(ok, mid, lo[a])
+                hi[a] = torch.where(ok, hi[a], mid)
+                its[a] += 1
+            beta_m[s] = lo
+            iters_m[s] = its
+    return B._finalize(prep, beta_m, iters_m)
+
+
+def make_logits(V: int, n: int, seed: int):
+    """LLM-like rows: student logits ~ N(0, 3^2) with a few boosted tokens, teacher correlated with it."""
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(n, V, generator=g) * 3.0
+    top = torch.randint(0, V, (n, 4), generator=g)
+    xs.scatter_add_(1, top, torch.rand(n, 4, generator=g) * 8.0)
+    xt = 0.7 * xs + torch.randn(n, V, generator=g) * 2.0
+    return xs.bfloat16(), xt.bfloat16()
+
+
+def timed(fn, repeats: int):
+    fn()  # warm-up
+    best = math.inf
+    out = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tol", type=float, default=1e-6)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default=str(REPO / "docs" / "solver_benchmark.md"), help="markdown file ('' = none)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    header = (
+        "| V | eps | rows | rows solved by iteration | Newton rows/s | Newton iters mean / max "
+        "| bisection rows/s | bisection iters mean / max | speed-up | max abs(beta_N - beta_B) |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    lines = [header]
+    print(header, flush=True)
+    t_start = time.perf_counter()
+    for V, n in CONFIGS:
+        xs, xt = make_logits(V, n, seed=V)
+        for eps in EPS:
+            t_n, r_n = timed(lambda: B.trust_region_blend(xs, xt, eps, tol=args.tol), args.repeats)
+            t_b, r_b = timed(lambda: bisection_blend(xs, xt, eps, tol=args.tol), args.repeats)
+            solved = r_n.iters > 0
+            it_n = r_n.iters[solved].double()
+            it_b = r_b.iters[r_b.iters > 0].double()
+            assert torch.all(r_n.kl <= eps + 1e-6) and torch.all(r_b.kl <= eps + 1e-6)
+            dmax = (r_n.beta - r_b.beta).abs().max().item()
+            fmt = lambda it: f"{it.mean().item():.2f} / {int(it.max().item())}" if it.numel() else "- / -"  # noqa: E731
+            row = (
+                f"| {V} | {eps:g} | {n} | {solved.float().mean().item():.0%} | {n / t_n:,.0f} | {fmt(it_n)} "
+                f"| {n / t_b:,.0f} | {fmt(it_b)} | {t_b / t_n:.1f}x | {dmax:.1e} |"
+            )
+            lines.append(row)
+            print(row, flush=True)
+    elapsed = time.perf_counter() - t_start
+    cmd = "python scripts/bench_solver.py" + ("" if args.tol == 1e-6 else f" --tol {args.tol:g}")
+    machine = (
+        f"Machine: {os.cpu_count()}-core CPU ({cpu_name()}), torch {torch.__version__}, "
+        f"torch.set_num_threads(1); float32 compute, bf16 inputs, tol = {args.tol:g}."
+    )
+    print(f"\n{machine}\nTotal benchmark time {elapsed:.0f} s.")
+    if args.out:
+        doc = [
+            "# TRB solver benchmark",
+            "",
+            "Throughput of `trb_exp.blending.trust_region_blend` (safeguarded Newton on sqrt K) against plain",
+            "bisection on beta to the same tolerance.  Both share preprocessing (log-softmax, exact cases),",
+            "the K(b) evaluation and output assembly, so rows/s are end-to-end per call.  Iteration counts are",
+            "over the rows that needed the root finder (the others are exact cases: beta = 0 or 1).",
+            "Each cell is the best of "
+            f"{args.repeats} timed runs after a warm-up.  The machine is shared, so rows/s are indicative only;",
+            "iteration counts are deterministic.",
+            "",
+            machine,
+            "",
+            f"Command: `{cmd}` (from the repository root; total runtime {elapsed:.0f} s).",
+            "",
+            *lines,
+            "",
+            "Rows are LLM-like: student logits N(0, 9) plus four boosted tokens, teacher = 0.7 * student + N(0, 4),",
+            "both cast to bf16.  A Newton step costs ~1.2x a bisection step (it also needs Var_mu[d]); Newton",
+            "returns log mu from its last evaluation, bisection re-evaluates once at the end.  Both pay the same",
+            "fixed per-call cost (two log-softmaxes, support bookkeeping and the K(1) evaluation that decides the",
+            "exact cases, together ~2-3 evaluations), which is why the end-to-end speed-up is below the ratio of",
+            "iteration counts (~5-9x).",
+            "",
+        ]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("\n".join(doc))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
