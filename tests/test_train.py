@@ -62,7 +62,7 @@ def test_training_is_deterministic(tiny_pair, tmp_path):
     ("schedule.budget=relative,schedule.eps0=1.5", "schedule.eps0=1.5: a relative budget"),
 ])
 def test_config_errors_name_the_field(override, message, tiny_pair, tmp_path):
-    cfg = compose([*override.split(","), *FAST, *_pair(tiny_pair)])
+    cfg = compose([*FAST, *_pair(tiny_pair), *override.split(",")])  # the override wins
     with pytest.raises(ConfigError) as e:
         run(cfg, tmp_path)
     assert message in str(e.value) and "\n" not in str(e.value)
@@ -116,4 +116,4 @@ def test_cli_help_and_cfg():
     r = _cli("--cfg", "job")
     assert r.returncode == 0 and "warmup_steps" in r.stdout and "max_steps" in r.stdout
     r = _cli("--help")
-    assert r.returncode == 0 and "method: offline_kd, opd, trb" in r.stdout
+    assert r.returncode == 0 and "method: fixed_blend, offline_kd, opd, sft_warmup, skd, temp_warmup, trb, veto" in r.stdout

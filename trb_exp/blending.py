@@ -34,6 +34,7 @@ __all__ = [
     "kl_divergence",
     "kl_behavior_student",
     "kl_teacher_student",
+    "merge_eos",
     "safe_log_softmax",
 ]
 
@@ -162,6 +163,36 @@ def kl_behavior_student(mu_logprobs: Tensor, student_logprobs: Tensor) -> Tensor
 def kl_teacher_student(teacher_logprobs: Tensor, student_logprobs: Tensor) -> Tensor:
     """KL(pi_T || pi_S): the value of KL(mu_b || pi_S) at b = 1 (the 'gap' to the teacher)."""
     return kl_divergence(teacher_logprobs, student_logprobs)
+
+
+def merge_eos(x: Tensor, eos_ids, keep_id: int) -> Tensor:
+    """Merge several end-of-sequence tokens into ONE event at ``keep_id``, over the last dim.
+
+    ``x`` holds logits or log-probabilities ``[..., V]``.  The entry at ``keep_id`` becomes
+    ``logsumexp(x[..., ids])`` over ``ids = set(eos_ids) | {keep_id}`` and the other ids get ``-inf``: the
+    probability of "the sequence ends" is the sum of the EOS probabilities, every other token is unchanged
+    and the normaliser is preserved (log-probs stay normalised, logits keep their softmax).  Use it on BOTH
+    models when student and teacher end sequences with different ids (a Base student's ``<|endoftext|>``,
+    an instruct teacher's ``<|im_end|>``), before blending and before the loss.
+
+    With a single distinct id it returns ``x`` itself (no copy, zero cost).  Otherwise the result is a new
+    tensor (``x`` is not modified); gradients flow to every EOS entry of ``x`` through the logsumexp.
+    Idempotent: merging twice is the same as merging once.
+    """
+    keep_id = int(keep_id)
+    ids = list(dict.fromkeys([keep_id, *(int(i) for i in eos_ids)]))
+    if len(ids) == 1:
+        return x
+    V = x.shape[-1]
+    bad = [i for i in ids if not 0 <= i < V]
+    if bad:
+        raise ValueError(f"eos id {bad[0]} is outside the vocabulary [0, {V})")
+    idx = torch.tensor(ids, device=x.device)
+    merged = torch.logsumexp(x.index_select(-1, idx), dim=-1)
+    out = x.clone()
+    out[..., keep_id] = merged
+    out[..., idx[1:]] = _NEG_INF
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

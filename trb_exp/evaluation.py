@@ -24,12 +24,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def _generate(model, tokenizer, prompts, rule, *, max_new_tokens, batch_size, generator, device):
+def _generate(model, tokenizer, prompts, rule, *, max_new_tokens, batch_size, generator, device, eos_ids=()):
     texts, lengths, finished = [], [], []
     for i in range(0, len(prompts), batch_size):
         ids, mask = encode_prompts(tokenizer, prompts[i : i + batch_size], device)
         ro = sample(model, None, ids, mask, rule, max_new_tokens=max_new_tokens,
-                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator)
+                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator,
+                    eos_ids=eos_ids)
         texts += tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
         lengths += ro.response_mask.sum(1).tolist()
         finished += ro.finished.tolist()
@@ -39,8 +40,11 @@ def _generate(model, tokenizer, prompts, rule, *, max_new_tokens, batch_size, ge
 @torch.no_grad()
 def evaluate(model, tokenizer, prompts: list[str], answers: list[str], grade, *, n_samples: int = 4,
              temperature: float = 1.0, greedy: bool = True, max_new_tokens: int = 64,
-             batch_size: int = 512, seed: int = 0, ks: tuple[int, ...] = (1,)) -> dict[str, float]:
-    """Sampled pass@1 (+ pass@k for k in ``ks`` up to n) and greedy accuracy on ``prompts``."""
+             batch_size: int = 512, seed: int = 0, ks: tuple[int, ...] = (1,),
+             eos_ids: tuple[int, ...] = ()) -> dict[str, float]:
+    """Sampled pass@1 (+ pass@k for k in ``ks`` up to n) and greedy accuracy on ``prompts``.
+
+    ``eos_ids``: extra end-of-sequence ids (the teacher's) merged into the tokenizer's EOS, as in training."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -48,7 +52,7 @@ def evaluate(model, tokenizer, prompts: list[str], answers: list[str], grade, *,
     rep_prompts = [p for p in prompts for _ in range(n_samples)]
     texts, lengths, finished = _generate(model, tokenizer, rep_prompts, StudentRule(temperature),
                                          max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                         generator=gen, device=device)
+                                         generator=gen, device=device, eos_ids=eos_ids)
     correct = [grade(t, answers[i // n_samples]) for i, t in enumerate(texts)]
     per_problem = [sum(correct[j * n_samples : (j + 1) * n_samples]) for j in range(len(prompts))]
     out = {
@@ -61,7 +65,7 @@ def evaluate(model, tokenizer, prompts: list[str], answers: list[str], grade, *,
             out[f"pass@{k}"] = sum(pass_at_k(n_samples, c, k) for c in per_problem) / len(prompts)
     if greedy:
         gtexts, _, _ = _generate(model, tokenizer, list(prompts), GreedyRule(), max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size, generator=gen, device=device)
+                                 batch_size=batch_size, generator=gen, device=device, eos_ids=eos_ids)
         out["greedy_acc"] = sum(grade(t, a) for t, a in zip(gtexts, answers)) / len(prompts)
     model.train(was_training)
     return out

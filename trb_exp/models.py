@@ -113,3 +113,20 @@ def check_pair(student_tok, teacher_tok, student, teacher) -> None:
         raise ConfigError(
             f"model: student vocab size {vs} != teacher vocab size {vt}; padded embedding sizes are not supported yet"
         )
+
+
+def eos_ids(tokenizer, model=None) -> list[int]:
+    """The ids that end a sequence for this model: its tokenizer's EOS and its generation config's."""
+    ids = [tokenizer.eos_token_id]
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += list(gen) if isinstance(gen, (list, tuple)) else [gen]
+    return [int(i) for i in dict.fromkeys(ids) if i is not None]
+
+
+def pair_eos_ids(student_tok, teacher_tok, student=None, teacher=None) -> tuple[int, tuple[int, ...]]:
+    """(the student's EOS id, every EOS id of either model). Training and decoding merge all of them
+    into one end-of-sequence event emitted as the student's id (``blending.merge_eos``); a pair with a
+    single EOS id (the usual case) gets ``(eos, (eos,))`` and no merging at all."""
+    keep = int(student_tok.eos_token_id)
+    ids = dict.fromkeys([keep, *eos_ids(student_tok, student), *eos_ids(teacher_tok, teacher)])
+    return keep, tuple(ids)

@@ -45,12 +45,12 @@ class ModelSize:
 class PairSpec:
     task: ArithmeticSpec = field(default_factory=ArithmeticSpec)
     teacher: ModelSize = ModelSize(hidden=128, layers=4, heads=4, intermediate=384)
-    student: ModelSize = ModelSize(hidden=64, layers=2, heads=4, intermediate=192)
+    student: ModelSize = ModelSize(hidden=96, layers=3, heads=4, intermediate=256)
     teacher_steps: int = 3000
     teacher_target: float = 0.92
-    student_steps: int = 800
+    student_steps: int = 1600
     student_grounded_frac: float = 0.0  # share of student corpus rows whose solution matches the prompt
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 2e-3
     seed: int = 0
 

@@ -8,6 +8,7 @@ from. The rules are small objects:
     StudentRule(temperature)   pure student sampling (OPD, evaluation, temperature warmup)
     TeacherRule(temperature)   pure teacher sampling (offline KD data, SFT warmup data)
     TrustRegionRule(eps, ...)  TRB: mu_b ∝ pi_S^(1-b) pi_T^b with KL(mu_b||pi_S) <= eps
+    SKDRule(top_k, ...)        SKD: student proposals outside the teacher's top-K are replaced
     GreedyRule()               argmax of the student (greedy evaluation)
 
 The loop returns a ``Rollout``: token ids and masks for the training forward, the teacher's
@@ -18,12 +19,13 @@ reuses them instead of a second teacher pass), and per-token diagnostics of the 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from trb_exp.blending import kl_divergence, trust_region_blend
+from trb_exp.blending import kl_divergence, merge_eos, trust_region_blend
 
 
 # --------------------------------------------------------------------------- behaviour rules
@@ -87,6 +89,38 @@ class TrustRegionRule:
         return res.logprobs, diag
 
 
+@dataclass
+class SKDRule:
+    """Speculative KD's interleaved sampling (Xu et al. 2024, arXiv 2410.11325): the student proposes a
+    token (at ``temperature``); if it is not among the teacher's ``top_k`` tokens at this prefix it is
+    replaced by ONE fresh sample from the teacher at ``teacher_temperature``; decoding continues from
+    the accepted token. The rule samples itself (with ``generator``) and returns a one-hot behaviour
+    distribution on the accepted token, so the decode loop emits exactly that token; diagnostic
+    ``replaced`` is 1 where the proposal was replaced."""
+
+    top_k: int
+    teacher_temperature: float = 1.0
+    temperature: float = 1.0
+    generator: torch.Generator | None = None
+    needs_student: bool = True
+    needs_teacher: bool = True
+
+    def correct(self, proposals: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Accepted tokens [B] and the bool ``replaced`` [B] for given proposals [B]."""
+        t = torch.nan_to_num(teacher_logits.float(), nan=float("-inf"))
+        top = t.topk(min(self.top_k, t.shape[-1]), dim=-1).indices
+        replaced = ~(top == proposals[:, None]).any(-1)
+        draw = torch.multinomial(torch.softmax(t / self.teacher_temperature, -1), 1, generator=self.generator)
+        return torch.where(replaced, draw.squeeze(-1), proposals), replaced
+
+    def __call__(self, student_logits, teacher_logits):
+        s = torch.softmax(student_logits.float() / self.temperature, -1)
+        proposals = torch.multinomial(s, 1, generator=self.generator).squeeze(-1)
+        tokens, replaced = self.correct(proposals, teacher_logits)
+        logp = torch.full_like(s, float("-inf")).scatter_(-1, tokens[:, None], 0.0)
+        return logp, {"replaced": replaced.float()}
+
+
 # --------------------------------------------------------------------------- the rollout record
 @dataclass
 class Rollout:
@@ -140,8 +174,18 @@ def sample(
     pad_id: int,
     generator: torch.Generator | None = None,
     keep_teacher_logprobs: bool = True,
+    eos_ids: Sequence[int] = (),
 ) -> Rollout:
-    """Decode ``max_new_tokens`` at most from left-padded prompts [B, P] under ``rule``."""
+    """Decode ``max_new_tokens`` at most from left-padded prompts [B, P] under ``rule``.
+
+    ``eos_ids``: every id that ends a sequence for either model (e.g. a Base student's
+    ``<|endoftext|>`` and an instruct teacher's ``<|im_end|>``). When it holds ids other than
+    ``eos_id``, both models' next-token logits are canonicalised with ``blending.merge_eos`` before the
+    rule sees them: the EOS probabilities are summed into one event at ``eos_id`` (the student's),
+    so every rule (the TRB solver and its KL budget included) works on the merged distributions, the
+    sampled event is emitted as ``eos_id``, and the stored teacher log-probs are merged too. With no
+    other id this costs nothing.
+    """
     B, P = prompt_ids.shape
     device = prompt_ids.device
     mask = prompt_mask.long()
@@ -160,13 +204,20 @@ def sample(
     diags: dict[str, list[Tensor]] = {}
     alive = torch.ones(B, dtype=torch.bool, device=device)
     alive_hist = []
+    other_eos = [int(i) for i in dict.fromkeys(eos_ids) if int(i) != int(eos_id)]
+    all_eos = [int(eos_id), *other_eos]
+    other_eos_t = torch.tensor(other_eos, dtype=torch.long, device=device)
     t0, rule_s = time.perf_counter(), 0.0
     for _ in range(max_new_tokens):
+        if other_eos:  # one shared end-of-sequence event at eos_id, in both distributions
+            logits = {k: merge_eos(v, all_eos, eos_id) for k, v in logits.items()}
         t_rule = time.perf_counter()
         behavior, diag = rule(logits.get("student"), logits.get("teacher"))
         rule_s += time.perf_counter() - t_rule
         behavior = torch.nan_to_num(behavior, nan=float("-inf"))
         tok = torch.multinomial(behavior.exp(), 1, generator=generator).squeeze(-1)
+        if other_eos:  # a rule that ignores the merged logits could still pick another EOS id
+            tok = torch.where(torch.isin(tok, other_eos_t), torch.full_like(tok, eos_id), tok)
         tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
         tokens.append(tok)
         alive_hist.append(alive.clone())

@@ -3,11 +3,13 @@
 One loop, top to bottom: sample rollouts with the method's behaviour rule for step k, take the
 teacher's log-probs from the rollout (or one batched teacher pass when the teacher did not run
 during decoding), minimise the per-token loss normalised by the response tokens of the whole
-step, log, evaluate every ``trainer.eval_every`` steps, save the student (safetensors).
+step, log, evaluate every ``trainer.eval_every`` steps, save the student (safetensors). A method's
+warm start (``sft_warmup``, ``warm_start.py``) runs once, after the initial evaluation, before step 0.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import sys
@@ -22,17 +24,40 @@ from omegaconf import DictConfig, OmegaConf
 import transformers
 
 from trb_exp import losses
+from trb_exp.blending import merge_eos
 from trb_exp.config import ConfigError, validate
 from trb_exp.data import encode_prompts, load_task
 from trb_exp.evaluation import evaluate
 from trb_exp.logger import RunLogger
 from trb_exp.methods import Method
-from trb_exp.models import check_pair, embedded_pair_dir, load_model, load_tokenizer, pick_device
+from trb_exp.models import check_pair, embedded_pair_dir, load_model, load_tokenizer, pair_eos_ids, pick_device
 from trb_exp.rollout import response_logits, sample, teacher_logprobs
+from trb_exp.warm_start import sft_warm_start
 
 
-def rollout_metrics(ro, texts, answers, grade, method: Method, step: int) -> dict:
-    """Per-step diagnostics of the training rollouts (and of the TRB blending, when it ran)."""
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, n_prompts: int, epoch: int) -> list[int]:
+    rng = random.Random(seed)
+    for _ in range(epoch + 1):  # epoch e is the (e+1)-th shuffle of one seeded stream
+        order = list(range(n_prompts))
+        rng.shuffle(order)
+    return order[::-1]
+
+
+def prompt_batch(seed: int, step: int, n_prompts: int, per_step: int) -> list[int]:
+    """The training prompts (indices) of step ``step``: consecutive slices of a seeded shuffle of the
+    training split, reshuffled every epoch. A pure function of (seed, step), so a warm start can
+    look ahead at the prompts of the first N steps without changing what the steps draw."""
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, i = divmod(pos, n_prompts)
+        out.append(_epoch_order(seed, n_prompts, epoch)[i])
+    return out
+
+
+def rollout_metrics(ro, texts, answers, grade, method: Method, step: int, temperature: float = 1.0) -> dict:
+    """Per-step diagnostics of the training rollouts, the method's knobs at this step, and those of
+    its behaviour rule (TRB's blending, SKD's replacements)."""
     mask = ro.response_mask
     n_tok = mask.sum().clamp_min(1)
     lengths = mask.sum(1).float()
@@ -41,7 +66,8 @@ def rollout_metrics(ro, texts, answers, grade, method: Method, step: int) -> dic
         "rollout/mean_length": lengths.mean().item(),
         "rollout/eos_rate": ro.finished.float().mean().item(),
         "rollout/decode_s": ro.decode_s,
-        "trb/eps": method.budget(step),
+        "rollout/decode_steps": int(ro.response_mask.shape[1]),  # loop iterations (longest response)
+        **method.diagnostics(step, temperature),
     }
     if ro.token_logprobs_student is not None:
         m["rollout/student_logprob"] = (ro.token_logprobs_student * mask).sum().item() / n_tok.item()
@@ -52,6 +78,8 @@ def rollout_metrics(ro, texts, answers, grade, method: Method, step: int) -> dic
         m["rollout/teacher_entropy"] = (ent * mask).sum().item() / n_tok.item()
         m["rollout/teacher_logprob"] = (tok_lp * mask).sum().item() / n_tok.item()
     d = ro.diagnostics
+    if "replaced" in d:
+        m["skd/replaced_frac"] = d["replaced"][mask].mean().item()
     if "beta" in d:
         beta, kl = d["beta"][mask], d["kl_behavior_student"][mask]
         m.update({
@@ -94,6 +122,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     teacher = load_model(mc.teacher, device=device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code,
                          train=False, embedded_dir=emb)
     check_pair(tok, teacher_tok, student, teacher)
+    # different EOS ids (Base student, instruct teacher): one merged end-of-sequence event at the student's id
+    eos_id, eos_ids = pair_eos_ids(tok, teacher_tok, student, teacher)
 
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay)
@@ -102,14 +132,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                        name=f"{method.name}-s{cfg.seed}", mode=cfg.logger.mode,
                        config=OmegaConf.to_container(cfg, resolve=True))
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    order = random.Random(cfg.seed)
-    prompt_idx: list[int] = []
+    batch_of = functools.partial(prompt_batch, int(cfg.seed), n_prompts=len(task.train_prompts),
+                                 per_step=tr.prompts_per_step)
     eval_size = tr.eval_size or len(task.test_prompts)
     eval_prompts, eval_answers = task.test_prompts[:eval_size], task.test_answers[:eval_size]
 
     def run_eval(step: int) -> dict:
         r = evaluate(student, tok, eval_prompts, eval_answers, task.grade, n_samples=tr.eval_samples,
-                     temperature=1.0, max_new_tokens=tr.max_new_tokens, seed=cfg.seed + 1)
+                     temperature=1.0, max_new_tokens=tr.max_new_tokens, seed=cfg.seed + 1, eos_ids=eos_ids)
         r = {f"eval/{k}": v for k, v in r.items()}
         logger.log(r, step)
         print(f"[eval] step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items()), flush=True)
@@ -117,41 +147,48 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     history = [{"step": 0, **run_eval(0)}]
     t_train = time.time()
+    if method.sft_updates:  # sft_warmup: SFT on teacher samples for exactly the prompts of the first N steps
+        first = [i for s in range(method.sft_steps) for i in batch_of(s)]
+        sft_warm_start(student, teacher, tok, [task.train_prompts[i] for i in first],
+                       [task.train_answers[i] for i in first], task.grade, n_samples=method.sft_samples,
+                       updates=method.sft_updates, cfg=cfg, logger=logger, generator=gen,
+                       eos_id=eos_id, eos_ids=eos_ids)
     for step in range(tr.max_steps):
         t_step = time.time()
         # 1. prompts for this step (each repeated rollouts_per_prompt times), epoch-shuffled
-        batch = []
-        while len(batch) < tr.prompts_per_step:
-            if not prompt_idx:
-                prompt_idx = list(range(len(task.train_prompts)))
-                order.shuffle(prompt_idx)
-            batch.append(prompt_idx.pop())
-        batch = [i for i in batch for _ in range(tr.rollouts_per_prompt)]
+        batch = [i for i in batch_of(step) for _ in range(tr.rollouts_per_prompt)]
         ids, mask = encode_prompts(tok, [task.train_prompts[i] for i in batch], device)
 
         # 2. rollouts from the method's behaviour rule at this step
         student.eval()
-        ro = sample(student, teacher, ids, mask, method.rule(step, tr.temperature),
-                    max_new_tokens=tr.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                    generator=gen)
+        ro = sample(student, teacher, ids, mask, method.rule(step, tr.temperature, generator=gen),
+                    max_new_tokens=tr.max_new_tokens, eos_id=eos_id, pad_id=tok.pad_token_id,
+                    generator=gen, eos_ids=eos_ids, keep_teacher_logprobs=method.needs_teacher_logprobs)
         student.train()
 
         # 3. teacher statistics: reuse the rollout's, else one batched pass
         t_lp = ro.teacher_logprobs
         if t_lp is None and method.needs_teacher_logprobs:
             t_lp = teacher_logprobs(teacher, ro)
+        if t_lp is not None:  # one merged EOS event (idempotent; a no-op for a single EOS id)
+            t_lp = merge_eos(t_lp, eos_ids, eos_id)
 
         # 4. loss over micro-batches, normalised by the response tokens of the whole step
         n_tokens = ro.response_mask.sum()
         opt.zero_grad(set_to_none=True)
-        total = 0.0
+        total, kl_est = 0.0, 0.0
         for s in range(0, len(batch), tr.micro_batch_size):
             sl = slice(s, s + tr.micro_batch_size)
             logits = response_logits(student, ro.input_ids[sl], ro.attention_mask[sl], ro.prompt_len)
-            per_tok = method.per_token_loss(logits, None if t_lp is None else t_lp[sl], ro.response_ids[sl])
+            logits = merge_eos(logits, eos_ids, eos_id)  # the loss sees the merged EOS event too
+            t_sl = None if t_lp is None else t_lp[sl]
+            per_tok = method.per_token_loss(logits, t_sl, ro.response_ids[sl], step)
             loss = losses.masked_token_mean(per_tok, ro.response_mask[sl], n_tokens)
             loss.backward()
             total += loss.item()
+            if method.logs_kl_estimate:  # the sampled loss is a surrogate: log a real KL estimate
+                est = method.kl_estimate(logits, t_sl, ro.response_ids[sl], step)
+                kl_est += losses.masked_token_mean(est, ro.response_mask[sl], n_tokens).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
         opt.step()
         lr_sched.step()
@@ -159,9 +196,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         # 5. log
         if (step + 1) % tr.log_every == 0 or step == 0:
             texts = tok.batch_decode(ro.response_ids, skip_special_tokens=True)
-            m = rollout_metrics(ro, texts, [task.train_answers[i] for i in batch], task.grade, method, step)
+            m = rollout_metrics(ro, texts, [task.train_answers[i] for i in batch], task.grade, method, step,
+                                tr.temperature)
             m.update({"train/loss": total, "train/grad_norm": grad_norm.item(),
                       "train/lr": lr_sched.get_last_lr()[0], "time/step_s": time.time() - t_step})
+            if method.logs_kl_estimate:
+                m["train/kl_estimate"] = kl_est
             logger.log(m, step + 1)
         if tr.eval_every and ((step + 1) % tr.eval_every == 0 or step + 1 == tr.max_steps):
             history.append({"step": step + 1, **run_eval(step + 1)})

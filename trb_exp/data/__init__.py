@@ -75,6 +75,8 @@ def _read_rows(path, prompt_field: str, answer_field: str, field: str) -> list[t
     if not path or not Path(path).is_file():
         raise ConfigError(f"{field}={path!r}: no such file; give a JSONL or Parquet file")
     kind = "parquet" if str(path).endswith(".parquet") else "json"
+    if Path(path).stat().st_size == 0:
+        raise ConfigError(f"{field}={path!r}: the file has no rows")
     try:
         ds = load_dataset(kind, data_files=str(path), split="train")
     except Exception as e:  # malformed JSON, unreadable parquet
