@@ -26,6 +26,9 @@ def validate(cfg) -> None:
                  "eval_samples", "log_every"):
         v = tr[name]
         _require(isinstance(v, int) and v >= 1, f"trainer.{name}", v, "must be an integer >= 1")
+    rb = tr.get("rollout_batch_size")
+    _require(rb is None or (isinstance(rb, int) and rb >= 1), "trainer.rollout_batch_size", rb,
+             "must be null (the whole step at once) or an integer >= 1")
     _require(tr.eval_size is None or (isinstance(tr.eval_size, int) and tr.eval_size >= 1),
              "trainer.eval_size", tr.eval_size, "must be null (whole test split) or an integer >= 1")
     _require(isinstance(tr.temperature, (int, float)) and tr.temperature > 0, "trainer.temperature",

@@ -69,3 +69,33 @@ def evaluate(model, tokenizer, prompts: list[str], answers: list[str], grade, *,
         out["greedy_acc"] = sum(grade(t, a) for t, a in zip(gtexts, answers)) / len(prompts)
     model.train(was_training)
     return out
+
+
+def default_ks(n: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to n, and n itself: the pass@k reported for n samples per problem."""
+    ks, k = [], 1
+    while k <= n:
+        ks.append(k)
+        k *= 2
+    return tuple(dict.fromkeys([*ks, n]))
+
+
+def evaluate_benchmarks(model, tokenizer, benchmarks, *, n_samples: int | None = None,
+                        ks: tuple[int, ...] | None = None, **kw) -> dict[str, float]:
+    """``evaluate`` on each benchmark (``data.Benchmark``) with ``n_samples`` per problem (None: each
+    benchmark's own n, the paper's count), as ``<name>/<metric>``; plus the setup average of every
+    metric that every benchmark reports (unweighted, as the paper's Table 1 averages its
+    columns), as ``<metric>``."""
+    out: dict[str, float] = {}
+    per: dict[str, list[float]] = {}
+    for b in benchmarks:
+        n = int(n_samples or b.n_samples)
+        r = evaluate(model, tokenizer, b.prompts, b.answers, b.grade, n_samples=n,
+                     ks=ks if ks is not None else default_ks(n), **kw)
+        r["n_samples"], r["n_problems"] = n, len(b.prompts)
+        for k, v in r.items():
+            out[f"{b.name}/{k}"] = v
+            if k not in ("n_samples", "n_problems"):
+                per.setdefault(k, []).append(v)
+    out.update({k: sum(v) / len(v) for k, v in per.items() if len(v) == len(benchmarks)})
+    return out

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from trb_exp.config import ConfigError
+from trb_exp.preflight import check_available  # noqa: F401  (re-exported)
 
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED = ASSETS / "embedded"
@@ -72,35 +73,61 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _load_error(name: str, e: Exception, field: str = "model") -> ConfigError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return ConfigError(
+        f"{field}: cannot load {name!r} ({first}); download it first (`hf download {name} --local-dir DIR`) "
+        f"and point {field} at the directory"
+    )
+
+
 def load_model(name: str, *, device: torch.device, dtype: str = "auto", trust_remote_code: bool = False,
-               train: bool, embedded_dir: Path | None = None):
+               train: bool, embedded_dir: Path | None = None, gradient_checkpointing: bool = False,
+               field: str = "model"):
+    """A causal LM on ``device``: bf16 on CUDA / fp32 on CPU for ``dtype=auto``; ``train=False`` gives a
+    frozen model in eval mode (the teacher); ``gradient_checkpointing`` trades compute for activations."""
+    check_available(name, field)
     path = resolve(name, embedded_dir)
     torch_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
                    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise ConfigError(
-            f"model: cannot load {name!r} ({str(e).splitlines()[0]}); download it first "
-            f"(`huggingface-cli download {name}`) or point model.student/model.teacher at a local directory"
-        ) from None
+    except (OSError, ValueError) as e:
+        raise _load_error(name, e, field) from None
     model.to(device)
     model.train(train)
     if not train:
         model.requires_grad_(False)
+    elif gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     return model
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False, embedded_dir: Path | None = None):
-    tok = AutoTokenizer.from_pretrained(resolve(name, embedded_dir), trust_remote_code=trust_remote_code)
+def load_tokenizer(name: str, trust_remote_code: bool = False, embedded_dir: Path | None = None,
+                   field: str = "model"):
+    check_available(name, field)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve(name, embedded_dir), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(name, e, field) from None
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def check_pair(student_tok, teacher_tok, student, teacher) -> None:
-    """Stop before training if student and teacher token ids do not mean the same strings."""
+def check_pair(student_tok, teacher_tok, student, teacher) -> int | None:
+    """Stop before training if student and teacher token ids do not mean the same strings.
+
+    Returns the shared vocabulary size to compare the two models on, or None when both embedding
+    matrices already have exactly the tokenizer's size. Embedding matrices padded to different sizes
+    (Qwen3-0.6B 151,936 rows vs Qwen3-8B 152,064, both above the tokenizer's 151,669) are fine: both
+    models' logits are cut to the tokenizer's vocabulary (``set_vocab_size``), which masks the padding
+    rows (no token id there can be produced or compared)."""
     if student_tok.get_vocab() != teacher_tok.get_vocab():
         s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
         diff = sorted(set(s.items()) ^ set(t.items()))[:3]
@@ -109,10 +136,19 @@ def check_pair(student_tok, teacher_tok, student, teacher) -> None:
             "one shared vocabulary, pick a teacher from the student's model family"
         )
     vs, vt = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
-    if vs != vt:
+    n_tok = len(student_tok)
+    if min(vs, vt) < n_tok:
         raise ConfigError(
-            f"model: student vocab size {vs} != teacher vocab size {vt}; padded embedding sizes are not supported yet"
+            f"model: the tokenizer has {n_tok} tokens but the {'student' if vs < vt else 'teacher'} has only "
+            f"{min(vs, vt)} embedding rows; the model does not belong to this tokenizer"
         )
+    return None if vs == vt == n_tok else n_tok
+
+
+def set_vocab_size(model, vocab_size: int | None) -> None:
+    """Make every forward of the decode loop and of the loss (``rollout``) cut this model's logits to
+    ``[..., :vocab_size]``; None: use them whole."""
+    model.trb_vocab_size = vocab_size
 
 
 def eos_ids(tokenizer, model=None) -> list[int]:

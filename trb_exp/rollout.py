@@ -155,9 +155,25 @@ def positions_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def _forward(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, last_only: bool = False, **kw):
+    """The one place a model is called: inputs go to the model's device (a teacher may live on a
+    second GPU) and the logits come back to the inputs' device, cut to the pair's shared vocabulary
+    ``model.trb_vocab_size`` when the two embedding matrices are padded differently (``models.set_vocab_size``)."""
+    home = input_ids.device
+    dev = getattr(model, "device", home)
+    if dev != home:
+        input_ids, attention_mask, position_ids = (x.to(dev) for x in (input_ids, attention_mask, position_ids))
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
+    logits = out.logits[:, -1] if last_only else out.logits
+    vocab = getattr(model, "trb_vocab_size", None)
+    if vocab is not None:
+        logits = logits[..., :vocab]
+    return logits.to(home), out
+
+
 def _step(model, ids, attention_mask, positions, cache):
-    out = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True)
-    return out.logits[:, -1], out.cache
+    logits, out = _forward(model, ids, attention_mask, positions, last_only=True, cache=cache, use_cache=True)
+    return logits, out.cache
 
 
 # --------------------------------------------------------------------------- the decode loop
@@ -253,15 +269,48 @@ def sample(
     return out
 
 
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Rollouts of the same prompts' tensor, sampled in row chunks (``trainer.rollout_batch_size``: the KV
+    caches of one chunk at a time), stacked along the batch; responses right-padded with ``pad_id``."""
+    T = max(r.response_mask.shape[1] for r in parts)
+
+    def pad(x: Tensor | None, value) -> Tensor | None:
+        if x is None:
+            return None
+        extra = T - x.shape[1]
+        if extra == 0:
+            return x
+        shape = (x.shape[0], extra, *x.shape[2:])
+        return torch.cat([x, torch.full(shape, value, dtype=x.dtype, device=x.device)], 1)
+
+    P = parts[0].prompt_len
+    responses = [pad(r.response_ids, pad_id) for r in parts]
+    return Rollout(
+        input_ids=torch.cat([torch.cat([r.input_ids[:, :P], resp], 1) for r, resp in zip(parts, responses)]),
+        attention_mask=torch.cat([torch.cat([r.attention_mask[:, :P], pad(r.response_mask.long(), 0)], 1)
+                                  for r in parts]),
+        response_mask=torch.cat([pad(r.response_mask, False) for r in parts]),
+        prompt_len=P,
+        teacher_logprobs=None if parts[0].teacher_logprobs is None else torch.cat(
+            [pad(r.teacher_logprobs, 0.0) for r in parts]),
+        token_logprobs_student=None if parts[0].token_logprobs_student is None else torch.cat(
+            [pad(r.token_logprobs_student, 0.0) for r in parts]),
+        finished=torch.cat([r.finished for r in parts]),
+        diagnostics={k: torch.cat([pad(r.diagnostics[k], 0.0) for r in parts]) for k in parts[0].diagnostics},
+        decode_s=sum(r.decode_s for r in parts),
+        rule_s=sum(r.rule_s for r in parts),
+    )
+
+
 def response_logits(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
     """One batched forward over prompt+response; logits [B, T, V] predicting each response token."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=positions_from_mask(attention_mask), use_cache=False)
-    return out.logits[:, prompt_len - 1 : -1]
+    logits, _ = _forward(model, input_ids, attention_mask, positions_from_mask(attention_mask), use_cache=False)
+    return logits[:, prompt_len - 1 : -1]
 
 
 @torch.no_grad()
-def teacher_logprobs(teacher, rollout: Rollout) -> Tensor:
-    """The teacher's log-probs over the response positions in one batched pass [B, T, V]."""
-    logits = response_logits(teacher, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+def teacher_logprobs(teacher, rollout: Rollout, rows: slice = slice(None)) -> Tensor:
+    """The teacher's log-probs over the response positions in one batched pass [B, T, V] (of the
+    rollout's ``rows``)."""
+    logits = response_logits(teacher, rollout.input_ids[rows], rollout.attention_mask[rows], rollout.prompt_len)
     return torch.log_softmax(logits.float(), -1)

@@ -9,6 +9,11 @@ warm start (``sft_warmup``, ``warm_start.py``) runs once, after the initial eval
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # offline and a model that is not cached: stop before the slow imports
+    from trb_exp.preflight import preflight
+
+    preflight("config")
+
 import functools
 import json
 import random
@@ -26,12 +31,13 @@ import transformers
 from trb_exp import losses
 from trb_exp.blending import merge_eos
 from trb_exp.config import ConfigError, validate
-from trb_exp.data import encode_prompts, load_task
-from trb_exp.evaluation import evaluate
+from trb_exp.data import Benchmark, encode_prompts, load_benchmarks, load_task, prompt_formatter
+from trb_exp.evaluation import evaluate, evaluate_benchmarks
 from trb_exp.logger import RunLogger
 from trb_exp.methods import Method
-from trb_exp.models import check_pair, embedded_pair_dir, load_model, load_tokenizer, pair_eos_ids, pick_device
-from trb_exp.rollout import response_logits, sample, teacher_logprobs
+from trb_exp.models import (check_available, check_pair, embedded_pair_dir, load_model, load_tokenizer,
+                            pair_eos_ids, pick_device, set_vocab_size)
+from trb_exp.rollout import concat_rollouts, response_logits, sample, teacher_logprobs
 from trb_exp.warm_start import sft_warm_start
 
 
@@ -110,18 +116,41 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     tr = cfg.trainer
+    mc = cfg.model
+    teacher_pass = str(mc.get("teacher_pass", "rollout"))
+    if teacher_pass not in ("rollout", "micro_batch"):
+        raise ConfigError(f"model.teacher_pass={teacher_pass!r}: use rollout or micro_batch")
+    # a hub id that cannot be loaded (offline, not cached) stops the run here, in milliseconds
+    check_available(str(mc.student), "model.student")
+    check_available(str(mc.teacher), "model.teacher")
 
     task = load_task(cfg.dataset)
-    mc = cfg.model
+    ev = cfg.get("eval") or {}
+    benchmarks = load_benchmarks(ev.get("benchmarks"))
+    if not benchmarks and not task.test_prompts:
+        raise ConfigError(f"eval.benchmarks=[]: dataset {task.name!r} has no test split; name the benchmarks "
+                          "to evaluate on, e.g. eval.benchmarks=[math500,aime24]")
     uses_embedded = any(str(n).startswith("embedded:") for n in (mc.student, mc.teacher))
     emb = embedded_pair_dir(task.spec) if uses_embedded and task.spec is not None else None
-    tok = load_tokenizer(mc.student, mc.trust_remote_code, emb)
-    teacher_tok = load_tokenizer(mc.teacher, mc.trust_remote_code, emb)
+    tok = load_tokenizer(mc.student, mc.trust_remote_code, emb, field="model.student")
+    teacher_tok = load_tokenizer(mc.teacher, mc.trust_remote_code, emb, field="model.teacher")
     student = load_model(mc.student, device=device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code,
-                         train=True, embedded_dir=emb)
-    teacher = load_model(mc.teacher, device=device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code,
-                         train=False, embedded_dir=emb)
-    check_pair(tok, teacher_tok, student, teacher)
+                         train=True, embedded_dir=emb, gradient_checkpointing=bool(mc.get("gradient_checkpointing")),
+                         field="model.student")
+    teacher_device = pick_device(mc.get("teacher_device") or str(device))
+    teacher = load_model(mc.teacher, device=teacher_device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code,
+                         train=False, embedded_dir=emb, field="model.teacher")
+    vocab = check_pair(tok, teacher_tok, student, teacher)
+    set_vocab_size(student, vocab)  # padded embeddings: compare both models on the tokenizer's vocabulary
+    set_vocab_size(teacher, vocab)
+    # one rendering of every prompt (chat template / plain format), encoded with the student's tokenizer
+    fmt = prompt_formatter(tok, mc)
+    train_prompts = [fmt(p) for p in task.train_prompts]
+    if not benchmarks:
+        benchmarks = [Benchmark(task.name, task.test_prompts, task.test_answers, task.grade)]
+    eval_size = tr.eval_size
+    benchmarks = [Benchmark(b.name, [fmt(p) for p in b.prompts[:eval_size]], b.answers[:eval_size], b.grade)
+                  for b in benchmarks]
     # different EOS ids (Base student, instruct teacher): one merged end-of-sequence event at the student's id
     eos_id, eos_ids = pair_eos_ids(tok, teacher_tok, student, teacher)
 
@@ -132,14 +161,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                        name=f"{method.name}-s{cfg.seed}", mode=cfg.logger.mode,
                        config=OmegaConf.to_container(cfg, resolve=True))
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    batch_of = functools.partial(prompt_batch, int(cfg.seed), n_prompts=len(task.train_prompts),
+    batch_of = functools.partial(prompt_batch, int(cfg.seed), n_prompts=len(train_prompts),
                                  per_step=tr.prompts_per_step)
-    eval_size = tr.eval_size or len(task.test_prompts)
-    eval_prompts, eval_answers = task.test_prompts[:eval_size], task.test_answers[:eval_size]
 
     def run_eval(step: int) -> dict:
-        r = evaluate(student, tok, eval_prompts, eval_answers, task.grade, n_samples=tr.eval_samples,
-                     temperature=1.0, max_new_tokens=tr.max_new_tokens, seed=cfg.seed + 1, eos_ids=eos_ids)
+        kw = dict(n_samples=tr.eval_samples, temperature=1.0, max_new_tokens=tr.max_new_tokens, seed=cfg.seed + 1,
+                  eos_ids=eos_ids, batch_size=int(ev.get("batch_size") or 512))
+        if len(benchmarks) == 1:  # one test set (the embedded default): eval/<metric>
+            b = benchmarks[0]
+            r = evaluate(student, tok, b.prompts, b.answers, b.grade, **kw)
+        else:  # eval/<benchmark>/<metric> and the setup average eval/<metric>
+            r = evaluate_benchmarks(student, tok, benchmarks, **kw)
         r = {f"eval/{k}": v for k, v in r.items()}
         logger.log(r, step)
         print(f"[eval] step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items()), flush=True)
@@ -149,7 +181,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     t_train = time.time()
     if method.sft_updates:  # sft_warmup: SFT on teacher samples for exactly the prompts of the first N steps
         first = [i for s in range(method.sft_steps) for i in batch_of(s)]
-        sft_warm_start(student, teacher, tok, [task.train_prompts[i] for i in first],
+        sft_warm_start(student, teacher, tok, [train_prompts[i] for i in first],
                        [task.train_answers[i] for i in first], task.grade, n_samples=method.sft_samples,
                        updates=method.sft_updates, cfg=cfg, logger=logger, generator=gen,
                        eos_id=eos_id, eos_ids=eos_ids)
@@ -157,18 +189,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         t_step = time.time()
         # 1. prompts for this step (each repeated rollouts_per_prompt times), epoch-shuffled
         batch = [i for i in batch_of(step) for _ in range(tr.rollouts_per_prompt)]
-        ids, mask = encode_prompts(tok, [task.train_prompts[i] for i in batch], device)
+        ids, mask = encode_prompts(tok, [train_prompts[i] for i in batch], device)
 
         # 2. rollouts from the method's behaviour rule at this step
         student.eval()
-        ro = sample(student, teacher, ids, mask, method.rule(step, tr.temperature, generator=gen),
-                    max_new_tokens=tr.max_new_tokens, eos_id=eos_id, pad_id=tok.pad_token_id,
-                    generator=gen, eos_ids=eos_ids, keep_teacher_logprobs=method.needs_teacher_logprobs)
+        rule = method.rule(step, tr.temperature, generator=gen)
+        chunk = tr.get("rollout_batch_size") or len(batch)  # decode in row chunks: one chunk's KV caches at a time
+        parts = [sample(student, teacher, ids[c : c + chunk], mask[c : c + chunk], rule,
+                        max_new_tokens=tr.max_new_tokens, eos_id=eos_id, pad_id=tok.pad_token_id,
+                        generator=gen, eos_ids=eos_ids,
+                        keep_teacher_logprobs=method.needs_teacher_logprobs and teacher_pass == "rollout")
+                 for c in range(0, len(batch), chunk)]
+        ro = parts[0] if len(parts) == 1 else concat_rollouts(parts, tok.pad_token_id)
         student.train()
 
-        # 3. teacher statistics: reuse the rollout's, else one batched pass
+        # 3. teacher statistics: reuse the rollout's, else one batched pass (teacher_pass=micro_batch:
+        #    one teacher pass per micro-batch inside step 4, so [B, T, V] never exists for the whole step)
         t_lp = ro.teacher_logprobs
-        if t_lp is None and method.needs_teacher_logprobs:
+        if t_lp is None and method.needs_teacher_logprobs and teacher_pass == "rollout":
             t_lp = teacher_logprobs(teacher, ro)
         if t_lp is not None:  # one merged EOS event (idempotent; a no-op for a single EOS id)
             t_lp = merge_eos(t_lp, eos_ids, eos_id)
@@ -182,6 +220,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             logits = response_logits(student, ro.input_ids[sl], ro.attention_mask[sl], ro.prompt_len)
             logits = merge_eos(logits, eos_ids, eos_id)  # the loss sees the merged EOS event too
             t_sl = None if t_lp is None else t_lp[sl]
+            if t_sl is None and method.needs_teacher_logprobs:  # teacher_pass=micro_batch
+                t_sl = merge_eos(teacher_logprobs(teacher, ro, sl), eos_ids, eos_id)
             per_tok = method.per_token_loss(logits, t_sl, ro.response_ids[sl], step)
             loss = losses.masked_token_mean(per_tok, ro.response_mask[sl], n_tokens)
             loss.backward()

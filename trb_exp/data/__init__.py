@@ -25,6 +25,7 @@ def encode_targets(tokenizer, targets: list[str], device=None) -> tuple[torch.Te
 
 # --------------------------------------------------------------------------- tasks
 from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
 from trb_exp.config import ConfigError  # noqa: E402
@@ -41,10 +42,31 @@ class Task:
     test_answers: list[str]
     grade: Callable[[str, str], bool]
     spec: object = None
+    name: str = "test"
+
+
+@dataclass
+class Benchmark:
+    """One evaluation set: problems, references, its grader and its paper sample count n."""
+
+    name: str
+    prompts: list[str]
+    answers: list[str]
+    grade: Callable[[str, str], bool]
+    n_samples: int = 4
+
+
+def _grader(cfg, default: str, where: str):
+    from trb_exp.data.grading import get_grader
+
+    try:
+        return get_grader(str(cfg.get("grader", default)))
+    except ValueError as e:
+        raise ConfigError(f"{where}.{e}") from None
 
 
 def load_task(cfg) -> Task:
-    """Build the task named by ``cfg.name`` (``arithmetic`` or ``local``)."""
+    """Build the task named by ``cfg.name`` (``arithmetic``, ``local`` or ``hf``)."""
     from trb_exp.data import arithmetic
 
     if cfg.name == "arithmetic":
@@ -57,13 +79,98 @@ def load_task(cfg) -> Task:
             raise ConfigError(str(e)) from None
         splits = arithmetic.make_splits(spec)
         return Task(list(splits["train"]["prompt"]), list(splits["train"]["answer"]),
-                    list(splits["test"]["prompt"]), list(splits["test"]["answer"]), arithmetic.grade, spec)
+                    list(splits["test"]["prompt"]), list(splits["test"]["answer"]), arithmetic.grade, spec,
+                    name="arithmetic")
     if cfg.name == "local":
         train = _read_rows(cfg.train_file, cfg.prompt_field, cfg.answer_field, "dataset.train_file")
         test = _read_rows(cfg.test_file, cfg.prompt_field, cfg.answer_field, "dataset.test_file")
         return Task([r[0] for r in train], [r[1] for r in train], [r[0] for r in test], [r[1] for r in test],
-                    arithmetic.grade)
-    raise ConfigError(f"dataset.name={cfg.name!r}: choose arithmetic or local")
+                    _grader(cfg, "exact", "dataset"), name="local")
+    if cfg.name == "hf":
+        from trb_exp.data.hub import load_rows
+
+        train_p, train_a = load_rows(cfg, "dataset")
+        test_p, test_a = ([], [])
+        # the held-out split: test_files, or the hub's test_split unless the training rows are local files
+        if cfg.get("test_files") or (cfg.get("test_split") and not cfg.get("data_files")):
+            test_p, test_a = load_rows(cfg, "dataset", test=True)
+        return Task(train_p, train_a, test_p, test_a, _grader(cfg, "math", "dataset"),
+                    name=str(cfg.get("label") or "test"))
+    raise ConfigError(f"dataset.name={cfg.name!r}: choose arithmetic, local or hf")
+
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def benchmark_config(entry, where: str):
+    """A benchmark entry of ``eval.benchmarks``: a name of ``conf/dataset/`` (``math500``) or a dict
+    ``{config: math500, <overrides>...}`` (e.g. ``data_files``, ``eval_samples``, ``limit``)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    overrides = {}
+    if isinstance(entry, (dict, DictConfig)):
+        overrides = {k: v for k, v in dict(entry).items() if k != "config"}
+        entry = entry.get("config")
+    path = CONF_DIR / "dataset" / f"{entry}.yaml"
+    if not entry or not path.is_file():
+        names = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml"))
+        raise ConfigError(f"{where}={entry!r}: no such benchmark config; choose one of {', '.join(names)}")
+    cfg = OmegaConf.merge(OmegaConf.load(path), overrides)
+    if cfg.get("label") is None:
+        cfg.label = str(entry)
+    return cfg
+
+
+def load_benchmark(cfg, where: str, test: bool = False) -> Benchmark:
+    """A ``Benchmark`` from a dataset config: hf sources read their ``split`` (their held-out split
+    when ``test``); ``arithmetic``/``local`` give their test split."""
+    if cfg.name != "hf":
+        task = load_task(cfg)
+        return Benchmark(task.name, task.test_prompts, task.test_answers, task.grade,
+                         int(cfg.get("eval_samples", 4)))
+    from trb_exp.data.hub import load_rows
+
+    prompts, answers = load_rows(cfg, where, test=test)
+    return Benchmark(str(cfg.get("label") or "benchmark"), prompts, answers, _grader(cfg, "math", where),
+                     int(cfg.get("eval_samples", 4)))
+
+
+def load_benchmarks(entries, where: str = "eval.benchmarks") -> list[Benchmark]:
+    return [load_benchmark(benchmark_config(e, f"{where}[{i}]"), f"{where}[{i}]") for i, e in enumerate(entries or [])]
+
+
+# --------------------------------------------------------------------------- prompt formatting
+def prompt_formatter(tokenizer, model_cfg) -> Callable[[str], str]:
+    """The text a problem is shown as, decided by ``model.chat_template`` (``auto``: the student
+    tokenizer's chat template when it has one, else the plain format; ``none``: the plain format),
+    ``model.system_prompt`` (null: none) and ``model.plain_template`` (``{prompt}`` is replaced).
+
+    The prompt is rendered and encoded ONCE with the student's tokenizer, and the same ids are fed
+    to both models: in OPD the teacher scores exactly the student's context."""
+    mode = str(model_cfg.get("chat_template", "none"))
+    system = model_cfg.get("system_prompt") or None
+    plain = str(model_cfg.get("plain_template", "{prompt}"))
+    if mode not in ("auto", "none", "chat"):
+        raise ConfigError(f"model.chat_template={mode!r}: use auto, chat or none")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "chat" and not has_template:
+        raise ConfigError("model.chat_template='chat': the student's tokenizer has no chat template; "
+                          "use model.chat_template=auto or none (plain format)")
+    if mode == "none" or not has_template:
+        if "{prompt}" not in plain:
+            raise ConfigError(f"model.plain_template={plain!r}: must contain {{prompt}}")
+        return lambda p: (f"{system}\n\n" if system else "") + plain.replace("{prompt}", p)
+    kwargs = dict(model_cfg.get("chat_template_kwargs") or {})
+    bos = tokenizer.bos_token
+    # a tokenizer that prepends BOS itself would double a BOS the template writes as text
+    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+
+    def fmt(p: str) -> str:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
+        return text[len(bos):] if adds_bos and text.startswith(bos) else text
+
+    return fmt
 
 
 def _read_rows(path, prompt_field: str, answer_field: str, field: str) -> list[tuple[str, str]]:

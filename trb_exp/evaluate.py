@@ -1,0 +1,117 @@
+"""Scoring a checkpoint without training: ``python -m trb_exp.evaluate model.student=PATH dataset=math500``.
+
+Loads ``model.student`` alone (a directory written by ``train`` or a hub id), renders every problem
+with the same prompt format as training (``model.chat_template`` / ``system_prompt``), samples
+n responses per problem at ``eval.temperature`` with the trainer's decode loop, grades them with the
+benchmark's grader (math-verify for the hub benchmarks) and reports, per benchmark, pass@1 = mean
+over problems of c/n and the unbiased pass@k for k <= n, plus the setup average over benchmarks.
+Writes ``results.json`` and ``results.md`` (a table) to the run directory.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # offline and a model that is not cached: stop before the slow imports
+    from trb_exp.preflight import preflight
+
+    preflight("evaluate", ("student",))
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import transformers
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from trb_exp.config import ConfigError
+from trb_exp.data import Benchmark, load_benchmark, load_benchmarks, prompt_formatter
+from trb_exp.evaluation import evaluate_benchmarks
+from trb_exp.models import (check_available, embedded_pair_dir, eos_ids, load_model, load_tokenizer,
+                            pick_device, set_vocab_size)
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def markdown_table(results: dict, names: list[str]) -> str:
+    """Rows: benchmarks, then the average; columns: n, problems, pass@1, pass@k..., mean length."""
+    metrics = sorted({k.split("/", 1)[1] for k in results if "/" in k and k.split("/", 1)[1].startswith("pass@")},
+                     key=lambda m: int(m.split("@")[1]))
+    cols = ["n", "problems", *metrics, "mean_length"]
+    lines = ["| benchmark | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+
+    def cell(v, col: str) -> str:
+        if v is None:
+            return ""
+        return str(int(v)) if col in ("n", "problems") else f"{v:.1f}" if col == "mean_length" else f"{v:.4f}"
+
+    keys = {"n": "n_samples", "problems": "n_problems"}
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(cell(results.get(f"{name}/{keys.get(c, c)}"), c) for c in cols) + " |")
+    lines.append("| **average** | | | " + " | ".join(cell(results.get(m), m) for m in [*metrics, "mean_length"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    transformers.utils.logging.disable_progress_bar()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(int(cfg.seed))
+    ev, mc = cfg.eval, cfg.model
+    name = str(mc.student)
+    check_available(name, "model.student")
+    device = pick_device(cfg.device)
+
+    # a benchmark config: its split; a training source with a held-out split (gsm8k_train): that split
+    d = cfg.dataset
+    held_out = d.name == "hf" and bool(d.get("test_files") or (d.get("test_split") and not d.get("data_files")))
+    first = load_benchmark(cfg.dataset, "dataset", test=held_out)
+    benchmarks = [first, *load_benchmarks(ev.benchmarks)]
+    emb = None
+    if name.startswith("embedded:"):
+        from trb_exp.data import load_task
+
+        emb = embedded_pair_dir(load_task(cfg.dataset).spec) if cfg.dataset.name == "arithmetic" else None
+    tok = load_tokenizer(name, mc.trust_remote_code, emb, field="model.student")
+    model = load_model(name, device=device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code, train=False,
+                       embedded_dir=emb, field="model.student")
+    rows = model.get_output_embeddings().weight.shape[0]
+    set_vocab_size(model, len(tok) if rows > len(tok) else None)  # never sample a padding row
+    fmt = prompt_formatter(tok, mc)
+    size = ev.get("size")
+    benchmarks = [Benchmark(b.name, [fmt(p) for p in b.prompts[:size]], b.answers[:size], b.grade, b.n_samples)
+                  for b in benchmarks]
+    names = [b.name for b in benchmarks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"eval.benchmarks: {names} names a benchmark twice; give each entry its own label")
+    ks = None if ev.get("ks") is None else tuple(int(k) for k in ev.ks)
+    t0 = time.time()
+    res = evaluate_benchmarks(model, tok, benchmarks, n_samples=ev.get("samples"), ks=ks,
+                              temperature=float(ev.temperature), greedy=bool(ev.greedy),
+                              max_new_tokens=int(ev.max_new_tokens), batch_size=int(ev.batch_size),
+                              seed=int(cfg.seed), eos_ids=tuple(eos_ids(tok, model)))
+    out = {"model": name, "benchmarks": names, "eval_s": round(time.time() - t0, 2), "results": res,
+           "config": OmegaConf.to_container(cfg, resolve=True)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(out, indent=1))
+    table = markdown_table(res, names)
+    (out_dir / "results.md").write_text(f"# {name}\n\n{table}")
+    print(table, flush=True)
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg, out_dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"[done] results in {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Checks that need neither torch nor transformers, so that an impossible run stops in a second.
+
+``check_available(name, field)``: a model named by a hub id that is not cached while
+``HF_HUB_OFFLINE=1`` (or a path that does not exist) is a one-line ``ConfigError`` saying what to
+download and how to point the config at a local copy. ``preflight(config_name)`` runs it from the
+top of the ``train``/``evaluate`` entrypoints BEFORE their heavy imports (torch and transformers
+take several seconds to import on a loaded CPU); it only acts when ``HF_HUB_OFFLINE`` is set, and
+leaves every other problem to the normal path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from trb_exp.config import ConfigError
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "on", "yes", "true")
+
+
+def check_available(name: str, field: str = "model") -> None:
+    """Fail at once, with one line, when ``name`` cannot be loaded without the network: not
+    ``embedded:*``, not a local directory, and (offline) not in the local Hugging Face cache."""
+    if name.startswith("embedded:") or Path(name).is_dir():
+        return
+    if Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ConfigError(f"{field}={name!r}: no such model directory; give a directory saved with "
+                          "save_pretrained or a hub id such as Qwen/Qwen3-0.6B-Base")
+    if not hub_offline():
+        return  # online: from_pretrained downloads it (its errors become one line in models.load_model)
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not a valid repo id
+        cached = None
+    if not isinstance(cached, str):
+        raise ConfigError(
+            f"{field}={name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1: download it "
+            f"where the hub is reachable (`hf download {name}` fills the cache; `hf download {name} "
+            f"--local-dir DIR` makes a copy) and unset HF_HUB_OFFLINE, or point the config at the copy: {field}=DIR"
+        )
+
+
+def preflight(config_name: str, roles: tuple[str, ...] = ("student", "teacher")) -> None:
+    """Compose the command line's config (Hydra's compose API) and check its models; print the one-line
+    error and exit 2 if one cannot be loaded offline. Does nothing when online, for Hydra's own flags
+    (--help, --cfg, -m) and when the config does not compose (Hydra then reports that itself)."""
+    if not hub_offline():
+        return
+    args = sys.argv[1:]
+    if any(a.startswith("-") for a in args):
+        return
+    try:
+        from hydra import compose, initialize_config_dir
+
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name, overrides=[a for a in args if not a.startswith(("hydra.", "hydra/"))])
+        names = [(f"model.{r}", cfg.model.get(r)) for r in roles]
+    except Exception:
+        return
+    for field, name in names:
+        if name is None:
+            continue
+        try:
+            check_available(str(name), field)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
