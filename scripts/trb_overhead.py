@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default 2K)")
     ap.add_argument("--eps0", type=float, default=None, help="schedule.eps0 (default: conf/schedule/linear.yaml)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trb-first", action="store_true", help="run TRB before OPD (checks run-order drift)")
     ap.add_argument("--keep", type=Path, default=None, help="keep the two run dirs under this folder")
     ap.add_argument("--from", dest="from_dir", type=Path, default=None,
                     help="no training: re-analyse the opd/ and trb/ run dirs kept by an earlier --keep")
@@ -111,7 +112,8 @@ def main(argv=None) -> int:
     else:
         root = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="trb_overhead_"))
         root.mkdir(parents=True, exist_ok=True)
-        wall = {m: run_cli(m, common, root / m) for m in ("opd", "trb")}
+        order = ("trb", "opd") if a.trb_first else ("opd", "trb")
+        wall = {m: run_cli(m, common, root / m) for m in order}
         (root / "runs.json").write_text(json.dumps({"wall_s": wall, "overrides": common,
                                                     "date": time.strftime("%Y-%m-%d %H:%M")}))
         meta = {}

@@ -117,3 +117,10 @@ def test_cli_help_and_cfg():
     assert r.returncode == 0 and "warmup_steps" in r.stdout and "max_steps" in r.stdout
     r = _cli("--help")
     assert r.returncode == 0 and "method: fixed_blend, offline_kd, opd, sft_warmup, skd, temp_warmup, trb, veto" in r.stdout
+
+
+def test_eval_every_zero_still_evaluates_at_start_and_end(tiny_pair, tmp_path):
+    cfg = compose([*FAST, *_pair(tiny_pair), "trainer.eval_every=0", "trainer.max_steps=2"])
+    summary = run(cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/pass@1" in r] == [0, 2] and summary["final"]["step"] == 2

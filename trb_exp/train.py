@@ -243,7 +243,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             if method.logs_kl_estimate:
                 m["train/kl_estimate"] = kl_est
             logger.log(m, step + 1)
-        if tr.eval_every and ((step + 1) % tr.eval_every == 0 or step + 1 == tr.max_steps):
+        if (tr.eval_every and (step + 1) % tr.eval_every == 0) or step + 1 == tr.max_steps:
             history.append({"step": step + 1, **run_eval(step + 1)})
 
     train_s = time.time() - t_train

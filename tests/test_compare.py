@@ -1,0 +1,199 @@
+"""trb_exp.compare: the maths (CI, paired differences, best checkpoint, steps-to-target) on hand-computed
+values, the report on synthetic run dirs, and one tiny end-to-end comparison of two real trainings."""
+
+import json
+import math
+
+import pytest
+from conftest import compose
+from omegaconf import OmegaConf
+
+from trb_exp import compare as C
+
+
+# ------------------------------------------------------------------------------------------ maths
+
+
+def test_t_quantile_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 10, 29, 30, 31, 50, 200):
+        assert C.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-5)
+
+
+def test_mean_ci_by_hand():
+    mean, half, n = C.mean_ci([0.1, 0.2, 0.3])
+    assert n == 3 and mean == pytest.approx(0.2)
+    assert half == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-6)  # ≈ 0.2484
+    assert half == pytest.approx(4.303 * 0.1 / 1.732, rel=1e-3)
+    assert C.mean_ci([0.5]) == (0.5, None, 1)
+    with pytest.raises(ValueError):
+        C.mean_ci([])
+
+
+def test_paired_difference_pairs_by_seed():
+    trb = {2: 0.9, 0: 0.5, 1: 0.7, 5: 0.99}  # seed 5 has no OPD partner
+    opd = {1: 0.6, 0: 0.2, 2: 0.4, 7: 0.0}  # seed 7 has no TRB partner
+    d = C.paired_difference(trb, opd)
+    assert d["seeds"] == [0, 1, 2]
+    assert d["diffs"] == pytest.approx([0.3, 0.1, 0.5])
+    m, h, n = C.mean_ci([0.3, 0.1, 0.5])
+    assert (d["mean"], d["half"], d["n"]) == (pytest.approx(m), pytest.approx(h), 3)
+    assert d["mean"] == pytest.approx(0.3) and d["half"] == pytest.approx(4.302653 * 0.2 / math.sqrt(3), rel=1e-6)
+    assert C.paired_difference({0: 1.0}, {1: 1.0})["n"] == 0
+
+
+def test_best_checkpoint_and_ties():
+    c = [{"value": 0.4, "step": 10, "config": "b", "seed": 0, "run": "x"},
+         {"value": 0.6, "step": 30, "config": "b", "seed": 1, "run": "y"},
+         {"value": 0.6, "step": 20, "config": "c", "seed": 0, "run": "z"}]
+    assert C.best_checkpoint(c)["run"] == "z"  # tie on value: the earlier step
+    assert C.best_checkpoint([]) is None
+
+
+def test_steps_to_target_and_steps():
+    assert C.steps_to_target([20, 0, 10, 30], [0.8, 0.0, 0.5, 0.9], 0.75) == 20  # in step order
+    assert C.steps_to_target([0, 10], [0.1, 0.2], 0.5) is None
+    assert C.steps_to_target([0, 10], [0.1, 0.5], 0.5) == 10  # reaching = >=
+    assert C.steps_to_target([0, 10], [0.1, 0.6], 0.8 * 0.75) == 10  # 0.6000000000000001: float noise
+    assert C.first_step_at_least([0, 10, 20, 30], 15) == 20
+    assert C.first_step_at_least([0, 10], 15) == 10
+    assert C.closest_step([0, 10, 20], 15) == 10 and C.closest_step([0, 10, 20], 16) == 20
+
+
+# ----------------------------------------------------------------------------------- synthetic runs
+
+
+def _write_run(d, method, seed, curve, *, eps0=0.5, k=20, max_steps=40, benches=None, train_s=12.5):
+    """A run dir as train.run + Hydra write it: metrics.jsonl, summary.json, .hydra/config.yaml."""
+    d.mkdir(parents=True)
+    cfg = {"seed": seed, "method": {"name": method, "loss": "reverse_kl", "topk": 16},
+           "schedule": {"name": "linear", "eps0": eps0, "warmup_steps": k, "budget": "absolute"},
+           "trainer": {"max_steps": max_steps, "eval_every": 10}, "logger": {"backend": "none"}}
+    (d / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(cfg), d / ".hydra" / "config.yaml")
+    rows = []
+    for step in range(1, max_steps + 1):
+        row = {"step": step, "train/loss": 1.0 / step, "time/step_s": 2.0 if step <= k else 1.0, "trb/eps": 0.0}
+        if method == "trb":
+            eps = eps0 * max(0.0, 1 - (step - 1) / k)
+            row.update({"trb/eps": eps, "trb/beta_mean": eps, "trb/kl_behavior_student_mean": eps / 2,
+                        "rollout/teacher_entropy": 0.3})
+        rows.append(row)
+    for step, v in curve.items():
+        row = {"step": step, "eval/pass@1": v, "eval/greedy_acc": v}
+        for b, off in (benches or {}).items():
+            row[f"eval/{b}/pass@1"] = v + off
+        rows.append(row)
+    rows.sort(key=lambda r: r["step"])
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"method": method, "seed": seed, "steps": max_steps, "train_s": train_s,
+               "initial": {"step": 0, "eval/pass@1": curve[0]},
+               "final": {"step": max_steps, "eval/pass@1": curve[max_steps]},
+               "peak_rss_mb": 100.0}
+    (d / "summary.json").write_text(json.dumps(summary))
+
+
+# pass@1 at steps 0, 10, 20, 30, 40 per (method, eps0, seed)
+CURVES = {
+    ("trb", 0.5, 0): [0.0, 0.30, 0.50, 0.60, 0.70],
+    ("trb", 0.5, 1): [0.0, 0.20, 0.40, 0.55, 0.60],
+    ("trb", 0.5, 2): [0.0, 0.25, 0.45, 0.65, 0.65],
+    ("trb", 1.0, 0): [0.0, 0.40, 0.60, 0.91, 0.70],  # the best TRB checkpoint: eps0=1.0, seed 0, step 30
+    ("trb", 1.0, 1): [0.0, 0.35, 0.55, 0.60, 0.62],
+    ("opd", None, 0): [0.0, 0.10, 0.30, 0.50, 0.60],
+    ("opd", None, 1): [0.0, 0.10, 0.20, 0.45, 0.50],
+    ("opd", None, 2): [0.0, 0.05, 0.25, 0.50, 0.52],
+}
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "multirun"
+    for i, ((method, eps0, seed), vals) in enumerate(sorted(CURVES.items(), key=str)):
+        # opd runs of one sweep carry varying schedule values they never read: still one configuration
+        _write_run(root / f"{i}_method={method},seed={seed}", method, seed, dict(zip(range(0, 50, 10), vals)),
+                   eps0=eps0 if eps0 is not None else [0.5, 1.0][seed % 2], benches={"math500": 0.05, "aime24": -0.05},
+                   train_s=10.0 + i)
+    (root / "not_a_run").mkdir()
+    (root / "not_a_run" / "metrics.jsonl").write_text("")  # no .hydra/config.yaml: ignored
+    return root
+
+
+def test_grouping(sweep):
+    runs = [C.load_run(p, p.name) for p in C.find_run_dirs([sweep])]
+    assert len(runs) == 8
+    groups = C.group_runs(runs)
+    assert list(groups) == ["opd", "trb"]
+    assert list(groups["opd"]) == ["default"] and [r.seed for r in groups["opd"]["default"]] == [0, 1, 2]
+    trb = list(groups["trb"])
+    assert len(trb) == 2 and all("schedule.warmup_steps=20" in c for c in trb)
+    assert "schedule.eps0=0.5" in trb[0] and "schedule.eps0=1" in trb[1]
+
+
+def test_report(sweep, tmp_path):
+    out = tmp_path / "cmp"
+    path = C.compare([sweep], out, teacher_pass1=0.75, target_frac=0.8)
+    md = path.read_text()
+    # Table 1 protocol: the best checkpoint across both trb configs, with its per-benchmark pass@1
+    best = next(line for line in md.splitlines() if line.startswith("| trb |") and "0.910" in line)
+    assert "| 0.860 | 0.960 | 0.910 |" in best  # aime24, math500, average (benchmarks sorted)
+    assert "schedule.eps0=1" in best and "| 0 | 30 |" in best
+    opd = next(line for line in md.splitlines() if line.startswith("| opd |") and "| 0.600 |" in line)
+    assert "| 0.550 | 0.650 | 0.600 | `default` | 0 | 40 |" in opd
+    # final step, trb eps0=0.5 over 3 seeds: [0.70, 0.60, 0.65]
+    m, h, _ = C.mean_ci([0.70, 0.60, 0.65])
+    assert f"{m:.3f} ± {h:.3f}" in md
+    # paired TRB(eps0=0.5) − OPD at the final step: seeds 0,1,2 → 0.10, 0.10, 0.13
+    d = C.paired_difference({0: 0.70, 1: 0.60, 2: 0.65}, {0: 0.60, 1: 0.50, 2: 0.52})
+    assert f"{d['mean']:+.3f} ± {d['half']:.3f}" in md and "0: +0.100, 1: +0.100, 2: +0.130" in md
+    # at the end of warmup (K = 20, evaluated): trb [0.5,0.4,0.45] − opd [0.3,0.2,0.25] = 0.2 each
+    assert "warmup (step ~20)" in md and "0: +0.200, 1: +0.200, 2: +0.200" in md
+    # steps to 0.8 × 0.75 = 0.6: opd seed mean [.., 0.483, 0.540] never; trb eps0=0.5 mean at 30 = 0.6
+    assert "= 0.600" in md
+    assert "| opd | `default` | 3 | — | 0: 40, 1: —, 2: — |" in md
+    assert "0: 30, 1: 40, 2: 30 |" in md
+    # wall clock: 2 s during warmup, 1 s after
+    assert "| 2.000 | 1.000 |" in md
+    # plots exist, are PNGs, and are linked
+    for name in ("learning_curves.png", "trb_diagnostics.png"):
+        data = (out / name).read_bytes()
+        assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in md
+    # deterministic: a second run reproduces the report byte for byte
+    first = path.read_bytes()
+    C.compare([sweep], out, teacher_pass1=0.75, target_frac=0.8)
+    assert path.read_bytes() == first
+
+
+def test_report_without_teacher_and_cli(sweep, tmp_path, capsys):
+    C.main([str(sweep), "--out", str(tmp_path / "o")])
+    md = (tmp_path / "o" / "comparison.md").read_text()
+    assert "Skipped: no teacher pass@1 given" in md
+    with pytest.raises(SystemExit):
+        C.compare([tmp_path / "empty"], tmp_path / "o2")
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+FAST = ["logger=none", "trainer.max_steps=2", "trainer.eval_every=1", "trainer.eval_size=4",
+        "trainer.eval_samples=1", "trainer.prompts_per_step=2", "trainer.max_new_tokens=8", "threads=1",
+        "trainer.save_student=false", "schedule.warmup_steps=1"]
+
+
+def test_end_to_end_two_real_runs(tiny_pair, tmp_path):
+    from trb_exp.train import run
+
+    pair = [f"model.student={tiny_pair / 'student'}", f"model.teacher={tiny_pair / 'teacher'}"]
+    for method in ("opd", "trb"):
+        cfg = compose([f"method={method}", *FAST, *pair])
+        d = tmp_path / "sweep" / method
+        run(cfg, d)
+        (d / ".hydra").mkdir()
+        OmegaConf.save(cfg, d / ".hydra" / "config.yaml")  # run() called directly does not write .hydra
+    path = C.compare([tmp_path / "sweep"], tmp_path / "out", teacher_pass1=0.9)
+    md = path.read_text()
+    assert "2 runs, 2 method families" in md
+    assert "| opd |" in md and "| trb |" in md and "schedule.warmup_steps=1" in md
+    assert "No configuration has >= 2 seeds." in md and "No trb and opd configurations sharing >= 2 seeds." in md
+    assert (tmp_path / "out" / "learning_curves.png").stat().st_size > 0
+    assert (tmp_path / "out" / "trb_diagnostics.png").stat().st_size > 0

@@ -1,0 +1,547 @@
+"""Compare training runs: ``python -m trb_exp.compare RUN_DIRS... [--out DIR] [--target-frac 0.8]
+[--teacher-pass1 X]``.
+
+Every subdirectory of RUN_DIRS holding ``metrics.jsonl`` and ``.hydra/config.yaml`` is a run (a
+multirun sweep dir works as is). Runs are grouped by method family (``method.name``) and by
+configuration (the method's knobs, the schedule's for ``trb``, and any other setting that varies
+within the family; never the seed). Writes ``comparison.md`` (deterministic: re-running on the same
+runs reproduces it byte for byte) and PNG plots next to it:
+
+- the paper's Table 1 protocol: per family, the best checkpoint (highest ``eval/pass@1``) over every
+  evaluated step (> 0) of every run of every configuration, with its per-benchmark pass@1;
+- per configuration with >= 2 seeds: mean ± 95% CI (Student t) of pass@1 at the final step and at the
+  end of TRB's warmup, and the paired per-seed difference TRB − OPD with its 95% CI;
+- steps-to-target (``--teacher-pass1``): the first evaluated step reaching target_frac × teacher pass@1;
+- wall-clock per run and mean step time during and after warmup.
+
+The maths (``mean_ci``, ``paired_difference``, ``best_checkpoint``, ``steps_to_target``) are pure
+functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+PASS1 = "eval/pass@1"
+DIAGNOSTICS = ("trb/eps", "trb/beta_mean", "trb/kl_behavior_student_mean", "rollout/teacher_entropy")
+# settings that never define a configuration (seed, where/how a run executed, its logging)
+_IGNORED = ("seed", "device", "threads", "logger", "hydra", "trainer.save_student", "trainer.log_every",
+            "eval.batch_size", "trainer.rollout_batch_size", "trainer.micro_batch_size", "model.teacher_pass",
+            "model.teacher_device")
+_TRB_SCHEDULE_KNOBS = ("schedule.name", "schedule.eps0", "schedule.warmup_steps", "schedule.budget")
+
+# two-sided 97.5% quantiles of Student's t, df = 1..30
+_T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157,
+         2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922,
+         2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831,
+         2.048407, 2.045230, 2.042272)
+
+
+# ---------------------------------------------------------------------------------------- maths
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (table up to 30, then the
+    Cornish-Fisher expansion around the normal quantile, error < 1e-5). No scipy needed."""
+    if df < 1:
+        raise ValueError(f"df={df}: need at least 1 degree of freedom")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+
+
+def mean_ci(values) -> tuple[float, float | None, int]:
+    """(mean, half-width of the 95% Student-t CI, n). The half-width is None for n < 2."""
+    v = [float(x) for x in values]
+    n = len(v)
+    if n == 0:
+        raise ValueError("mean_ci of no values")
+    mean = sum(v) / n
+    if n < 2:
+        return mean, None, n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
+    return mean, t_quantile_975(n - 1) * sd / math.sqrt(n), n
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """Per-seed differences a[seed] − b[seed] over the seeds in both (sorted), their mean and 95% CI.
+    Returns {"seeds", "diffs", "mean", "half", "n"} (mean/half None without common seeds)."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [float(a[s]) - float(b[s]) for s in seeds]
+    if not diffs:
+        return {"seeds": [], "diffs": [], "mean": None, "half": None, "n": 0}
+    mean, half, n = mean_ci(diffs)
+    return {"seeds": seeds, "diffs": diffs, "mean": mean, "half": half, "n": n}
+
+
+def best_checkpoint(candidates):
+    """The candidate with the highest ``value``; ties go to the earliest step, then the smallest
+    (config, seed, run). Candidates are dicts with at least value, step, config, seed, run."""
+    cands = list(candidates)
+    if not cands:
+        return None
+    return min(cands, key=lambda c: (-c["value"], c["step"], str(c["config"]), c["seed"], str(c["run"])))
+
+
+def steps_to_target(steps, values, target: float):
+    """The first step (in increasing step order) whose value is >= target (up to 1e-9, so that
+    0.8 × 0.75 is reached by 0.6), else None."""
+    for s, v in sorted(zip(steps, values)):
+        if v >= target - 1e-9:
+            return s
+    return None
+
+
+def closest_step(steps, k: int):
+    """The step of ``steps`` closest to k (ties: the smaller)."""
+    steps = sorted(steps)
+    return min(steps, key=lambda s: (abs(s - k), s)) if steps else None
+
+
+def first_step_at_least(steps, k: int):
+    """The first step >= k, else the last step (None without steps)."""
+    steps = sorted(steps)
+    return next((s for s in steps if s >= k), steps[-1] if steps else None)
+
+
+# ----------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    path: Path
+    rel: str
+    method: str
+    seed: int
+    cfg: dict
+    evals: dict  # step -> {eval key: value}
+    train: list  # train rows (dicts with "step")
+    summary: dict | None
+    config: str = ""  # label of the configuration (set by group_runs)
+    knobs: dict = field(default_factory=dict)
+
+    @property
+    def warmup_k(self) -> int | None:
+        """The run's own warmup horizon: schedule.warmup_steps (trb), method.K (veto, temp_warmup)."""
+        if self.method == "trb":
+            return int(self.cfg["schedule.warmup_steps"])
+        try:
+            return int(self.cfg["method.K"]) if "method.K" in self.cfg else None
+        except (TypeError, ValueError):  # an unresolved interpolation
+            return None
+
+    def pass1(self, step: int) -> float:
+        return float(self.evals[step][PASS1])
+
+
+def _flatten(d, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v, sort_keys=True) if isinstance(v, list) else v
+    return out
+
+
+def find_run_dirs(roots) -> list[Path]:
+    found = set()
+    for root in roots:
+        root = Path(root)
+        for m in root.rglob("metrics.jsonl"):
+            if (m.parent / ".hydra" / "config.yaml").is_file():
+                found.add(m.parent.resolve())
+    return sorted(found)
+
+
+def load_run(path: Path, rel: str) -> Run:
+    raw = OmegaConf.load(path / ".hydra" / "config.yaml")
+    try:
+        cfg = OmegaConf.to_container(raw, resolve=True)
+    except Exception:  # an interpolation that cannot resolve outside Hydra: keep it as written
+        cfg = OmegaConf.to_container(raw, resolve=False)
+    flat = _flatten(cfg)
+    evals, train = {}, []
+    for line in (path / "metrics.jsonl").read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if PASS1 in row:
+            evals.setdefault(int(row["step"]), {}).update({k: v for k, v in row.items() if k.startswith("eval/")})
+        if "train/loss" in row or any(k in row for k in DIAGNOSTICS) or "time/step_s" in row:
+            train.append(row)
+    sp = path / "summary.json"
+    summary = json.loads(sp.read_text()) if sp.is_file() else None
+    return Run(path=path, rel=rel, method=str(flat.get("method.name", "?")), seed=int(flat.get("seed", 0)),
+               cfg=flat, evals=evals, train=train, summary=summary)
+
+
+def _fmt_val(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _ignored(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in _IGNORED)
+
+
+def _read_by(family: str, key: str) -> bool:
+    """Whether a method family reads a setting: only trb reads the schedule (fixed_blend: its budget kind)."""
+    if not key.startswith("schedule."):
+        return True
+    return family == "trb" or (family == "fixed_blend" and key == "schedule.budget")
+
+
+def group_runs(runs: list[Run]) -> dict:
+    """{family: {config label: [runs sorted by seed]}}; sets run.config / run.knobs. A configuration is
+    the run's method.* knobs (+ schedule knobs for trb, schedule.budget for fixed_blend) plus any other
+    non-ignored setting that varies within the family."""
+    fams: dict[str, list[Run]] = {}
+    for r in runs:
+        fams.setdefault(r.method, []).append(r)
+    out = {}
+    for fam, rs in sorted(fams.items()):
+        keys = set()
+        for r in rs:
+            keys |= set(r.cfg)
+        varying = {k for k in keys if not _ignored(k) and _read_by(fam, k)
+                   and len({repr(r.cfg.get(k)) for r in rs}) > 1}
+        for r in rs:
+            own = {k for k in r.cfg if k.startswith("method.") and k != "method.name"}
+            if fam == "trb":
+                own |= {k for k in _TRB_SCHEDULE_KNOBS if k in r.cfg}
+            if fam == "fixed_blend" and "schedule.budget" in r.cfg:
+                own.add("schedule.budget")
+            r.knobs = {k: r.cfg.get(k) for k in sorted(own | varying)}
+            shown = sorted((varying & set(r.knobs)) | ({k for k in _TRB_SCHEDULE_KNOBS[:3] if k in r.cfg}
+                                                         if fam == "trb" else set()))
+            r.config = ",".join(f"{k}={_fmt_val(r.knobs[k])}" for k in shown) or "default"
+        groups: dict[str, list[Run]] = {}
+        for r in rs:
+            groups.setdefault(r.config, []).append(r)
+        for label, grs in groups.items():  # knobs identical within a label (the label may omit constant ones)
+            by_knobs = {}
+            for r in grs:
+                by_knobs.setdefault(repr(sorted(r.knobs.items())), []).append(r)
+            if len(by_knobs) > 1:
+                for i, (_, sub) in enumerate(sorted(by_knobs.items())):
+                    for r in sub:
+                        r.config = f"{label}#{i}"
+        out[fam] = {}
+        for r in rs:
+            out[fam].setdefault(r.config, []).append(r)
+        out[fam] = {k: sorted(v, key=lambda r: (r.seed, r.rel)) for k, v in sorted(out[fam].items())}
+    return out
+
+
+# --------------------------------------------------------------------------------------- report
+
+
+def _f(x, nd=3) -> str:
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def _ci(mean, half, nd=3, signed=False) -> str:
+    if mean is None:
+        return "—"
+    m = f"{mean:+.{nd}f}" if signed else f"{mean:.{nd}f}"
+    return m if half is None else f"{m} ± {half:.{nd}f}"
+
+
+def _table(header, rows) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+def _seed_curve(runs: list[Run], key: str = PASS1, source: str = "eval"):
+    """{step: [values over seeds]} at steps every run has."""
+    per = []
+    for r in runs:
+        if source == "eval":
+            per.append({s: float(e[key]) for s, e in r.evals.items() if key in e})
+        else:
+            per.append({int(t["step"]): float(t[key]) for t in r.train if key in t})
+    common = sorted(set.intersection(*(set(p) for p in per))) if per else []
+    return {s: [p[s] for p in per] for s in common}
+
+
+def _trb_refs(groups) -> list[tuple[str, int]]:
+    """(trb config, its end-of-warmup eval step Kt = first eval step >= K of its runs)."""
+    refs = []
+    for label, rs in groups.get("trb", {}).items():
+        k = rs[0].warmup_k
+        steps = sorted(set.intersection(*(set(r.evals) for r in rs)))
+        if steps:
+            refs.append((label, first_step_at_least(steps, k)))
+    return refs
+
+
+def _mean_step_s(run: Run, k: int | None):
+    """Mean time/step_s over logged steps 1..k (training steps 0..k-1, the warmup) and after."""
+    rows = [(int(t["step"]), float(t["time/step_s"])) for t in run.train if "time/step_s" in t]
+    if k is None:
+        return None, (sum(v for _, v in rows) / len(rows) if rows else None)
+    during = [v for s, v in rows if s <= k]
+    after = [v for s, v in rows if s > k]
+    return (sum(during) / len(during) if during else None), (sum(after) / len(after) if after else None)
+
+
+def build_report(runs: list[Run], groups: dict, *, target_frac: float, teacher_pass1: float | None,
+                 plots: dict[str, str]) -> str:
+    L = ["# Run comparison", ""]
+    L += [f"{len(runs)} runs, {len(groups)} method families. pass@1 = `{PASS1}` (the setup mean with several "
+          "benchmarks). 95% CIs: Student t over seeds (mean ± half-width).", ""]
+    L += ["## Runs", ""]
+    L += _table(["family", "config", "seed", "run", "eval steps"],
+                [[fam, f"`{label}`", r.seed, f"`{r.rel}`", ",".join(str(s) for s in sorted(r.evals))]
+                 for fam, cfgs in groups.items() for label, rs in cfgs.items() for r in rs])
+
+    # 1. the paper's protocol ------------------------------------------------------------------
+    L += ["## Best checkpoint per family (the paper's Table 1 protocol)", "",
+          "Per family, the checkpoint with the highest pass@1 over every evaluated step > 0 of every run and "
+          "configuration of its sweep (selection on the reported numbers themselves, as in the paper: an "
+          "optimistic estimate).", ""]
+    best = {}
+    for fam, cfgs in groups.items():
+        cands = [{"value": r.pass1(s), "step": s, "config": label, "seed": r.seed, "run": r.rel, "r": r}
+                 for label, rs in cfgs.items() for r in rs for s in r.evals if s > 0]
+        b = best_checkpoint(cands)
+        if b is not None:
+            best[fam] = b
+    benches = sorted({k.split("/")[1] for b in best.values() for k in b["r"].evals[b["step"]]
+                      if k.count("/") == 2 and k.endswith("/pass@1")})
+    rows = []
+    for fam, b in best.items():
+        ev = b["r"].evals[b["step"]]
+        rows.append([fam, *[_f(ev.get(f"eval/{x}/pass@1")) for x in benches], _f(b["value"]),
+                     f"`{b['config']}`", b["seed"], b["step"], f"`{b['run']}`"])
+    L += _table(["family", *benches, "avg pass@1", "config", "seed", "step", "run"], rows)
+
+    # 2. seeds: mean ± CI at the final step and at the end of warmup ---------------------------
+    L += ["## Over seeds (the protocol the paper lacks)", ""]
+    refs = _trb_refs(groups)
+    finals = []
+    for fam, cfgs in groups.items():
+        for label, rs in cfgs.items():
+            if len(rs) < 2:
+                continue
+            steps = {max(r.evals) for r in rs if r.evals}
+            m, h, n = mean_ci([r.pass1(max(r.evals)) for r in rs])
+            finals.append([fam, f"`{label}`", n, ",".join(str(s) for s in sorted(steps)), _ci(m, h)])
+    L += ["### pass@1 at the final step", ""]
+    L += _table(["family", "config", "seeds", "final step", "pass@1 (mean ± 95% CI)"], finals) if finals else \
+        ["No configuration has >= 2 seeds.", ""]
+
+    L += ["### pass@1 at the end of TRB's warmup", ""]
+    if not refs:
+        L += ["No trb runs: no warmup step to compare at.", ""]
+    else:
+        L += ["For a trb configuration: its first eval step >= K = `schedule.warmup_steps`; every other family "
+              "is read at its eval step closest to that step (one row per trb reference).", ""]
+        rows = []
+        for ref_label, kt in refs:
+            for fam, cfgs in groups.items():
+                for label, rs in cfgs.items():
+                    if len(rs) < 2 or (fam == "trb" and label != ref_label):
+                        continue
+                    vals, steps = [], set()
+                    for r in rs:
+                        s = kt if fam == "trb" and kt in r.evals else closest_step(r.evals, kt)
+                        steps.add(s)
+                        vals.append(r.pass1(s))
+                    m, h, n = mean_ci(vals)
+                    rows.append([f"`{ref_label}` (step {kt})", fam, f"`{label}`", n,
+                                 ",".join(str(s) for s in sorted(steps)), _ci(m, h)])
+        L += _table(["trb reference", "family", "config", "seeds", "step", "pass@1 (mean ± 95% CI)"], rows) \
+            if rows else ["No configuration has >= 2 seeds.", ""]
+
+    L += ["### Paired difference TRB − OPD (per seed)", ""]
+    rows = []
+    for ref_label, kt in refs:
+        trb_runs = {r.seed: r for r in groups["trb"][ref_label]}
+        for opd_label, ors in groups.get("opd", {}).items():
+            opd_runs = {r.seed: r for r in ors}
+            for when in ("final", "warmup"):
+                if when == "final":
+                    a = {s: r.pass1(max(r.evals)) for s, r in trb_runs.items()}
+                    b = {s: r.pass1(max(r.evals)) for s, r in opd_runs.items()}
+                    where = "final"
+                else:
+                    a = {s: r.pass1(kt if kt in r.evals else closest_step(r.evals, kt)) for s, r in trb_runs.items()}
+                    b = {s: r.pass1(closest_step(r.evals, kt)) for s, r in opd_runs.items()}
+                    where = f"warmup (step ~{kt})"
+                d = paired_difference(a, b)
+                if d["n"] < 2:
+                    continue
+                per = ", ".join(f"{s}: {x:+.3f}" for s, x in zip(d["seeds"], d["diffs"]))
+                rows.append([f"`{ref_label}`", f"`{opd_label}`", where, d["n"], per,
+                             _ci(d["mean"], d["half"], signed=True)])
+    L += _table(["trb config", "opd config", "at", "pairs", "per seed (seed: diff)", "mean ± 95% CI"], rows) \
+        if rows else ["No trb and opd configurations sharing >= 2 seeds.", ""]
+
+    # 3. steps-to-target -----------------------------------------------------------------------
+    L += ["## Steps to target", ""]
+    if teacher_pass1 is None:
+        L += ["Skipped: no teacher pass@1 given (`--teacher-pass1 X`).", ""]
+    else:
+        target = target_frac * teacher_pass1
+        L += [f"Target: {target_frac:g} × teacher pass@1 {teacher_pass1:.3f} = {target:.3f}; the first evaluated "
+              "step reaching it, on the seed-mean curve and per seed (— = never).", ""]
+        rows = []
+        for fam, cfgs in groups.items():
+            for label, rs in cfgs.items():
+                curve = _seed_curve(rs)
+                mean_steps = steps_to_target(list(curve), [sum(v) / len(v) for v in curve.values()], target)
+                per = ", ".join(f"{r.seed}: {_s(_run_steps_to_target(r, target))}"
+                                for r in rs)
+                rows.append([fam, f"`{label}`", len(rs), _s(mean_steps), per])
+        L += _table(["family", "config", "seeds", "seed-mean curve", "per seed"], rows)
+
+    # 4. wall clock ----------------------------------------------------------------------------
+    L += ["## Wall clock", "",
+          "`train_s` from summary.json; mean `time/step_s` over the warmup (logged steps 1..K) and after. K = "
+          "`schedule.warmup_steps` (trb), `method.K` (veto, temp_warmup), else the smallest trb K of this report.", ""]
+    ref_k = min((r.warmup_k for rs in groups.get("trb", {}).values() for r in rs), default=None)
+    rows = []
+    for fam, cfgs in groups.items():
+        for label, rs in cfgs.items():
+            for r in rs:
+                k = r.warmup_k if r.warmup_k is not None else ref_k
+                during, after = _mean_step_s(r, k)
+                train_s = r.summary.get("train_s") if r.summary else None
+                rows.append([fam, f"`{label}`", r.seed, _f(train_s, 1), _s(k), _f(during), _f(after)])
+    L += _table(["family", "config", "seed", "train_s", "K", "step_s during warmup", "step_s after"], rows)
+
+    # 5. plots ---------------------------------------------------------------------------------
+    L += ["## Plots", ""]
+    for title, name in plots.items():
+        L += [f"![{title}]({name})", ""]
+    if not plots:
+        L += ["No plots (no evaluations).", ""]
+    return "\n".join(L)
+
+
+def _run_steps_to_target(r: Run, target: float):
+    return steps_to_target(list(r.evals), [r.pass1(s) for s in r.evals], target)
+
+
+def _s(x) -> str:
+    return "—" if x is None else str(x)
+
+
+# ---------------------------------------------------------------------------------------- plots
+
+
+def _save(fig, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+
+
+def plot_learning_curves(groups, path: Path) -> bool:
+    from matplotlib.figure import Figure
+
+    fams = [f for f, cfgs in groups.items() if any(_seed_curve(rs) for rs in cfgs.values())]
+    if not fams:
+        return False
+    fig = Figure(figsize=(6 * len(fams), 4), layout="constrained")
+    axes = fig.subplots(1, len(fams), squeeze=False)[0]
+    for ax, fam in zip(axes, fams):
+        for label, rs in groups[fam].items():
+            curve = _seed_curve(rs)
+            if not curve:
+                continue
+            xs = list(curve)
+            mean = [sum(v) / len(v) for v in curve.values()]
+            (line,) = ax.plot(xs, mean, marker="o", ms=3, label=f"{label} (n={len(rs)})")
+            if len(rs) > 1:
+                ax.fill_between(xs, [min(v) for v in curve.values()], [max(v) for v in curve.values()],
+                                color=line.get_color(), alpha=0.2)
+        ax.set_title(f"{fam}: pass@1 (seed mean, band = min-max)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("pass@1")
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
+def plot_trb_diagnostics(groups, path: Path) -> bool:
+    from matplotlib.figure import Figure
+
+    series = [(fam, label, rs) for fam in ("trb", "fixed_blend") for label, rs in groups.get(fam, {}).items()]
+    if not any(_seed_curve(rs, k, "train") for _, _, rs in series for k in DIAGNOSTICS):
+        return False
+    fig = Figure(figsize=(12, 7), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    for ax, key in zip(axes, DIAGNOSTICS):
+        for fam, label, rs in series:
+            curve = _seed_curve(rs, key, "train")
+            if curve:
+                xs = list(curve)
+                mean = [sum(v) / len(v) for v in curve.values()]
+                (line,) = ax.plot(xs, mean, marker=".", label=f"{fam} {label}")
+                if len(rs) > 1:
+                    ax.fill_between(xs, [min(v) for v in curve.values()], [max(v) for v in curve.values()],
+                                    color=line.get_color(), alpha=0.2)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+def compare(run_dirs, out: Path, *, target_frac: float = 0.8, teacher_pass1: float | None = None) -> Path:
+    paths = find_run_dirs(run_dirs)
+    if not paths:
+        raise SystemExit(f"error: no run (metrics.jsonl + .hydra/config.yaml) under {', '.join(map(str, run_dirs))}")
+    root = Path(os.path.commonpath([str(p) for p in paths])) if len(paths) > 1 else paths[0].parent
+    runs = [load_run(p, str(p.relative_to(root))) for p in paths]
+    runs = [r for r in runs if r.evals]
+    if not runs:
+        raise SystemExit("error: none of the runs has an evaluation row")
+    groups = group_runs(runs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = {}
+    if plot_learning_curves(groups, out / "learning_curves.png"):
+        plots["learning curves"] = "learning_curves.png"
+    if plot_trb_diagnostics(groups, out / "trb_diagnostics.png"):
+        plots["TRB diagnostics"] = "trb_diagnostics.png"
+    report = build_report(runs, groups, target_frac=target_frac, teacher_pass1=teacher_pass1, plots=plots)
+    path = out / "comparison.md"
+    path.write_text(report)
+    return path
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m trb_exp.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dirs", nargs="+", help="run dirs or multirun sweep dirs (searched recursively)")
+    p.add_argument("--out", default=None, help="output dir (default: <common parent of RUN_DIRS>/comparison)")
+    p.add_argument("--target-frac", type=float, default=0.8, help="steps-to-target: fraction of the teacher")
+    p.add_argument("--teacher-pass1", type=float, default=None, help="teacher pass@1 (else no steps-to-target)")
+    a = p.parse_args(argv)
+    out = a.out or str(Path(os.path.commonpath([str(Path(d).resolve()) for d in a.run_dirs])) / "comparison")
+    path = compare(a.run_dirs, Path(out), target_frac=a.target_frac, teacher_pass1=a.teacher_pass1)
+    print(f"[compare] wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
