@@ -31,6 +31,7 @@ from trb_exp.data.tokenizer import build_char_tokenizer
 from trb_exp.evaluation import evaluate
 from trb_exp.losses import cross_entropy, masked_token_mean
 from trb_exp.models import EMBEDDED, tiny_llama
+from trb_exp.rollout import positions_from_mask
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def _sft(model, tokenizer, rows, *, steps, batch_size, lr, seed, desc, prompt_lo
         t_ids, t_mask = encode_targets(tokenizer, [rows[i][1] for i in idx])
         ids = torch.cat([p_ids, t_ids], 1)
         attn = torch.cat([p_mask.bool(), t_mask], 1)
-        pos = (attn.long().cumsum(-1) - 1).clamp_min(0)
+        pos = positions_from_mask(attn)
         logits = model(input_ids=ids, attention_mask=attn.long(), position_ids=pos).logits[:, :-1]
         loss_mask = torch.cat([p_mask.bool() & prompt_loss, t_mask], 1)[:, 1:]
         loss = masked_token_mean(cross_entropy(logits, ids[:, 1:]), loss_mask)

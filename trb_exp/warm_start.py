@@ -16,7 +16,7 @@ import torch
 
 from trb_exp import losses
 from trb_exp.blending import merge_eos
-from trb_exp.data import encode_prompts
+from trb_exp.data import encode_prompts, pad_right
 from trb_exp.rollout import TeacherRule, response_logits, sample
 
 
@@ -24,12 +24,7 @@ def pack(tok, prompts: list[str], responses: list[list[int]], device):
     """Left-padded prompts followed by right-padded responses: (input_ids, attention_mask,
     response_ids, response_mask, prompt_len), the layout of a ``Rollout``."""
     ids, mask = encode_prompts(tok, prompts, device)
-    T = max(len(r) for r in responses)
-    resp = torch.full((len(responses), T), tok.pad_token_id, dtype=torch.long, device=ids.device)
-    rmask = torch.zeros((len(responses), T), dtype=torch.bool, device=ids.device)
-    for i, r in enumerate(responses):
-        resp[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        rmask[i, : len(r)] = True
+    resp, rmask = pad_right(responses, tok.pad_token_id, ids.device)
     return torch.cat([ids, resp], 1), torch.cat([mask.long(), rmask.long()], 1), resp, rmask, ids.shape[1]
 
 

@@ -11,16 +11,21 @@ def encode_prompts(tokenizer, prompts: list[str], device=None) -> tuple[torch.Te
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
+def pad_right(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids [B, T] from id lists, and the bool mask of real tokens."""
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = True
+    return ids.to(device), mask.to(device)
+
+
 def encode_targets(tokenizer, targets: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded response ids [B, T] ending with EOS, and the mask of real tokens."""
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in targets]
-    T = max(map(len, rows))
-    ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = True
-    return ids.to(device), mask.to(device)
+    return pad_right(rows, tokenizer.pad_token_id, device)
 
 
 # --------------------------------------------------------------------------- tasks
