@@ -135,10 +135,11 @@ def test_report(sweep, tmp_path):
     path = C.compare([sweep], out, teacher_pass1=0.75, target_frac=0.8)
     md = path.read_text()
     # Table 1 protocol: the best checkpoint across both trb configs, with its per-benchmark pass@1
-    best = next(line for line in md.splitlines() if line.startswith("| trb |") and "0.910" in line)
+    table1 = md.split("## Best checkpoint per family")[1].split("\n## ")[0]
+    best = next(line for line in table1.splitlines() if line.startswith("| trb |") and "0.910" in line)
     assert "| 0.860 | 0.960 | 0.910 |" in best  # aime24, math500, average (benchmarks sorted)
     assert "schedule.eps0=1" in best and "| 0 | 30 |" in best
-    opd = next(line for line in md.splitlines() if line.startswith("| opd |") and "| 0.600 |" in line)
+    opd = next(line for line in table1.splitlines() if line.startswith("| opd |") and "| 0.600 |" in line)
     assert "| 0.550 | 0.650 | 0.600 | `default` | 0 | 40 |" in opd
     # final step, trb eps0=0.5 over 3 seeds: [0.70, 0.60, 0.65]
     m, h, _ = C.mean_ci([0.70, 0.60, 0.65])
@@ -155,7 +156,7 @@ def test_report(sweep, tmp_path):
     # wall clock: 2 s during warmup, 1 s after
     assert "| 2.000 | 1.000 |" in md
     # plots exist, are PNGs, and are linked
-    for name in ("learning_curves.png", "trb_diagnostics.png"):
+    for name in ("headline_curves.png", "learning_curves.png", "sweeps.png", "trb_diagnostics.png"):
         data = (out / name).read_bytes()
         assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in md
@@ -163,6 +164,57 @@ def test_report(sweep, tmp_path):
     first = path.read_bytes()
     C.compare([sweep], out, teacher_pass1=0.75, target_frac=0.8)
     assert path.read_bytes() == first
+
+
+def test_headline_config():
+    class R:
+        def __init__(self, final):
+            self.evals = {0: None, 10: None}
+            self.final = final
+
+        def pass1(self, step):
+            return self.final
+
+    cfgs = {"a": [R(0.9), R(0.9)], "b": [R(0.1), R(0.2), R(0.3)], "c": [R(1.0)]}
+    assert C.headline_config(cfgs) == "b"  # the most seeds, not the best score
+    cfgs["d"] = [R(0.5), R(0.5), R(0.5)]
+    assert C.headline_config(cfgs) == "d"  # same seeds: the higher mean final
+    assert C.headline_config({"c": [R(1.0)]}) is None
+
+
+def test_summary_ci_seeds_and_other_families(sweep, tmp_path):
+    # a third family, veto, seeds 0..2: final 0.55, 0.40, 0.62 against OPD's 0.60, 0.50, 0.52
+    for seed, final in enumerate([0.55, 0.40, 0.62]):
+        _write_run(sweep / f"veto_{seed}", "veto", seed, {0: 0.0, 10: 0.1, 20: 0.2, 30: 0.3, 40: final})
+    md = C.compare([sweep], tmp_path / "o", ci_seeds={1, 2}).read_text()
+    assert "use seeds {1, 2} only" in md
+    summary = md.split("## Summary")[1].split("\n## ")[0]
+    # trb headline = eps0=0.5 (3 runs; 2 after the seed filter): seeds 1, 2 final [0.60, 0.65]
+    m, h, _ = C.mean_ci([0.60, 0.65])
+    d = C.paired_difference({1: 0.60, 2: 0.65}, {1: 0.50, 2: 0.52})
+    row = next(line for line in summary.splitlines() if line.startswith("| trb |"))
+    assert f"| 2 | {m:.3f} ± {h:.3f} | {d['mean']:+.3f} ± {d['half']:.3f} (n=2) | 0.910 (step 30) |" in row
+    # every other family − OPD, paired by seed (seeds 1, 2 only): -0.10, +0.10
+    d = C.paired_difference({1: 0.40, 2: 0.62}, {1: 0.50, 2: 0.52})
+    assert f"| veto | `default` | 2 | 1: -0.100, 2: +0.100 | {d['mean']:+.3f} ± {d['half']:.3f} |" in md
+    # the paper-protocol table still reads every seed: trb's best is seed 0's 0.91
+    assert "| 0.910 | `schedule.eps0=1" in md
+    # sweeps: both trb configurations with their best checkpoint and final seed mean (all seeds)
+    assert "| trb | `schedule.eps0=1,schedule.name=linear,schedule.warmup_steps=20` | 2 | 0.910 (step 30) | 0.660 |" in md
+
+
+def test_paper_table_rendered(sweep, tmp_path):
+    paper = json.loads((C.Path(__file__).parents[1] / "docs" / "results" / "paper_table1.json").read_text())
+    out = tmp_path / "p"
+    C.main([str(sweep), "--out", str(out), "--paper", str(C.Path(__file__).parents[1] / "docs" / "results" /
+                                                             "paper_table1.json")])
+    md = (out / "comparison.md").read_text()
+    assert "### The paper's published numbers (for comparison; not produced by this code)" in md
+    assert "| TRB | 33.2 | 69.7 | 34.3 | 44.8 | 10.2 | 6.9 |" in md
+    assert "| Vanilla OPD | 44.0 | 69.9 | 53.1 | 21.8 | 31.1 |" in md
+    assert paper["source"] in md
+    with pytest.raises(SystemExit):
+        C.main([str(sweep), "--out", str(out), "--ci-seeds", "1,x"])
 
 
 def test_report_without_teacher_and_cli(sweep, tmp_path, capsys):
@@ -197,3 +249,28 @@ def test_end_to_end_two_real_runs(tiny_pair, tmp_path):
     assert "No configuration has >= 2 seeds." in md and "No trb and opd configurations sharing >= 2 seeds." in md
     assert (tmp_path / "out" / "learning_curves.png").stat().st_size > 0
     assert (tmp_path / "out" / "trb_diagnostics.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------ committed reports
+
+
+COMMITTED = sorted(p.parent for p in (C.Path(__file__).parents[1] / "docs" / "results").rglob("comparison.md"))
+
+
+@pytest.mark.parametrize("report", COMMITTED, ids=[p.name for p in COMMITTED])
+def test_committed_reports_reproduce_byte_for_byte(report, tmp_path, monkeypatch):
+    """Each committed study report is exactly what its own footer command writes from the committed runs."""
+    import shlex
+
+    md = (report / "comparison.md").read_text()
+    command = md.rstrip().splitlines()[-1]
+    assert command.startswith("Generated by `python -m trb_exp.compare ") and command.endswith("`")
+    argv = shlex.split(command[len("Generated by `python -m trb_exp.compare "):-1])
+    i = argv.index("--out")
+    assert (C.Path(__file__).parents[1] / argv[i + 1]).resolve() == report.resolve()
+    argv[i + 1] = str(tmp_path)
+    monkeypatch.chdir(C.Path(__file__).parents[1])
+    C.main(argv)
+    fresh = (tmp_path / "comparison.md").read_text().splitlines()
+    assert fresh[:-1] == md.splitlines()[:-1]  # all but the footer, which names the other --out
+    assert len(COMMITTED) >= 3  # the preliminary study and both miniature settings

@@ -2,11 +2,11 @@ import pytest
 from conftest import compose
 
 
-@pytest.mark.parametrize("name, student, teacher", [
-    ("paper_0.6b_4b", "Qwen/Qwen3-0.6B-Base", "Qwen/Qwen3-4B"),
-    ("paper_1.7b_8b", "Qwen/Qwen3-1.7B-Base", "Qwen/Qwen3-8B"),
+@pytest.mark.parametrize("name, student, teacher, benchmarks", [
+    ("paper_0.6b_4b", "Qwen/Qwen3-0.6B-Base", "Qwen/Qwen3-4B", ["gsm8k", "math500", "olympiad", "amc"]),
+    ("paper_1.7b_8b", "Qwen/Qwen3-1.7B-Base", "Qwen/Qwen3-8B", ["math500", "olympiad", "amc", "aime24", "aime25"]),
 ])
-def test_paper_presets_carry_the_papers_common_configuration(name, student, teacher):
+def test_paper_presets_carry_the_papers_common_configuration(name, student, teacher, benchmarks):
     cfg = compose([f"experiment={name}", "method=trb"])
     assert (cfg.model.student, cfg.model.teacher) == (student, teacher)
     assert cfg.dataset.label == "openthoughts3"
@@ -14,14 +14,19 @@ def test_paper_presets_carry_the_papers_common_configuration(name, student, teac
     assert (t.prompts_per_step, t.rollouts_per_prompt, t.max_new_tokens, t.max_steps, t.eval_every) == (64, 4, 7168, 400, 20)
     assert (o.lr, list(o.betas), o.weight_decay, o.grad_clip, o.warmup_steps) == (1e-5, [0.9, 0.999], 0.01, 1.0, 15)
     assert (cfg.method.estimator, cfg.method.topk) == ("topk", 16)
-    assert list(cfg.eval.benchmarks) == ["gsm8k", "math500", "olympiad", "amc", "aime24", "aime25"]
+    assert list(cfg.eval.benchmarks) == benchmarks  # the setting's Table 1 columns
+    assert t.eval_samples is None  # each benchmark's own n: the paper's 32 / 64 / 512
+    paper_n = {"gsm8k": 32, "math500": 64, "olympiad": 64, "amc": 512, "aime24": 512, "aime25": 512}
+    assert {b: compose([f"dataset={b}"]).dataset.eval_samples for b in benchmarks} == {b: paper_n[b] for b in benchmarks}
     # a command-line override still wins over the preset
     assert compose([f"experiment={name}", "optim.lr=3e-6"]).optim.lr == 3e-6
 
 
-def test_mini_a_is_the_embedded_default():
-    cfg = compose(["experiment=mini_a"])
+@pytest.mark.parametrize("name, pair", [("mini_a", "a"), ("mini_b", "b")])
+def test_mini_presets(name, pair):
+    cfg = compose([f"experiment={name}"])
     base = compose([])
     assert cfg.model.student == "embedded:student" and cfg.dataset.name == "arithmetic"
-    assert cfg.trainer.max_steps == base.trainer.max_steps and cfg.optim.lr == base.optim.lr
-    assert cfg.trainer.eval_every == 50
+    assert cfg.model.embedded_pair == pair
+    assert cfg.optim.lr == base.optim.lr and cfg.trainer.prompts_per_step == base.trainer.prompts_per_step
+    assert (cfg.trainer.max_steps, cfg.trainer.eval_every, cfg.threads) == (250, 50, 1)

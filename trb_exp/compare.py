@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,15 @@ def first_step_at_least(steps, k: int):
     """The first step >= k, else the last step (None without steps)."""
     steps = sorted(steps)
     return next((s for s in steps if s >= k), steps[-1] if steps else None)
+
+
+def headline_config(configs: dict):
+    """The configuration a family is judged by over seeds: among those with >= 2 runs, the one with the
+    most runs, then the highest mean final pass@1, then the smallest label. None if none has 2 runs.
+    ``configs`` maps label -> runs (objects with ``pass1(step)`` and ``evals``)."""
+    cands = [(-len(rs), -sum(r.pass1(max(r.evals)) for r in rs) / len(rs), label)
+             for label, rs in configs.items() if len(rs) >= 2]
+    return min(cands)[2] if cands else None
 
 
 # ----------------------------------------------------------------------------------------- runs
@@ -299,11 +309,93 @@ def _mean_step_s(run: Run, k: int | None):
     return (sum(during) / len(during) if during else None), (sum(after) / len(after) if after else None)
 
 
+def seeded_groups(groups: dict, ci_seeds) -> dict:
+    """``groups`` restricted to the runs whose seed is in ``ci_seeds`` (None = all runs)."""
+    if ci_seeds is None:
+        return groups
+    out = {}
+    for fam, cfgs in groups.items():
+        kept = {label: [r for r in rs if r.seed in ci_seeds] for label, rs in cfgs.items()}
+        kept = {label: rs for label, rs in kept.items() if rs}
+        if kept:
+            out[fam] = kept
+    return out
+
+
+def _final(r: Run) -> float:
+    return r.pass1(max(r.evals))
+
+
+def _summary_rows(groups: dict, sgroups: dict, best: dict) -> list[list]:
+    """One row per family: its headline configuration over seeds, the paired difference to OPD's, and
+    the paper-protocol best checkpoint."""
+    opd_label = headline_config(sgroups.get("opd", {}))
+    opd = {r.seed: _final(r) for r in sgroups["opd"][opd_label]} if opd_label else {}
+    rows = []
+    for fam in groups:
+        label = headline_config(sgroups.get(fam, {}))
+        b = best.get(fam)
+        best_s = f"{b['value']:.3f} (step {b['step']})" if b else "—"
+        if label is None:
+            rows.append([fam, "—", 0, "—", "—", best_s])
+            continue
+        rs = sgroups[fam][label]
+        m, h, n = mean_ci([_final(r) for r in rs])
+        diff = "—"
+        if fam != "opd" and opd:
+            d = paired_difference({r.seed: _final(r) for r in rs}, opd)
+            diff = _ci(d["mean"], d["half"], signed=True) + f" (n={d['n']})" if d["n"] else "—"
+        rows.append([fam, f"`{label}`", n, _ci(m, h), diff, best_s])
+    return rows
+
+
+def _sweep_rows(groups: dict) -> list[list]:
+    rows = []
+    for fam, cfgs in groups.items():
+        if len(cfgs) < 2:
+            continue
+        for label, rs in cfgs.items():
+            b = best_checkpoint({"value": r.pass1(s), "step": s, "config": label, "seed": r.seed, "run": r.rel}
+                                for r in rs for s in r.evals if s > 0)
+            m, _, n = mean_ci([_final(r) for r in rs])
+            rows.append([fam, f"`{label}`", n, f"{b['value']:.3f} (step {b['step']})" if b else "—", _f(m)])
+    return rows
+
+
+def render_paper_table(paper: dict) -> list[str]:
+    """The paper's own published numbers, Table-1-shaped, one table per setting, with their source."""
+    L = [f"Source: {paper.get('source', 'not given')}. {paper.get('note', '')}".rstrip(), ""]
+    if paper.get("caption"):
+        L += [f"> {paper['caption']}", ""]
+    for setting, tab in paper.get("settings", {}).items():
+        L += [f"**{setting}**", ""]
+        cols = list(tab["columns"])
+        L += _table(["method", *cols], [[m, *[_s(v) for v in vals]] for m, vals in tab["rows"].items()])
+    return L
+
+
 def build_report(runs: list[Run], groups: dict, *, target_frac: float, teacher_pass1: float | None,
-                 plots: dict[str, str]) -> str:
-    L = ["# Run comparison", ""]
+                 plots: dict[str, str], ci_seeds=None, paper: dict | None = None, title: str = "Run comparison",
+                 command: str | None = None) -> str:
+    sgroups = seeded_groups(groups, ci_seeds)
+    seeds_note = (f" The over-seeds sections use seeds {{{', '.join(map(str, sorted(ci_seeds)))}}} only (the other "
+                  "seeds' runs served to select configurations)." if ci_seeds is not None else "")
+    L = [f"# {title}", ""]
     L += [f"{len(runs)} runs, {len(groups)} method families. pass@1 = `{PASS1}` (the setup mean with several "
-          "benchmarks). 95% CIs: Student t over seeds (mean ± half-width).", ""]
+          "benchmarks). 95% CIs: Student t over seeds (mean ± half-width)." + seeds_note, ""]
+    best = {}
+    for fam, cfgs in groups.items():
+        cands = [{"value": r.pass1(s), "step": s, "config": label, "seed": r.seed, "run": r.rel, "r": r}
+                 for label, rs in cfgs.items() for r in rs for s in r.evals if s > 0]
+        b = best_checkpoint(cands)
+        if b is not None:
+            best[fam] = b
+    L += ["## Summary", "",
+          "Per family: its headline configuration (the one with the most seeds) — final pass@1 over seeds and "
+          "the paired per-seed difference to OPD's headline configuration — and, for contrast, the paper's "
+          "protocol (best checkpoint over the whole sweep and every evaluated step).", ""]
+    L += _table(["family", "headline config", "seeds", "final pass@1 (mean ± 95% CI)", "− OPD, paired (mean ± 95% CI)",
+                 "best checkpoint, paper protocol"], _summary_rows(groups, sgroups, best))
     L += ["## Runs", ""]
     L += _table(["family", "config", "seed", "run", "eval steps"],
                 [[fam, f"`{label}`", r.seed, f"`{r.rel}`", ",".join(str(s) for s in sorted(r.evals))]
@@ -314,13 +406,6 @@ def build_report(runs: list[Run], groups: dict, *, target_frac: float, teacher_p
           "Per family, the checkpoint with the highest pass@1 over every evaluated step > 0 of every run and "
           "configuration of its sweep (selection on the reported numbers themselves, as in the paper: an "
           "optimistic estimate).", ""]
-    best = {}
-    for fam, cfgs in groups.items():
-        cands = [{"value": r.pass1(s), "step": s, "config": label, "seed": r.seed, "run": r.rel, "r": r}
-                 for label, rs in cfgs.items() for r in rs for s in r.evals if s > 0]
-        b = best_checkpoint(cands)
-        if b is not None:
-            best[fam] = b
     benches = sorted({k.split("/")[1] for b in best.values() for k in b["r"].evals[b["step"]]
                       if k.count("/") == 2 and k.endswith("/pass@1")})
     rows = []
@@ -329,9 +414,20 @@ def build_report(runs: list[Run], groups: dict, *, target_frac: float, teacher_p
         rows.append([fam, *[_f(ev.get(f"eval/{x}/pass@1")) for x in benches], _f(b["value"]),
                      f"`{b['config']}`", b["seed"], b["step"], f"`{b['run']}`"])
     L += _table(["family", *benches, "avg pass@1", "config", "seed", "step", "run"], rows)
+    if paper:
+        L += ["### The paper's published numbers (for comparison; not produced by this code)", ""]
+        L += render_paper_table(paper)
+
+    sweep = _sweep_rows(groups)
+    if sweep:
+        L += ["## Sweeps", "",
+              "Every configuration of a family with several: its best checkpoint (the paper's per-config "
+              "score, Figs 5/6) and the seed-mean pass@1 at the final step.", ""]
+        L += _table(["family", "config", "seeds", "best checkpoint pass@1 (step)", "final pass@1"], sweep)
 
     # 2. seeds: mean ± CI at the final step and at the end of warmup ---------------------------
     L += ["## Over seeds (the protocol the paper lacks)", ""]
+    groups_all, groups = groups, sgroups  # the over-seeds sections read only the ci seeds
     refs = _trb_refs(groups)
     finals = []
     for fam, cfgs in groups.items():
@@ -391,6 +487,21 @@ def build_report(runs: list[Run], groups: dict, *, target_frac: float, teacher_p
                              _ci(d["mean"], d["half"], signed=True)])
     L += _table(["trb config", "opd config", "at", "pairs", "per seed (seed: diff)", "mean ± 95% CI"], rows) \
         if rows else ["No trb and opd configurations sharing >= 2 seeds.", ""]
+    opd_label = headline_config(groups.get("opd", {}))
+    rows = []
+    if opd_label:
+        opd_runs = {r.seed: _final(r) for r in groups["opd"][opd_label]}
+        for fam, cfgs in groups.items():
+            label = headline_config(cfgs)
+            if fam in ("opd", "trb") or label is None:
+                continue
+            d = paired_difference({r.seed: _final(r) for r in cfgs[label]}, opd_runs)
+            if d["n"] >= 2:
+                per = ", ".join(f"{s}: {x:+.3f}" for s, x in zip(d["seeds"], d["diffs"]))
+                rows.append([fam, f"`{label}`", d["n"], per, _ci(d["mean"], d["half"], signed=True)])
+    if rows:
+        L += [f"### Paired difference, every other family − OPD (`{opd_label}`), final step", ""]
+        L += _table(["family", "config", "pairs", "per seed (seed: diff)", "mean ± 95% CI"], rows)
 
     # 3. steps-to-target -----------------------------------------------------------------------
     L += ["## Steps to target", ""]
@@ -414,7 +525,17 @@ def build_report(runs: list[Run], groups: dict, *, target_frac: float, teacher_p
     L += ["## Wall clock", "",
           "`train_s` from summary.json; mean `time/step_s` over the warmup (logged steps 1..K) and after. K = "
           "`schedule.warmup_steps` (trb), `method.K` (veto, temp_warmup), else the smallest trb K of this report.", ""]
+    groups = groups_all
     ref_k = min((r.warmup_k for rs in groups.get("trb", {}).values() for r in rs), default=None)
+    rows = []
+    for fam, cfgs in groups.items():
+        per = [(r.summary.get("train_s") if r.summary else None, *_mean_step_s(r, r.warmup_k if r.warmup_k is not None
+                                                                            else ref_k)) for rs in cfgs.values() for r in rs]
+        cols = [[x for x in col if x is not None] for col in zip(*per)]
+        rows.append([fam, len(per), *[_f(sum(c) / len(c), 3 if i else 1) if c else "—" for i, c in enumerate(cols)]])
+    L += ["Per family (mean over its runs):", ""]
+    L += _table(["family", "runs", "train_s", "step_s during warmup", "step_s after"], rows)
+    L += ["Per run:", ""]
     rows = []
     for fam, cfgs in groups.items():
         for label, rs in cfgs.items():
@@ -431,6 +552,8 @@ def build_report(runs: list[Run], groups: dict, *, target_frac: float, teacher_p
         L += [f"![{title}]({name})", ""]
     if not plots:
         L += ["No plots (no evaluations).", ""]
+    if command:
+        L += ["---", "", f"Generated by `{command}`", ""]
     return "\n".join(L)
 
 
@@ -452,29 +575,123 @@ def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=100, metadata={"Software": None})
 
 
+def _band(ax, curve, n_runs, **kw):
+    xs = list(curve)
+    (line,) = ax.plot(xs, [sum(v) / len(v) for v in curve.values()], marker="o", ms=3, **kw)
+    if n_runs > 1:
+        ax.fill_between(xs, [min(v) for v in curve.values()], [max(v) for v in curve.values()],
+                        color=line.get_color(), alpha=0.15)
+    return line
+
+
+def plot_headline_curves(sgroups, path: Path, teacher_pass1: float | None = None) -> bool:
+    """One axis: each family's headline configuration, seed mean with a min-max band."""
+    from matplotlib.figure import Figure
+
+    series = [(fam, label, cfgs[label]) for fam, cfgs in sgroups.items()
+              if (label := headline_config(cfgs)) is not None and _seed_curve(cfgs[label])]
+    if not series:
+        return False
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    for fam, label, rs in series:
+        _band(ax, _seed_curve(rs), len(rs), label=f"{fam} (n={len(rs)})", lw=2.5 if fam in ("trb", "opd") else 1.2)
+    if teacher_pass1 is not None:
+        ax.axhline(teacher_pass1, color="k", ls=":", lw=1, label=f"teacher {teacher_pass1:.3f}")
+    ax.set_title("pass@1, each family's headline configuration: seed mean, band = min-max", fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel("pass@1")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, ncol=2)
+    _save(fig, path)
+    return True
+
+
 def plot_learning_curves(groups, path: Path) -> bool:
+    """One panel per family (shared y axis), one line per configuration."""
     from matplotlib.figure import Figure
 
     fams = [f for f, cfgs in groups.items() if any(_seed_curve(rs) for rs in cfgs.values())]
     if not fams:
         return False
-    fig = Figure(figsize=(6 * len(fams), 4), layout="constrained")
-    axes = fig.subplots(1, len(fams), squeeze=False)[0]
+    ncol = min(4, len(fams))
+    nrow = (len(fams) + ncol - 1) // ncol
+    fig = Figure(figsize=(4.5 * ncol, 3.6 * nrow), layout="constrained")
+    axes = fig.subplots(nrow, ncol, squeeze=False, sharex=True, sharey=True).ravel()
     for ax, fam in zip(axes, fams):
         for label, rs in groups[fam].items():
             curve = _seed_curve(rs)
-            if not curve:
-                continue
-            xs = list(curve)
-            mean = [sum(v) / len(v) for v in curve.values()]
-            (line,) = ax.plot(xs, mean, marker="o", ms=3, label=f"{label} (n={len(rs)})")
-            if len(rs) > 1:
-                ax.fill_between(xs, [min(v) for v in curve.values()], [max(v) for v in curve.values()],
-                                color=line.get_color(), alpha=0.2)
-        ax.set_title(f"{fam}: pass@1 (seed mean, band = min-max)")
+            if curve:
+                _band(ax, curve, len(rs), label=f"{label} (n={len(rs)})"[:60], lw=1)
+        ax.set_title(f"{fam}: pass@1 per configuration", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("pass@1")
-        ax.legend(fontsize=7)
+        if len(groups[fam]) <= 6:
+            ax.legend(fontsize=6)
+    for ax in axes[len(fams):]:
+        ax.set_visible(False)
+    _save(fig, path)
+    return True
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def plot_sweeps(groups, path: Path) -> bool:
+    """The paper's Figs 5/6: per family with several configurations, the best-checkpoint pass@1 of each:
+    a heatmap over two swept knobs, a line over one; OPD's best checkpoint for reference."""
+    from matplotlib.figure import Figure
+
+    def best_of(rs):
+        return max((r.pass1(s) for r in rs for s in r.evals if s > 0), default=None)
+
+    opd_best = max((b for rs in groups.get("opd", {}).values() if (b := best_of(rs)) is not None), default=None)
+    panels = []
+    for fam, cfgs in groups.items():
+        if len(cfgs) < 2:
+            continue
+        knobs = sorted({k for rs in cfgs.values() for k in rs[0].knobs
+                        if len({repr(r.knobs.get(k)) for rs2 in cfgs.values() for r in rs2}) > 1})
+        if 1 <= len(knobs) <= 2:
+            panels.append((fam, knobs, {tuple(_num(rs[0].knobs.get(k)) for k in knobs): best_of(rs)
+                                        for rs in cfgs.values()}))
+    if not panels:
+        return False
+    fig = Figure(figsize=(4.6 * len(panels), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    ref = f"OPD best {opd_best:.3f}" if opd_best is not None else "no OPD run"
+    for ax, (fam, knobs, vals) in zip(axes, panels):
+        if len(knobs) == 2:
+            xs = sorted({k[0] for k in vals}, key=str if any(isinstance(k[0], str) for k in vals) else None)
+            ys = sorted({k[1] for k in vals}, key=str if any(isinstance(k[1], str) for k in vals) else None)
+            grid = [[vals.get((x, y)) for x in xs] for y in ys]
+            im = ax.imshow([[float("nan") if v is None else v for v in row] for row in grid], cmap="viridis",
+                           origin="lower", aspect="auto")
+            for i, row in enumerate(grid):
+                for j, v in enumerate(row):
+                    if v is not None:
+                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                                color="w" if opd_best is None or v < opd_best else "k")
+            ax.set_xticks(range(len(xs)), [_fmt_val(x) for x in xs])
+            ax.set_yticks(range(len(ys)), [_fmt_val(y) for y in ys])
+            ax.set_xlabel(knobs[0])
+            ax.set_ylabel(knobs[1])
+            fig.colorbar(im, ax=ax, shrink=0.8)
+            ax.set_title(f"{fam}: best pass@1 ({ref}; black text = above it)", fontsize=8)
+        else:
+            pts = sorted(vals.items(), key=lambda kv: (str(type(kv[0][0])), kv[0][0]))
+            ax.plot(range(len(pts)), [v for _, v in pts], marker="o")
+            ax.set_xticks(range(len(pts)), [_fmt_val(k[0]) for k, _ in pts])
+            if opd_best is not None:
+                ax.axhline(opd_best, color="k", ls="--", lw=1, label=ref)
+                ax.legend(fontsize=7)
+            ax.set_xlabel(knobs[0])
+            ax.set_ylabel("best pass@1")
+            ax.set_title(f"{fam}: best pass@1 per configuration", fontsize=8)
     _save(fig, path)
     return True
 
@@ -508,7 +725,8 @@ def plot_trb_diagnostics(groups, path: Path) -> bool:
 # ----------------------------------------------------------------------------------------- main
 
 
-def compare(run_dirs, out: Path, *, target_frac: float = 0.8, teacher_pass1: float | None = None) -> Path:
+def compare(run_dirs, out: Path, *, target_frac: float = 0.8, teacher_pass1: float | None = None,
+            ci_seeds=None, paper: dict | None = None, title: str = "Run comparison", command: str | None = None) -> Path:
     paths = find_run_dirs(run_dirs)
     if not paths:
         raise SystemExit(f"error: no run (metrics.jsonl + .hydra/config.yaml) under {', '.join(map(str, run_dirs))}")
@@ -521,11 +739,16 @@ def compare(run_dirs, out: Path, *, target_frac: float = 0.8, teacher_pass1: flo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plots = {}
+    if plot_headline_curves(seeded_groups(groups, ci_seeds), out / "headline_curves.png", teacher_pass1):
+        plots["headline learning curves"] = "headline_curves.png"
     if plot_learning_curves(groups, out / "learning_curves.png"):
-        plots["learning curves"] = "learning_curves.png"
-    if plot_trb_diagnostics(groups, out / "trb_diagnostics.png"):
+        plots["learning curves per configuration"] = "learning_curves.png"
+    if plot_sweeps(groups, out / "sweeps.png"):
+        plots["sweeps"] = "sweeps.png"
+    if plot_trb_diagnostics(seeded_groups(groups, ci_seeds), out / "trb_diagnostics.png"):
         plots["TRB diagnostics"] = "trb_diagnostics.png"
-    report = build_report(runs, groups, target_frac=target_frac, teacher_pass1=teacher_pass1, plots=plots)
+    report = build_report(runs, groups, target_frac=target_frac, teacher_pass1=teacher_pass1, plots=plots,
+                          ci_seeds=ci_seeds, paper=paper, title=title, command=command)
     path = out / "comparison.md"
     path.write_text(report)
     return path
@@ -537,9 +760,23 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None, help="output dir (default: <common parent of RUN_DIRS>/comparison)")
     p.add_argument("--target-frac", type=float, default=0.8, help="steps-to-target: fraction of the teacher")
     p.add_argument("--teacher-pass1", type=float, default=None, help="teacher pass@1 (else no steps-to-target)")
+    p.add_argument("--ci-seeds", default=None,
+                   help="comma list: the over-seeds sections use only these seeds (e.g. leave out the seed that "
+                        "selected each family's configuration); default all")
+    p.add_argument("--paper", default=None, help="JSON of the paper's published table, rendered next to ours")
+    p.add_argument("--title", default="Run comparison", help="the report's title")
     a = p.parse_args(argv)
+    ci_seeds = None
+    if a.ci_seeds:
+        try:
+            ci_seeds = {int(x) for x in a.ci_seeds.split(",")}
+        except ValueError:
+            p.error(f"--ci-seeds={a.ci_seeds!r}: give integers separated by commas, e.g. 1,2,3")
+    paper = json.loads(Path(a.paper).read_text()) if a.paper else None
     out = a.out or str(Path(os.path.commonpath([str(Path(d).resolve()) for d in a.run_dirs])) / "comparison")
-    path = compare(a.run_dirs, Path(out), target_frac=a.target_frac, teacher_pass1=a.teacher_pass1)
+    command = "python -m trb_exp.compare " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    path = compare(a.run_dirs, Path(out), target_frac=a.target_frac, teacher_pass1=a.teacher_pass1,
+                   ci_seeds=ci_seeds, paper=paper, title=a.title, command=command)
     print(f"[compare] wrote {path}", file=sys.stderr)
 
 

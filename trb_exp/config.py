@@ -22,10 +22,12 @@ def validate(cfg) -> None:
     for name in ("max_steps", "eval_every"):
         v = tr[name]
         _require(isinstance(v, int) and v >= 0, f"trainer.{name}", v, "must be an integer >= 0")
-    for name in ("prompts_per_step", "rollouts_per_prompt", "micro_batch_size", "max_new_tokens",
-                 "eval_samples", "log_every"):
+    for name in ("prompts_per_step", "rollouts_per_prompt", "micro_batch_size", "max_new_tokens", "log_every"):
         v = tr[name]
         _require(isinstance(v, int) and v >= 1, f"trainer.{name}", v, "must be an integer >= 1")
+    es = tr.eval_samples
+    _require(es is None or (isinstance(es, int) and es >= 1), "trainer.eval_samples", es,
+             "must be null (each benchmark's own n, the paper's counts) or an integer >= 1")
     rb = tr.get("rollout_batch_size")
     _require(rb is None or (isinstance(rb, int) and rb >= 1), "trainer.rollout_batch_size", rb,
              "must be null (the whole step at once) or an integer >= 1")
@@ -45,5 +47,8 @@ def validate(cfg) -> None:
              cfg.device, "use auto, cpu, cuda or cuda:N")
     _require(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype", cfg.model.dtype,
              "use auto, float32, bfloat16 or float16")
+    pair = cfg.model.get("embedded_pair", "a")
+    _require(pair in ("a", "b"), "model.embedded_pair", pair,
+             "use a (the default tiny pair) or b (the larger one, model=embedded_b)")
     _require(cfg.logger.backend in ("wandb", "none"), "logger.backend", cfg.logger.backend,
              "use logger=wandb or logger=none")

@@ -73,7 +73,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     if name.startswith("embedded:"):
         from trb_exp.data import load_task
 
-        emb = embedded_pair_dir(load_task(cfg.dataset).spec) if cfg.dataset.name == "arithmetic" else None
+        emb = embedded_pair_dir(load_task(cfg.dataset).spec, str(cfg.model.get("embedded_pair", "a"))) if cfg.dataset.name == "arithmetic" else None
     tok = load_tokenizer(name, mc.trust_remote_code, emb, field="model.student")
     model = load_model(name, device=device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code, train=False,
                        embedded_dir=emb, field="model.student")

@@ -131,7 +131,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError(f"eval.benchmarks=[]: dataset {task.name!r} has no test split; name the benchmarks "
                           "to evaluate on, e.g. eval.benchmarks=[math500,aime24]")
     uses_embedded = any(str(n).startswith("embedded:") for n in (mc.student, mc.teacher))
-    emb = embedded_pair_dir(task.spec) if uses_embedded and task.spec is not None else None
+    emb = embedded_pair_dir(task.spec, str(mc.get("embedded_pair", "a"))) if uses_embedded and task.spec is not None else None
     tok = load_tokenizer(mc.student, mc.trust_remote_code, emb, field="model.student")
     teacher_tok = load_tokenizer(mc.teacher, mc.trust_remote_code, emb, field="model.teacher")
     student = load_model(mc.student, device=device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code,
@@ -169,7 +169,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                   eos_ids=eos_ids, batch_size=int(ev.get("batch_size") or 512))
         if len(benchmarks) == 1:  # one test set (the embedded default): eval/<metric>
             b = benchmarks[0]
-            r = evaluate(student, tok, b.prompts, b.answers, b.grade, **kw)
+            r = evaluate(student, tok, b.prompts, b.answers, b.grade, **{**kw, "n_samples": kw["n_samples"] or b.n_samples})
         else:  # eval/<benchmark>/<metric> and the setup average eval/<metric>
             r = evaluate_benchmarks(student, tok, benchmarks, **kw)
         r = {f"eval/{k}": v for k, v in r.items()}

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The miniature study, from scratch, on a 2-core CPU (docs/results/mini):
+#   1. sweep:  every method family's grid on mini_a, seed 0 (44 runs);
+#   2. select: each family's best configuration on mini_a = highest final pass@1 of its seed-0 run;
+#   3. seeds:  those configurations (OPD's too; not offline_kd, a reference outside the paper's table) on
+#              seeds 1,2 of mini_a (seed 0 is the sweep's run) and, unchanged, on seeds 0,1,2 of mini_b
+#              (14 + 21 runs; mini_b is never used for selection);
+#   4. report: python -m trb_exp.compare per setting -> docs/results/mini/{mini_a,mini_b}/comparison.md.
+# Runs go two at a time (LANES), one torch thread each. Measured runtime: see README ("Miniature study").
+#   bash scripts/reproduce_mini.sh                   # everything
+#   STAGES="report" bash scripts/reproduce_mini.sh   # only some stages (report alone, on a fresh clone:
+#                                                    # re-renders the committed reports from the committed runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/study}
+DOCS=${DOCS:-docs/results/mini}
+LANES=${LANES:-2}
+SEEDS_A=${SEEDS_A:-1,2}      # on top of the sweep's seed 0
+SEEDS_B=${SEEDS_B:-0,1,2}
+SEEDED=${SEEDED:-"opd trb fixed_blend skd veto temp_warmup sft_warmup"}
+STAGES=${STAGES:-"sweep select seeds report"}
+export OMP_NUM_THREADS=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HYDRA_FULL_ERROR=0
+mkdir -p "$OUT/logs"
+
+# Run the lines of stdin (one shell command each) LANES at a time; each job logs to $OUT/logs/<tag>.log.
+lanes() { xargs -P "$LANES" -d '\n' -I{} sh -c '{}'; }
+job() { local tag=$1; shift; echo "python -m trb_exp.train -m logger=none $* > $OUT/logs/$tag.log 2>&1 && echo done $tag || { echo FAILED $tag; exit 255; }"; }
+
+start=$(date +%s)
+if [[ $STAGES == *sweep* ]]; then  # longest grids first, so the two lanes finish together
+  for fam in trb_mini skd_mini temp_warmup fixed_blend_mini veto sft_warmup opd offline_kd; do
+    job "sweep_$fam" experiment=mini_a "sweep=$fam" seed=0 "hydra.sweep.dir=$OUT/mini_a/sweep/${fam%_mini}"
+  done | lanes
+fi
+if [[ $STAGES == *select* ]]; then
+  python scripts/select_best.py "$OUT/mini_a/sweep" | tee "$OUT/mini_a/best.txt"
+fi
+if [[ $STAGES == *seeds* ]]; then
+  for setting in mini_b mini_a; do
+    seeds=$([[ $setting == mini_a ]] && echo "$SEEDS_A" || echo "$SEEDS_B")
+    while read -r fam overrides; do
+      [[ " $SEEDED " == *" $fam "* ]] || continue
+      job "seeds_${setting}_$fam" "experiment=$setting" $overrides "seed=$seeds" "hydra.sweep.dir=$OUT/$setting/seeds/$fam"
+    done < "$OUT/mini_a/best.txt"
+  done | lanes
+fi
+if [[ $STAGES == *report* ]]; then
+  for setting in mini_a mini_b; do
+    pair=$([[ $setting == mini_a ]] && echo embedded || echo embedded_b)
+    teacher=$(python -c "import json; print(json.load(open('trb_exp/assets/$pair/prepare.json'))['teacher']['eval']['pass@1'])")
+    if [[ -d $OUT/$setting ]]; then  # else: re-render the committed runs' reports
+      rm -rf "$DOCS/$setting/runs" && python scripts/collect_runs.py "$OUT/$setting" "$DOCS/$setting/runs"
+    fi
+    python -m trb_exp.compare "$DOCS/$setting/runs" --out "$DOCS/$setting" --teacher-pass1 "$teacher" \
+      --paper docs/results/paper_table1.json --title "Miniature study, $setting"
+  done
+fi
+echo "reproduce_mini: stages [$STAGES] took $(( $(date +%s) - start )) s"

@@ -1,0 +1,53 @@
+"""Pick each method family's best configuration from a sweep, for the seeded stage of a study.
+
+    python scripts/select_best.py SWEEP_ROOT [--seed 0]
+
+Reads the runs under SWEEP_ROOT (as ``trb_exp.compare`` does) and prints one line per family:
+``<family> <overrides>``, where the overrides re-create that family's configuration whose run with
+``--seed`` has the highest pass@1 at the final step (ties: the first in sorted config order). The
+overrides are the run's own command-line overrides minus seed, sweep preset and hydra keys, plus
+``method=<family>``: append ``seed=1,2,3`` to re-run the configuration on fresh seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from trb_exp.compare import find_run_dirs, group_runs, load_run
+
+_DROP = ("seed=", "sweep=", "hydra.", "logger=", "experiment=")
+
+
+def select(root: Path, seed: int = 0) -> dict[str, tuple[str, float, list[str]]]:
+    """{family: (config label, final pass@1, overrides)} of each family's best configuration."""
+    runs = [load_run(p, str(p.relative_to(root.resolve()))) for p in find_run_dirs([root])]
+    best = {}
+    for fam, configs in group_runs(runs).items():
+        scored = []
+        for label, rs in configs.items():
+            r = next((r for r in rs if r.seed == seed), None)
+            if r is None or not r.evals:
+                continue
+            scored.append((-r.pass1(max(r.evals)), label, r))
+        if not scored:
+            continue
+        neg, label, r = min(scored, key=lambda t: t[:2])
+        overrides = [o for o in OmegaConf.load(r.path / ".hydra" / "overrides.yaml") if not o.startswith(_DROP)]
+        best[fam] = (label, -neg, [f"method={fam}", *sorted(o for o in overrides if not o.startswith("method="))])
+    return best
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", type=Path)
+    ap.add_argument("--seed", type=int, default=0, help="the selection seed (default 0)")
+    args = ap.parse_args(argv)
+    for fam, (_label, _score, overrides) in select(args.root, args.seed).items():
+        print(fam, " ".join(overrides))
+
+
+if __name__ == "__main__":
+    main()
