@@ -218,8 +218,12 @@ def test_paper_table_rendered(sweep, tmp_path):
 
 
 def test_report_without_teacher_and_cli(sweep, tmp_path, capsys):
+    _write_run(sweep / "still_running", "opd", 9, {0: 0.0, 10: 0.99, 40: 0.99})
+    (sweep / "still_running" / "summary.json").unlink()  # a run in progress: left out, and said so
     C.main([str(sweep), "--out", str(tmp_path / "o")])
     md = (tmp_path / "o" / "comparison.md").read_text()
+    assert "8 runs, 2 method families" in md and "still_running" not in md
+    assert "skipping 1 unfinished run(s)" in capsys.readouterr().err
     assert "Skipped: no teacher pass@1 given" in md
     with pytest.raises(SystemExit):
         C.compare([tmp_path / "empty"], tmp_path / "o2")

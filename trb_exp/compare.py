@@ -661,8 +661,12 @@ def plot_sweeps(groups, path: Path) -> bool:
                                         for rs in cfgs.values()}))
     if not panels:
         return False
-    fig = Figure(figsize=(4.6 * len(panels), 3.8), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    ncol = min(3, len(panels))
+    nrow = (len(panels) + ncol - 1) // ncol
+    fig = Figure(figsize=(5.2 * ncol, 4.0 * nrow), layout="constrained")
+    axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     ref = f"OPD best {opd_best:.3f}" if opd_best is not None else "no OPD run"
     for ax, (fam, knobs, vals) in zip(axes, panels):
         if len(knobs) == 2:
@@ -732,9 +736,12 @@ def compare(run_dirs, out: Path, *, target_frac: float = 0.8, teacher_pass1: flo
         raise SystemExit(f"error: no run (metrics.jsonl + .hydra/config.yaml) under {', '.join(map(str, run_dirs))}")
     root = Path(os.path.commonpath([str(p) for p in paths])) if len(paths) > 1 else paths[0].parent
     runs = [load_run(p, str(p.relative_to(root))) for p in paths]
-    runs = [r for r in runs if r.evals]
+    unfinished = sum(r.summary is None for r in runs)
+    if unfinished:
+        print(f"[compare] skipping {unfinished} unfinished run(s) (no summary.json)", file=sys.stderr)
+    runs = [r for r in runs if r.evals and r.summary is not None]
     if not runs:
-        raise SystemExit("error: none of the runs has an evaluation row")
+        raise SystemExit("error: none of the runs has finished (summary.json) with an evaluation row")
     groups = group_runs(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
