@@ -203,6 +203,22 @@ def test_summary_ci_seeds_and_other_families(sweep, tmp_path):
     assert "| trb | `schedule.eps0=1,schedule.name=linear,schedule.warmup_steps=20` | 2 | 0.910 (step 30) | 0.660 |" in md
 
 
+def test_label_names_knobs_set_on_the_command_line(tmp_path):
+    """A family with one configuration is labelled by the knobs its runs set, not as `default`."""
+    for seed in (0, 1):
+        d = tmp_path / "runs" / f"veto_{seed}"
+        _write_run(d, "veto", seed, {0: 0.0, 10: 0.2, 20: 0.3, 30: 0.4, 40: 0.5})
+        cfg = OmegaConf.load(d / ".hydra" / "config.yaml")
+        cfg.method.b_start = 0.8
+        OmegaConf.save(cfg, d / ".hydra" / "config.yaml")
+        OmegaConf.save(OmegaConf.create(["method=veto", "method.b_start=0.8", f"seed={seed}", "logger=none"]),
+                       d / ".hydra" / "overrides.yaml")
+    _write_run(tmp_path / "runs" / "opd_0", "opd", 0, {0: 0.0, 10: 0.2, 20: 0.3, 30: 0.4, 40: 0.5})
+    groups = C.group_runs([C.load_run(p, p.name) for p in C.find_run_dirs([tmp_path / "runs"])])
+    assert list(groups["veto"]) == ["method.b_start=0.8"] and len(groups["veto"]["method.b_start=0.8"]) == 2
+    assert list(groups["opd"]) == ["default"]
+
+
 def test_paper_table_rendered(sweep, tmp_path):
     paper = json.loads((C.Path(__file__).parents[1] / "docs" / "results" / "paper_table1.json").read_text())
     out = tmp_path / "p"

@@ -139,6 +139,7 @@ class Run:
     summary: dict | None
     config: str = ""  # label of the configuration (set by group_runs)
     knobs: dict = field(default_factory=dict)
+    overridden: frozenset = frozenset()  # dotted keys set on the command line (.hydra/overrides.yaml)
 
     @property
     def warmup_k(self) -> int | None:
@@ -193,8 +194,11 @@ def load_run(path: Path, rel: str) -> Run:
             train.append(row)
     sp = path / "summary.json"
     summary = json.loads(sp.read_text()) if sp.is_file() else None
+    op = path / ".hydra" / "overrides.yaml"
+    overrides = OmegaConf.to_container(OmegaConf.load(op)) if op.is_file() else []
+    overridden = frozenset(k for o in overrides if (k := str(o).split("=", 1)[0].lstrip("+~")) in flat)
     return Run(path=path, rel=rel, method=str(flat.get("method.name", "?")), seed=int(flat.get("seed", 0)),
-               cfg=flat, evals=evals, train=train, summary=summary)
+               cfg=flat, evals=evals, train=train, summary=summary, overridden=overridden)
 
 
 def _fmt_val(v) -> str:
@@ -217,7 +221,8 @@ def _read_by(family: str, key: str) -> bool:
 def group_runs(runs: list[Run]) -> dict:
     """{family: {config label: [runs sorted by seed]}}; sets run.config / run.knobs. A configuration is
     the run's method.* knobs (+ schedule knobs for trb, schedule.budget for fixed_blend) plus any other
-    non-ignored setting that varies within the family."""
+    non-ignored setting that varies within the family. Its label names the knobs that vary or that a
+    run set on its command line."""
     fams: dict[str, list[Run]] = {}
     for r in runs:
         fams.setdefault(r.method, []).append(r)
@@ -228,6 +233,7 @@ def group_runs(runs: list[Run]) -> dict:
             keys |= set(r.cfg)
         varying = {k for k in keys if not _ignored(k) and _read_by(fam, k)
                    and len({repr(r.cfg.get(k)) for r in rs}) > 1}
+        set_by_hand = set().union(*(r.overridden for r in rs))  # shown in labels even when constant
         for r in rs:
             own = {k for k in r.cfg if k.startswith("method.") and k != "method.name"}
             if fam == "trb":
@@ -235,8 +241,8 @@ def group_runs(runs: list[Run]) -> dict:
             if fam == "fixed_blend" and "schedule.budget" in r.cfg:
                 own.add("schedule.budget")
             r.knobs = {k: r.cfg.get(k) for k in sorted(own | varying)}
-            shown = sorted((varying & set(r.knobs)) | ({k for k in _TRB_SCHEDULE_KNOBS[:3] if k in r.cfg}
-                                                         if fam == "trb" else set()))
+            shown = sorted(((varying | set_by_hand) & set(r.knobs)) | ({k for k in _TRB_SCHEDULE_KNOBS[:3] if k in r.cfg}
+                                                                       if fam == "trb" else set()))
             r.config = ",".join(f"{k}={_fmt_val(r.knobs[k])}" for k in shown) or "default"
         groups: dict[str, list[Run]] = {}
         for r in rs:
@@ -678,14 +684,15 @@ def plot_sweeps(groups, path: Path) -> bool:
             for i, row in enumerate(grid):
                 for j, v in enumerate(row):
                     if v is not None:
-                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
-                                color="w" if opd_best is None or v < opd_best else "k")
+                        star = "*" if opd_best is not None and v > opd_best else ""
+                        ax.text(j, i, f"{v:.2f}{star}", ha="center", va="center", fontsize=8,
+                                color="k" if im.norm(v) > 0.5 else "w")
             ax.set_xticks(range(len(xs)), [_fmt_val(x) for x in xs])
             ax.set_yticks(range(len(ys)), [_fmt_val(y) for y in ys])
             ax.set_xlabel(knobs[0])
             ax.set_ylabel(knobs[1])
             fig.colorbar(im, ax=ax, shrink=0.8)
-            ax.set_title(f"{fam}: best pass@1 ({ref}; black text = above it)", fontsize=8)
+            ax.set_title(f"{fam}: best pass@1 ({ref}; * = above it)", fontsize=8)
         else:
             pts = sorted(vals.items(), key=lambda kv: (str(type(kv[0][0])), kv[0][0]))
             ax.plot(range(len(pts)), [v for _, v in pts], marker="o")
