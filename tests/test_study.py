@@ -193,3 +193,13 @@ def test_reproduce_script_is_valid_bash_and_names_every_family():
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "reproduce_mini.sh")]).returncode == 0
     for preset in ("trb_mini", "skd_mini", "fixed_blend_mini", "temp_warmup", "veto", "sft_warmup", "opd", "offline_kd"):
         assert preset in script and (ROOT / "conf" / "sweep" / f"{preset}.yaml").is_file()
+
+
+def test_paper_reproduction_script_names_every_paper_grid():
+    script = ROOT / "scripts" / "reproduce_paper.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    for fam in ("trb", "fixed_blend", "skd", "veto", "temp_warmup", "sft_warmup", "opd"):
+        assert f" {fam}" in text.split("for fam in", 1)[1].split(";", 1)[0]
+    bad = subprocess.run(["bash", str(script), "paper_9b"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no experiment preset conf/experiment/paper_9b.yaml" in bad.stderr
