@@ -1,5 +1,5 @@
 """Compare training runs: ``python -m trb_exp.compare RUN_DIRS... [--out DIR] [--target-frac 0.8]
-[--teacher-pass1 X]``.
+[--teacher-pass1 X] [--ci-seeds 1,2] [--paper docs/results/paper_table1.json] [--title T]``.
 
 Every subdirectory of RUN_DIRS holding ``metrics.jsonl`` and ``.hydra/config.yaml`` is a run (a
 multirun sweep dir works as is). Runs are grouped by method family (``method.name``) and by
@@ -12,7 +12,10 @@ runs reproduces it byte for byte) and PNG plots next to it:
 - per configuration with >= 2 seeds: mean ± 95% CI (Student t) of pass@1 at the final step and at the
   end of TRB's warmup, and the paired per-seed difference TRB − OPD with its 95% CI;
 - steps-to-target (``--teacher-pass1``): the first evaluated step reaching target_frac × teacher pass@1;
-- wall-clock per run and mean step time during and after warmup.
+- wall-clock per run and mean step time during and after warmup;
+- a summary (each family's headline configuration against OPD), a sweeps table, every family − OPD,
+  the paper's own Table 1 (``--paper``), and the plots headline_curves / learning_curves / sweeps /
+  trb_diagnostics. Unfinished runs (no summary.json) are left out; the last line names the command.
 
 The maths (``mean_ci``, ``paired_difference``, ``best_checkpoint``, ``steps_to_target``) are pure
 functions.
