@@ -14,7 +14,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from trb_exp.compare import find_run_dirs, group_runs, headline_config, load_run, mean_ci, paired_difference
+from trb_exp.compare import (find_run_dirs, group_runs, headline_config, headline_finals, load_run, mean_ci,
+                             paired_difference)
 
 FAMILIES = ("opd", "trb", "fixed_blend", "skd", "veto", "temp_warmup", "sft_warmup")
 UNSELECTED = {"mini_a": {1, 2}, "mini_b": {0, 1, 2}}  # seed 0 of mini_a chose every configuration
@@ -23,13 +24,6 @@ UNSELECTED = {"mini_a": {1, 2}, "mini_b": {0, 1, 2}}  # seed 0 of mini_a chose e
 def load(root: Path) -> dict:
     runs = [load_run(p, str(p.relative_to(root.resolve()))) for p in find_run_dirs([root])]
     return group_runs([r for r in runs if r.summary is not None and r.evals])
-
-
-def finals(groups: dict, fam: str, seeds=None) -> dict[int, float]:
-    """{seed: final pass@1} of the family's headline configuration."""
-    label = headline_config(groups.get(fam, {}))
-    rs = groups[fam][label] if label else []
-    return {r.seed: r.pass1(max(r.evals)) for r in rs if seeds is None or r.seed in seeds}
 
 
 def _ci(mean, half, signed=False) -> str:
@@ -45,11 +39,12 @@ def main(root: Path) -> None:
     for fam in FAMILIES:
         cells, pooled = [], []
         for name, groups in settings.items():
-            f, o = finals(groups, fam), finals(groups, "opd")
+            f, o = headline_finals(groups[fam]), headline_finals(groups["opd"])
             m, h, _ = mean_ci(list(f.values()))
             d = paired_difference(f, o)
             cells += [_ci(m, h), "—" if fam == "opd" else _ci(d["mean"], d["half"], signed=True)]
-            pooled += paired_difference(finals(groups, fam, UNSELECTED[name]), finals(groups, "opd", UNSELECTED[name]))["diffs"]
+            pooled += paired_difference(headline_finals(groups[fam], UNSELECTED[name]),
+                                        headline_finals(groups["opd"], UNSELECTED[name]))["diffs"]
         pm, ph, pn = mean_ci(pooled)
         best = max(r.pass1(s) for rs in settings["mini_a"][fam].values() for r in rs for s in r.evals if s > 0)
         label = headline_config(settings["mini_a"][fam])

@@ -335,11 +335,17 @@ def _final(r: Run) -> float:
     return r.pass1(max(r.evals))
 
 
+def headline_finals(configs: dict, seeds=None) -> dict[int, float]:
+    """{seed: final pass@1} of the family's headline configuration ({} without one), optionally only
+    the given seeds."""
+    label = headline_config(configs)
+    return {r.seed: _final(r) for r in configs[label] if seeds is None or r.seed in seeds} if label else {}
+
+
 def _summary_rows(groups: dict, sgroups: dict, best: dict) -> list[list]:
     """One row per family: its headline configuration over seeds, the paired difference to OPD's, and
     the paper-protocol best checkpoint."""
-    opd_label = headline_config(sgroups.get("opd", {}))
-    opd = {r.seed: _final(r) for r in sgroups["opd"][opd_label]} if opd_label else {}
+    opd = headline_finals(sgroups.get("opd", {}))
     rows = []
     for fam in groups:
         label = headline_config(sgroups.get(fam, {}))
@@ -348,11 +354,11 @@ def _summary_rows(groups: dict, sgroups: dict, best: dict) -> list[list]:
         if label is None:
             rows.append([fam, "—", 0, "—", "—", best_s])
             continue
-        rs = sgroups[fam][label]
-        m, h, n = mean_ci([_final(r) for r in rs])
+        finals = headline_finals(sgroups[fam])
+        m, h, n = mean_ci(list(finals.values()))
         diff = "—"
         if fam != "opd" and opd:
-            d = paired_difference({r.seed: _final(r) for r in rs}, opd)
+            d = paired_difference(finals, opd)
             diff = _ci(d["mean"], d["half"], signed=True) + f" (n={d['n']})" if d["n"] else "—"
         rows.append([fam, f"`{label}`", n, _ci(m, h), diff, best_s])
     return rows
@@ -499,12 +505,12 @@ def build_report(runs: list[Run], groups: dict, *, target_frac: float, teacher_p
     opd_label = headline_config(groups.get("opd", {}))
     rows = []
     if opd_label:
-        opd_runs = {r.seed: _final(r) for r in groups["opd"][opd_label]}
+        opd_runs = headline_finals(groups["opd"])
         for fam, cfgs in groups.items():
             label = headline_config(cfgs)
             if fam in ("opd", "trb") or label is None:
                 continue
-            d = paired_difference({r.seed: _final(r) for r in cfgs[label]}, opd_runs)
+            d = paired_difference(headline_finals(cfgs), opd_runs)
             if d["n"] >= 2:
                 per = ", ".join(f"{s}: {x:+.3f}" for s, x in zip(d["seeds"], d["diffs"]))
                 rows.append([fam, f"`{label}`", d["n"], per, _ci(d["mean"], d["half"], signed=True)])
