@@ -7,7 +7,9 @@ import pytest
 from conftest import CONF_DIR, compose
 
 from trb_exp.methods import Method
-from trb_exp.schedules import SCHEDULES, budget_at
+from trb_exp.schedules import ADAPTIVE, SCHEDULES, adaptive_budgets, budget_at
+
+STATIC = [s for s in SCHEDULES if s not in ADAPTIVE]
 
 KEYS = {"name", "eps0", "warmup_steps", "budget"}
 
@@ -17,7 +19,7 @@ def test_one_config_per_schedule():
     assert files == sorted(SCHEDULES)
 
 
-@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("name", STATIC)
 def test_schedule_config_composes_and_matches_budget_at(name):
     cfg = compose(["method=trb", f"schedule={name}"])
     s = cfg.schedule
@@ -37,7 +39,7 @@ def test_schedule_config_composes_and_matches_budget_at(name):
     assert (type(method.rule(3 * K)).__name__ == "StudentRule") == (name != "constant")
 
 
-@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("name", STATIC)
 def test_overrides_reach_the_method(name):
     cfg = compose(["method=trb", f"schedule={name}", "schedule.eps0=0.2", "schedule.warmup_steps=8",
                    "schedule.budget=relative"])
@@ -61,3 +63,33 @@ def test_opd_ignores_the_schedule():
     cfg = compose(["method=opd", "schedule=constant"])
     method = Method.from_cfg(cfg.method, cfg.schedule)
     assert all(method.budget(k) == 0.0 for k in (0, 10, 100))
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_adaptive_config_composes_and_follows_the_observations(name):
+    cfg = compose(["method=trb", f"schedule={name}", "schedule.eps0=0.4"])
+    s = cfg.schedule
+    knob = {"gap": "handover", "reward": "target_reward"}[name]
+    assert set(s.keys()) == KEYS | {knob}
+    assert (Path(CONF_DIR) / "schedule" / f"{name}.yaml").read_text().startswith("# ")
+    method = Method.from_cfg(cfg.method, cfg.schedule)
+    gaps, rewards = [3.0] + [0.1] * 9, [0.0, 0.1, 0.3, 0.6, 0.8] + [0.9] * 5
+    want = adaptive_budgets(name, 0.4, gaps, rewards, **{knob: float(s[knob])})
+    got = []
+    for k, (g, r) in enumerate(zip(gaps, rewards)):
+        got.append(method.budget(k))
+        assert type(method.rule(k)).__name__ == ("TrustRegionRule" if got[-1] > 0 else "StudentRule")
+        method.observe(g, r)
+    got.append(method.budget(len(gaps)))
+    assert got == want and got[0] == 0.4 and got[-1] == 0.0
+    with pytest.raises(RuntimeError, match="asked for step 3's budget after 10 observations"):
+        method.budget(3)
+
+
+def test_adaptive_knobs_are_validated():
+    from trb_exp.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"schedule.handover=1.0: the hand-over fraction"):
+        Method.from_cfg(*(lambda c: (c.method, c.schedule))(compose(["method=trb", "schedule=gap", "schedule.handover=1.0"])))
+    with pytest.raises(ConfigError, match=r"schedule.target_reward=0.0: a target mean reward"):
+        Method.from_cfg(*(lambda c: (c.method, c.schedule))(compose(["method=trb", "schedule=reward", "schedule.target_reward=0"])))

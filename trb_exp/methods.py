@@ -15,14 +15,14 @@ defaults that reduce to plain OPD, so a method YAML only names what it changes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
 from trb_exp import losses
 from trb_exp.config import ConfigError
 from trb_exp.rollout import SKDRule, StudentRule, TeacherRule, TrustRegionRule
-from trb_exp.schedules import SCHEDULES, budget_at
+from trb_exp.schedules import ADAPTIVE, SCHEDULES, AdaptiveBudget, budget_at
 
 ROLLOUTS = ("student", "trust_region", "teacher", "skd")
 LOSSES = ("reverse_kl", "forward_kl", "ce")
@@ -37,8 +37,18 @@ class Schedule:
     warmup_steps: int
     budget: str = "absolute"
     final_ratio: float = 0.01
+    handover: float = 0.5          # gap: plain OPD once the smoothed gap is this fraction of the first
+    target_reward: float = 0.25    # reward: the rollouts' mean reward the controller aims at
+    # the adaptive schedules' state (gap, reward): fed one observation per step by the trainer
+    controller: AdaptiveBudget | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.name in ADAPTIVE
 
     def __call__(self, step: int) -> float:
+        if self.controller is not None:
+            return self.controller(step)
         return budget_at(step, self.name, self.eps0, self.warmup_steps, self.final_ratio)
 
 
@@ -88,6 +98,8 @@ class Method:
                 warmup_steps=int(schedule_cfg.warmup_steps),
                 budget=str(schedule_cfg.get("budget", "absolute")),
                 final_ratio=float(schedule_cfg.get("final_ratio", 0.01)),
+                handover=float(schedule_cfg.get("handover", 0.5)),
+                target_reward=float(schedule_cfg.get("target_reward", 0.25)),
             ),
             eps=None if g("eps") is None else float(g("eps")),
             teacher_top_k=int(g("teacher_top_k", 25)),
@@ -100,6 +112,11 @@ class Method:
             sft_updates=int(g("sft_updates", 0)),
         )
         m.validate()
+        s = m.schedule
+        if s.adaptive and m.rollout == "trust_region" and m.eps is None:
+            object.__setattr__(s, "controller", AdaptiveBudget(s.name, s.eps0, handover=s.handover,
+                                                               target_reward=s.target_reward,
+                                                               relative=s.budget == "relative"))
         return m
 
     def validate(self) -> None:
@@ -119,8 +136,12 @@ class Method:
             bad("schedule.name", s.name, f"choose one of {', '.join(SCHEDULES)}")
         if not s.eps0 >= 0:
             bad("schedule.eps0", s.eps0, "a KL budget must be >= 0 (0 = plain OPD)")
-        if s.warmup_steps < 1 and s.name not in ("constant", "none"):
+        if s.warmup_steps < 1 and s.name not in ("constant", "none", *ADAPTIVE):
             bad("schedule.warmup_steps", s.warmup_steps, "the warmup horizon K must be >= 1")
+        if not 0 <= s.handover < 1:
+            bad("schedule.handover", s.handover, "the hand-over fraction of the initial gap must be in [0, 1)")
+        if not 0 < s.target_reward <= 1:
+            bad("schedule.target_reward", s.target_reward, "a target mean reward must be in (0, 1]")
         if s.budget not in BUDGETS:
             bad("schedule.budget", s.budget, f"choose one of {', '.join(BUDGETS)}")
         field, eps = ("schedule.eps0", s.eps0) if self.eps is None else ("method.eps", self.eps)
@@ -218,6 +239,12 @@ class Method:
         """[B, T] per-token ``log pS(y) - log q(y)`` against the loss target q (no gradient)."""
         target = self.target_logprobs(student_logits, teacher_logprobs, step)
         return losses.sampled_kl_estimate(student_logits, target, tokens)
+
+    def observe(self, gap: float, reward: float) -> None:
+        """Feed an adaptive budget schedule (gap, reward) the step's measurements: the mean per-token
+        reverse-KL estimate and the mean reward of the rollouts. A no-op for every other schedule."""
+        if self.schedule.controller is not None:
+            self.schedule.controller.observe(gap, reward)
 
     def diagnostics(self, step: int, temperature: float = 1.0) -> dict[str, float]:
         """The method's per-step knobs, logged with every training step."""

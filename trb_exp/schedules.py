@@ -11,19 +11,43 @@ fraction ``rho_k`` of the per-prefix teacher-student gap ``KL(pi_T||pi_S)``.
     step         eps0                                  (full budget, then 0 at K)
     constant     eps0 for every step, K unused         (fixed-eps blending, the paper's ablation)
     none         0                                     (plain OPD)
+
+Two *adaptive* schedules need no horizon K: the budget follows what the run measures, and reaches 0
+(plain OPD, at OPD's cost) by itself. Each is a pure function of the run's history of observations
+(``adaptive_budgets``), wrapped in a small stateful ``AdaptiveBudget`` that the trainer feeds one
+observation per step and that saves/restores its state (resumable runs).
+
+    gap          eps_{k+1} = eps0 * clip((g_k/g_0 - h) / (1 - h), 0, 1), never increasing: the budget
+                 follows the distillation gap g (the step's per-token reverse-KL loss, EMA-smoothed
+                 with decay 0.9) from its first value g_0 down to the hand-over fraction h
+                 (``handover``, 0.5): plain OPD once the smoothed gap has fallen to h * g_0.
+                 Knob: eps0 (K is replaced by the measured gap).
+    reward       a controller on the reward r_k of the step's (blended) rollouts: eps_{k+1} =
+                 eps_k * 2 ** ((r* - r_k) / r*), capped at 4 * eps0 (1 for a relative budget),
+                 starting at eps0: doubled when the rollouts solve nothing, halved at twice the
+                 target. Once it has fallen below eps0 / 50 the (almost unblended) student's own
+                 rollouts reach the target r* (``target_reward``): hand-over, 0 for good.
+                 Knob: target_reward (eps0 only sets where the controller starts).
 """
 
 from __future__ import annotations
 
 import math
 
-SCHEDULES = ("linear", "cosine", "exponential", "step", "constant", "none")
+SCHEDULES = ("linear", "cosine", "exponential", "step", "constant", "none", "gap", "reward")
+ADAPTIVE = ("gap", "reward")
+GAP_EMA_DECAY = 0.9     # smoothing of the measured gap (the per-step loss is noisy)
+REWARD_EPS_CAP = 4.0    # the reward controller never exceeds 4 * eps0
+REWARD_HANDOVER = 0.02  # ... and hands over to plain OPD below eps0 / 50
 
 
 def budget_at(step: int, name: str, eps0: float, warmup_steps: int, final_ratio: float = 0.01) -> float:
     """The budget eps_k of training step ``step`` under schedule ``name``."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule.name={name!r}: choose one of {', '.join(SCHEDULES)}")
+    if name in ADAPTIVE:
+        raise ValueError(f"schedule.name={name!r} is adaptive: its budget depends on the run's history, "
+                         "use AdaptiveBudget (or adaptive_budgets for a scripted history)")
     if eps0 < 0:
         raise ValueError(f"schedule.eps0={eps0}: a KL budget must be >= 0")
     if name == "none":
@@ -40,3 +64,69 @@ def budget_at(step: int, name: str, eps0: float, warmup_steps: int, final_ratio:
     if name == "exponential":
         return eps0 * final_ratio**frac
     return float(eps0)  # step
+
+
+def adaptive_budgets(name: str, eps0: float, gaps, rewards, *, handover: float = 0.5, target_reward: float = 0.25,
+                     relative: bool = False) -> list[float]:
+    """The budgets eps_0 .. eps_n of an adaptive schedule, given the observations of steps 0 .. n-1:
+    ``gaps[k]`` (the step's mean per-token reverse-KL loss) and ``rewards[k]`` (the mean reward of its
+    rollouts). A pure function of the history: the trainer's ``AdaptiveBudget`` gives the same numbers."""
+    ctl = AdaptiveBudget(name, eps0, handover=handover, target_reward=target_reward, relative=relative)
+    out = [ctl.eps]
+    for g, r in zip(gaps, rewards, strict=True):
+        ctl.observe(g, r)
+        out.append(ctl.eps)
+    return out
+
+
+class AdaptiveBudget:
+    """The budget of an adaptive schedule (``gap`` or ``reward``), as state: ``eps`` is the budget
+    of the next step; ``observe(gap, reward)`` takes the step's measurements and moves it. Zero is
+    absorbing (the hand-over to plain OPD). ``state_dict``/``load_state_dict`` hold plain floats."""
+
+    def __init__(self, name: str, eps0: float, *, handover: float = 0.5, target_reward: float = 0.25,
+                 relative: bool = False):
+        if name not in ADAPTIVE:
+            raise ValueError(f"schedule.name={name!r}: the adaptive schedules are {', '.join(ADAPTIVE)}")
+        if not (math.isfinite(eps0) and eps0 >= 0):
+            raise ValueError(f"schedule.eps0={eps0}: a KL budget must be a finite number >= 0")
+        if not 0 <= handover < 1:
+            raise ValueError(f"schedule.handover={handover}: the hand-over fraction of the initial gap must be in [0, 1)")
+        if not 0 < target_reward <= 1:
+            raise ValueError(f"schedule.target_reward={target_reward}: a target mean reward must be in (0, 1]")
+        self.name, self.eps0, self.handover, self.target_reward = name, float(eps0), handover, target_reward
+        self.cap = min(REWARD_EPS_CAP * self.eps0, 1.0) if relative else REWARD_EPS_CAP * self.eps0
+        self.eps = float(eps0)
+        self.gap0: float | None = None  # first measured gap (gap rule)
+        self.gap_ema: float | None = None
+        self.steps = 0  # observations taken
+
+    def observe(self, gap: float, reward: float) -> float:
+        """Take step k's measurements; returns the budget of step k+1."""
+        self.steps += 1
+        if self.name == "gap":
+            if not math.isfinite(gap):
+                raise ValueError(f"gap schedule: step {self.steps - 1} measured a non-finite gap {gap}")
+            if self.gap0 is None:
+                self.gap0 = self.gap_ema = float(gap)
+            else:
+                self.gap_ema = GAP_EMA_DECAY * self.gap_ema + (1 - GAP_EMA_DECAY) * float(gap)
+            frac = 0.0 if self.gap0 <= 0 else (self.gap_ema / self.gap0 - self.handover) / (1 - self.handover)
+            self.eps = min(self.eps, self.eps0 * min(1.0, max(0.0, frac)))
+        elif self.eps > 0:  # reward controller; 0 is absorbing
+            r = self.target_reward
+            eps = min(self.cap, self.eps * 2.0 ** ((r - float(reward)) / r))
+            self.eps = 0.0 if eps < REWARD_HANDOVER * self.eps0 else eps
+        return self.eps
+
+    def __call__(self, step: int) -> float:
+        if step != self.steps:
+            raise RuntimeError(f"{self.name} schedule: asked for step {step}'s budget after {self.steps} observations")
+        return self.eps
+
+    def state_dict(self) -> dict:
+        return {"eps": self.eps, "gap0": self.gap0, "gap_ema": self.gap_ema, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.eps, self.gap0, self.gap_ema, self.steps = (state["eps"], state["gap0"], state["gap_ema"],
+                                                         int(state["steps"]))

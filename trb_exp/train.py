@@ -233,8 +233,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         opt.step()
         lr_sched.step()
 
-        # 5. log
-        if (step + 1) % tr.log_every == 0 or step == 0:
+        # 5. log; an adaptive budget (schedule=gap|reward) takes this step's gap and reward
+        log_now = (step + 1) % tr.log_every == 0 or step == 0
+        if log_now or method.schedule.adaptive:
             texts = tok.batch_decode(ro.response_ids, skip_special_tokens=True)
             m = rollout_metrics(ro, texts, [task.train_answers[i] for i in batch], task.grade, method, step,
                                 tr.temperature)
@@ -242,7 +243,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                       "train/lr": lr_sched.get_last_lr()[0], "time/step_s": time.time() - t_step})
             if method.logs_kl_estimate:
                 m["train/kl_estimate"] = kl_est
-            logger.log(m, step + 1)
+            if log_now:
+                logger.log(m, step + 1)
+            method.observe(gap=kl_est if method.logs_kl_estimate else total, reward=m["rollout/reward"])
         if (tr.eval_every and (step + 1) % tr.eval_every == 0) or step + 1 == tr.max_steps:
             history.append({"step": step + 1, **run_eval(step + 1)})
 
