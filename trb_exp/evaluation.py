@@ -1,7 +1,8 @@
 """Evaluation: sampled pass@1 (the paper's metric), unbiased pass@k, greedy accuracy.
 
 pass@1 is the mean over problems of c/n, with n samples per problem at temperature 1 drawn by
-the same decode loop the trainer uses (``StudentRule``). Graders are plain functions
+the same decode loop the trainer uses (``StudentRule``); ``pass@1_se`` is its standard error from
+that sampling alone (the evaluation noise of a fixed model, unbiased per-problem variances). Graders are plain functions
 ``grade(response_text, reference) -> bool``.
 """
 
@@ -22,6 +23,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def pass_at_1_se(correct_per_problem: list[int], n: int) -> float:
+    """Standard error of pass@1 = mean_i c_i/n from the sampling alone (the model held fixed):
+    sqrt(sum_i s_i^2 / n) / N with the unbiased per-problem variance s_i^2 = c_i (n - c_i) / (n (n - 1))."""
+    if n < 2:
+        raise ValueError(f"pass_at_1_se needs n >= 2 samples per problem, got n={n}")
+    var = sum(c * (n - c) / (n * (n - 1)) for c in correct_per_problem) / n
+    return math.sqrt(var) / len(correct_per_problem)
 
 
 def _generate(model, tokenizer, prompts, rule, *, max_new_tokens, batch_size, generator, device, eos_ids=()):
@@ -60,6 +70,8 @@ def evaluate(model, tokenizer, prompts: list[str], answers: list[str], grade, *,
         "mean_length": sum(lengths) / len(lengths),
         "eos_rate": sum(finished) / len(finished),
     }
+    if n_samples > 1:
+        out["pass@1_se"] = pass_at_1_se(per_problem, n_samples)
     for k in ks:
         if 1 < k <= n_samples:
             out[f"pass@{k}"] = sum(pass_at_k(n_samples, c, k) for c in per_problem) / len(prompts)
