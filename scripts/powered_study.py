@@ -57,29 +57,32 @@ def steps_to(evals: dict[int, float], target: float = TARGET) -> int | None:
     return next((s for s in sorted(evals) if evals[s] >= target - 1e-9), None)
 
 
-def load_evals(run_dir: Path) -> dict[int, float] | None:
-    """step -> eval/pass@1 of a finished run (summary.json present), else None."""
+def load_record(run_dir: Path) -> dict | None:
+    """A finished run (summary.json present) as {"evals": step -> pass@1, "se": step -> pass@1_se,
+    "train_s": seconds}; None for an unfinished one."""
     import json
 
     if not (run_dir / "summary.json").is_file():
         return None
-    out = {}
+    evals, se = {}, {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         if "eval/pass@1" in row:
-            out[int(row["step"])] = float(row["eval/pass@1"])
-    return out
+            evals[int(row["step"])] = float(row["eval/pass@1"])
+            if "eval/pass@1_se" in row:
+                se[int(row["step"])] = float(row["eval/pass@1_se"])
+    train_s = float(json.loads((run_dir / "summary.json").read_text()).get("train_s", float("nan")))
+    return {"evals": evals, "se": se, "train_s": train_s}
 
 
-def collect(root: Path) -> dict[str, dict[str, dict[int, dict[int, float]]]]:
-    """setting -> arm -> seed -> evals, for every finished run under root."""
+def collect(root: Path) -> dict[str, dict[str, dict[int, dict]]]:
+    """setting -> arm -> seed -> record, for every finished run under root."""
     out: dict = {s: {a: {} for a in ARMS} for s in SETTINGS}
     for s in SETTINGS:
         for a in ARMS:
             for d in sorted((root / s / a).glob("seed_*")):
-                ev = load_evals(d)
-                if ev is not None:
-                    out[s][a][int(d.name.split("_")[1])] = ev
+                if d.is_dir() and (rec := load_record(d)) is not None:
+                    out[s][a][int(d.name.split("_")[1])] = rec
     return out
 
 
@@ -92,10 +95,10 @@ def complete_seeds(runs: dict, setting: str) -> list[int]:
     return done
 
 
-def primary_difference(runs: dict, setting: str, arm: str = "trb", seeds=None) -> dict:
+def primary_difference(runs: dict, setting: str, arm: str = "trb", seeds=None, base: str = "opd") -> dict:
     seeds = complete_seeds(runs, setting) if seeds is None else seeds
-    a = {s: auc(runs[setting][arm][s]) for s in seeds}
-    b = {s: auc(runs[setting]["opd"][s]) for s in seeds}
+    a = {s: auc(runs[setting][arm][s]["evals"]) for s in seeds}
+    b = {s: auc(runs[setting][base][s]["evals"]) for s in seeds}
     return paired_difference(a, b)
 
 
@@ -176,6 +179,208 @@ def cmd_status(args) -> None:
         print(line + (" (stopped)" if stop else ""))
 
 
+# ---- report --------------------------------------------------------------------------------
+METRICS = {  # name -> (label, function of a record)
+    "auc": ("AUC (mean pass@1 over steps 0-250)", lambda r: auc(r["evals"])),
+    "final": ("final pass@1", lambda r: r["evals"][max(r["evals"])]),
+    "at50": ("pass@1 at step 50", lambda r: r["evals"][50]),
+}
+COMPARISONS = [("trb", "opd"), ("sft_warmup", "opd"), ("trb_gap", "opd"), ("trb_reward", "opd"),
+               ("trb_gap", "trb"), ("trb_reward", "trb")]
+
+
+def _ci(mean, half, signed=False) -> str:
+    m = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return m if half is None else f"{m} ± {half:.3f}"
+
+
+def _pairs(runs: dict, arm: str, base: str, metric: str, settings=SETTINGS) -> dict:
+    """Paired differences arm - base of a metric over the complete seeds of the given settings."""
+    fn = METRICS[metric][1]
+    a, b = {}, {}
+    for s in settings:
+        for seed in complete_seeds(runs, s):
+            a[(s, seed)], b[(s, seed)] = fn(runs[s][arm][seed]), fn(runs[s][base][seed])
+    return paired_difference(a, b)
+
+
+def auc_eval_variance(rec: dict) -> float | None:
+    """The variance of a run's AUC from evaluation sampling alone: sum_j w_j^2 se_j^2 (trapezoid weights)."""
+    steps = sorted(rec["evals"])
+    if any(st not in rec["se"] for st in steps):
+        return None
+    span, w = steps[-1] - steps[0], {st: 0.0 for st in steps}
+    for a, b in zip(steps, steps[1:]):
+        w[a] += (b - a) / 2 / span
+        w[b] += (b - a) / 2 / span
+    return sum(w[st] ** 2 * rec["se"][st] ** 2 for st in steps)
+
+
+def verdict(d: dict, per_setting: dict) -> str:
+    """The plan's reading of the pooled TRB - OPD difference (AUC)."""
+    if d["half"] is None:
+        return "not enough complete seeds for a confidence interval yet"
+    lo, hi = d["mean"] - d["half"], d["mean"] + d["half"]
+    if lo > 0 and all(x["mean"] is None or x["mean"] >= 0 for x in per_setting.values()):
+        return "TRB helps: the pooled CI lies above 0 and neither setting's mean is negative"
+    if hi < 0:
+        return "TRB hurts: the pooled CI lies below 0"
+    if -HALF_WIDTH < lo and hi < HALF_WIDTH:
+        return f"no effect of practical size: the pooled CI lies inside ±{HALF_WIDTH}"
+    return f"inconclusive: the pooled CI [{lo:+.3f}, {hi:+.3f}] contains 0 and reaches beyond ±{HALF_WIDTH}"
+
+
+def adaptive_verdict(d: dict) -> str:
+    if d["half"] is None:
+        return "not enough complete seeds yet"
+    lo = d["mean"] - d["half"]
+    if lo > 0:
+        return "beats the selected grid point (CI above 0)"
+    if lo > -HALF_WIDTH:
+        return f"matches the selected grid point (CI above −{HALF_WIDTH})"
+    return f"not shown to match (CI reaches below −{HALF_WIDTH})"
+
+
+def plot_curves(runs: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from trb_exp.compare import _save
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(SETTINGS), sharey=True)
+    for ax, s in zip(axes, SETTINGS):
+        seeds = complete_seeds(runs, s)
+        for arm in ARMS:
+            if not seeds:
+                continue
+            steps = sorted(runs[s][arm][seeds[0]]["evals"])
+            vals = [[runs[s][arm][sd]["evals"][st] for sd in seeds] for st in steps]
+            mean = [sum(v) / len(v) for v in vals]
+            half = [mean_ci(v)[1] or 0.0 for v in vals]
+            (line,) = ax.plot(steps, mean, marker="o", ms=3, lw=2.2 if arm in ("trb", "opd") else 1.2, label=arm)
+            ax.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
+                            color=line.get_color(), alpha=0.12)
+        ax.set_title(f"{s}: pass@1, mean over {len(seeds)} seeds, band = 95% CI", fontsize=9)
+        ax.set_xlabel("step")
+    axes[0].set_ylabel("pass@1")
+    axes[0].legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_differences(runs: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from trb_exp.compare import _save
+
+    fig = Figure(figsize=(9, 4.5), layout="constrained")
+    ax = fig.subplots()
+    rows = []
+    for arm, base in COMPARISONS:
+        for label, settings in [*((s, (s,)) for s in SETTINGS), ("pooled", SETTINGS)]:
+            d = _pairs(runs, arm, base, "auc", settings)
+            if d["n"]:
+                rows.append((f"{arm} − {base}, {label}", d))
+    for i, (label, d) in enumerate(rows):
+        ax.errorbar(d["mean"], -i, xerr=d["half"] or 0.0, fmt="o", color="C0" if "pooled" in label else "C7", capsize=3)
+    ax.set_yticks([-i for i in range(len(rows))], [r[0] for r in rows], fontsize=8)
+    ax.axvline(0, color="k", lw=0.8)
+    for x in (-HALF_WIDTH, HALF_WIDTH):
+        ax.axvline(x, color="k", lw=0.6, ls=":")
+    ax.set_xlabel("paired difference in AUC (mean pass@1 over training), 95% CI")
+    _save(fig, path)
+
+
+def build_report(runs: dict, plan_commit: str, command: str) -> str:
+    L = ["# The powered study: TRB vs OPD with enough seeds", "",
+         f"Pre-registered in [PLAN.md](PLAN.md) (commit `{plan_commit}`, before any run). Every number below is "
+         "computed by `scripts/powered_study.py report` from the committed runs in `runs/`.", ""]
+    L += ["## Where the stopping rule stands", "", "| setting | complete seeds | TRB − OPD (AUC) | half-width | rule |",
+          "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        seeds = complete_seeds(runs, s)
+        d = primary_difference(runs, s) if seeds else {"n": 0}
+        stop, why = stopped(runs, s)
+        L.append(f"| {s} | {len(seeds)}" + (f" ({seeds[0]}–{seeds[-1]})" if seeds else "") + " | "
+                 + (_ci(d["mean"], d["half"], True) if d["n"] else "—") + " | "
+                 + (f"{d['half']:.3f}" if d["n"] and d["half"] is not None else "—") + f" | {'stopped: ' if stop else 'running: '}{why} |")
+    partial = {s: sorted(set().union(*(runs[s][a] for a in ARMS)) - set(complete_seeds(runs, s))) for s in SETTINGS}
+    if any(partial.values()):
+        L += ["", "Finished runs of incomplete seeds (not analysed until their seed is complete): "
+              + "; ".join(f"{s}: seeds {', '.join(map(str, v))}" for s, v in partial.items() if v) + "."]
+    L += ["", "## Per arm", "", "Mean ± 95% Student-t CI over the complete seeds.", "",
+          "| setting | arm | n | AUC | final pass@1 | pass@1 at step 50 | reached 0.3 (median step) | train s (median) |",
+          "|---|---|---|---|---|---|---|---|"]
+    for s in SETTINGS:
+        seeds = complete_seeds(runs, s)
+        for arm in ARMS:
+            if not seeds:
+                continue
+            recs = [runs[s][arm][sd] for sd in seeds]
+            cells = [_ci(*mean_ci([METRICS[m][1](r) for r in recs])[:2]) for m in METRICS]
+            reached = sorted(x for r in recs if (x := steps_to(r["evals"])) is not None)
+            med = lambda v: v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+            L.append(f"| {s} | {arm} | {len(recs)} | " + " | ".join(cells)
+                     + f" | {len(reached)}/{len(recs)}" + (f" ({med(reached):g})" if reached else "")
+                     + f" | {med(sorted(r['train_s'] for r in recs)):.0f} |")
+    L += ["", "## Paired differences", "",
+          "Per-seed differences, mean ± 95% CI; pooled = every complete (setting, seed) pair of both settings.", ""]
+    for m, (label, _) in METRICS.items():
+        L += [f"**{label}**" + (" (primary)" if m == "auc" else ""), "", "| comparison | " + " | ".join(SETTINGS) + " | pooled |",
+              "|---|" + "---|" * (len(SETTINGS) + 1)]
+        for arm, base in COMPARISONS:
+            cells = []
+            for settings in [*((x,) for x in SETTINGS), SETTINGS]:
+                d = _pairs(runs, arm, base, m, settings)
+                cells.append(_ci(d["mean"], d["half"], True) + f" (n={d['n']})" if d["n"] else "—")
+            L.append(f"| {arm} − {base} | " + " | ".join(cells) + " |")
+        L.append("")
+    L += ["## Evaluation noise against seed noise", "",
+          "Variance of a run's AUC from evaluation sampling alone (each evaluation's `pass@1_se`, through the "
+          "trapezoid weights), against the variance of AUC across seeds, per arm.", "",
+          "| setting | arm | eval variance (mean) | variance across seeds | eval share |", "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        seeds = complete_seeds(runs, s)
+        for arm in ARMS:
+            recs = [runs[s][arm][sd] for sd in seeds]
+            ev = [v for r in recs if (v := auc_eval_variance(r)) is not None]
+            if len(recs) < 2 or not ev:
+                continue
+            aucs = [auc(r["evals"]) for r in recs]
+            mu = sum(aucs) / len(aucs)
+            var = sum((x - mu) ** 2 for x in aucs) / (len(aucs) - 1)
+            e = sum(ev) / len(ev)
+            L.append(f"| {s} | {arm} | {e:.2e} | {var:.2e} | {e / var:.1%} |" if var > 0 else f"| {s} | {arm} | {e:.2e} | 0 | — |")
+    pooled = _pairs(runs, "trb", "opd", "auc")
+    per = {s: _pairs(runs, "trb", "opd", "auc", (s,)) for s in SETTINGS}
+    L += ["", "## Verdict (the plan's rules, applied mechanically)", "",
+          f"- **TRB vs OPD (primary, pooled AUC {_ci(pooled['mean'], pooled['half'], True) if pooled['n'] else '—'}, "
+          f"n={pooled['n']})**: {verdict(pooled, per) if pooled['n'] else 'no complete seed yet'}."]
+    for arm in ("trb_gap", "trb_reward"):
+        d = _pairs(runs, arm, "trb", "auc")
+        L.append(f"- **{arm} vs the selected linear grid point (pooled AUC "
+                 f"{_ci(d['mean'], d['half'], True) if d['n'] else '—'})**: {adaptive_verdict(d) if d['n'] else 'no complete seed yet'}.")
+    d = _pairs(runs, "sft_warmup", "opd", "auc")
+    if d["n"]:
+        L.append(f"- **Positive control, SFT warmup − OPD (pooled AUC {_ci(d['mean'], d['half'], True)})**.")
+    L += ["", "![pass@1 curves](curves.png)", "", "![paired differences](differences.png)", "", "---",
+          f"`{command}`", ""]
+    return "\n".join(L)
+
+
+def cmd_report(args) -> None:
+    runs_root, out = Path(args.runs), Path(args.out)
+    runs = collect(runs_root)
+    plan_commit = subprocess.run(["git", "log", "--diff-filter=A", "-1", "--format=%h", "--", "docs/results/powered/PLAN.md"],
+                                 cwd=ROOT, capture_output=True, text=True).stdout.strip() or "unknown"
+    command = "python scripts/powered_study.py report " + " ".join(f"--{k} {v}" for k, v in (("runs", args.runs), ("out", args.out)))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "README.md").write_text(build_report(runs, plan_commit, command))
+    if any(complete_seeds(runs, s) for s in SETTINGS):
+        plot_curves(runs, out / "curves.png")
+        plot_differences(runs, out / "differences.png")
+    print(f"[report] {out / 'README.md'}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -185,8 +390,11 @@ def main(argv=None) -> None:
     r.add_argument("--max-seeds", type=int, default=MAX_SEEDS, help="seed rounds to run now (the study resumes)")
     st = sub.add_parser("status")
     st.add_argument("root", nargs="?", default="docs/results/powered/runs")
+    rp = sub.add_parser("report")
+    rp.add_argument("--runs", default="docs/results/powered/runs")
+    rp.add_argument("--out", default="docs/results/powered")
     args = p.parse_args(argv)
-    {"run": cmd_run, "status": cmd_status}[args.cmd](args)
+    {"run": cmd_run, "status": cmd_status, "report": cmd_report}[args.cmd](args)
 
 
 if __name__ == "__main__":
