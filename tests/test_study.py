@@ -58,19 +58,26 @@ def test_paper_sweep_presets(name):
 @pytest.mark.parametrize("name", [p.stem for p in sorted((ROOT / "conf" / "sweep").glob("*.yaml"))])
 def test_every_swept_key_exists(name):
     """A typo in a swept key (method.teacher_topk) would make Hydra fail only at launch: catch it here."""
+    from trb_exp.config import validate
+    from trb_exp.methods import Method
+
     cfg, params = _sweep_params(name)
     for key, values in params.items():
         if key == "schedule":
-            assert (ROOT / "conf" / "schedule" / f"{values}.yaml").is_file()
+            for v in str(values).split(","):
+                assert (ROOT / "conf" / "schedule" / f"{v}.yaml").is_file()
+                Method.from_cfg(*(lambda c: (c.method, c.schedule))(compose([f"sweep={name}", f"schedule={v}"])))
             continue
         assert OmegaConf.select(cfg, key, default="MISSING") != "MISSING", f"sweep={name}: {key} is not a config key"
         for v in str(values).split(","):  # every grid value composes and passes validation
-            from trb_exp.config import validate
-            from trb_exp.methods import Method
-
             c = compose([f"sweep={name}", f"{key}={v}"])
             validate(c)
             Method.from_cfg(c.method, c.schedule)
+
+
+def test_adaptive_sweep_runs_both_adaptive_budgets_without_a_K_grid():
+    cfg, params = _sweep_params("trb_adaptive")
+    assert cfg.method.name == "trb" and params == {"schedule": "gap,reward"}
 
 
 def test_mini_grids_differ_from_the_papers_only_where_stated():
