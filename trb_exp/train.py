@@ -287,4 +287,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    # Hydra's parallel launchers (joblib, submitit) pickle the task function: hand them the importable
+    # trb_exp.train.main, not this file's copy in __main__, which their workers cannot unpickle.
+    from trb_exp.train import main as _importable_main
+
+    _importable_main()
