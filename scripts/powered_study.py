@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trb_exp.compare import mean_ci, paired_difference  # noqa: E402
+from trb_exp.analysis.stats import mean_ci, paired_difference  # noqa: E402
 
 # ---- the pre-registered design (PLAN.md); change nothing here once runs exist --------------------
 SETTINGS = ("mini_a", "mini_b")
@@ -244,7 +244,7 @@ def adaptive_verdict(d: dict) -> str:
 def plot_curves(runs: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
-    from trb_exp.compare import _save
+    from trb_exp.analysis.plots import save_png as _save
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, len(SETTINGS), sharey=True)
@@ -270,7 +270,7 @@ def plot_curves(runs: dict, path: Path) -> None:
 def plot_differences(runs: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
-    from trb_exp.compare import _save
+    from trb_exp.analysis.plots import save_png as _save
 
     fig = Figure(figsize=(9, 4.5), layout="constrained")
     ax = fig.subplots()

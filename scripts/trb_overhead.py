@@ -29,13 +29,15 @@ import argparse
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from trb_exp.analysis.stats import bootstrap_ci, ratio_ci  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-6
@@ -55,19 +57,6 @@ def run_cli(method: str, overrides: list[str], run_dir: Path) -> float:
 def train_rows(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in rows if "train/loss" in r]
-
-
-def bootstrap_ci(xs, stat=statistics.fmean, n=2000, seed=0):
-    rng = random.Random(seed)
-    vals = sorted(stat([rng.choice(xs) for _ in xs]) for _ in range(n))
-    return vals[int(0.025 * n)], vals[int(0.975 * n) - 1]
-
-
-def ratio_ci(a, b, n=2000, seed=0):
-    rng = random.Random(seed)
-    vals = sorted(statistics.fmean([rng.choice(a) for _ in a]) / statistics.fmean([rng.choice(b) for _ in b])
-                  for _ in range(n))
-    return vals[int(0.025 * n)], vals[int(0.975 * n) - 1]
 
 
 def describe(xs) -> str:
@@ -152,11 +141,11 @@ def main(argv=None) -> int:
          bool(kl_rows) and not viol),
         (f"budget trb/eps is exactly 0 from step K={K} on ({len(post)} steps)",
          bool(post) and all(r["trb/eps"] == 0.0 for r in post)),
-        (f"trb/beta_mean = 0 from step K on", bool(post) and all(r.get("trb/beta_mean") == 0.0 for r in post)),
-        (f"trb/frac_beta_pos = 0 from step K on", bool(post) and all(r.get("trb/frac_beta_pos") == 0.0 for r in post)),
+        ("trb/beta_mean = 0 from step K on", bool(post) and all(r.get("trb/beta_mean") == 0.0 for r in post)),
+        ("trb/frac_beta_pos = 0 from step K on", bool(post) and all(r.get("trb/frac_beta_pos") == 0.0 for r in post)),
         ("no blending diagnostics after K (the teacher leaves the decode loop)",
          not any("trb/kl_behavior_student_max" in r for r in post)),
-        (f"the budget is > 0 and blending happens on every warmup step (k < K)",
+        ("the budget is > 0 and blending happens on every warmup step (k < K)",
          all(r["trb/eps"] > 0 and r.get("trb/frac_beta_pos", 0) > 0 for r in warm)),
         ("OPD's logged budget is 0 on every step", all(r["trb/eps"] == 0.0 for r in rows["opd"])),
     ]

@@ -1,0 +1,209 @@
+"""Runs on disk: finding and loading them, grouping them into method families and configurations.
+
+A run is a folder holding ``metrics.jsonl`` and ``.hydra/config.yaml`` (``summary.json`` once finished).
+Runs are grouped by method family (``method.name``) and configuration (the method's knobs, the
+schedule's for ``trb``, and any other setting that varies within the family; never the seed).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from trb_exp.analysis.stats import steps_to_target
+
+PASS1 = "eval/pass@1"
+DIAGNOSTICS = ("trb/eps", "trb/beta_mean", "trb/kl_behavior_student_mean", "rollout/teacher_entropy")
+# settings that never define a configuration (seed, where/how a run executed, its logging)
+_IGNORED = ("seed", "device", "threads", "logger", "hydra", "trainer.save_student", "trainer.log_every",
+            "eval.batch_size", "trainer.rollout_batch_size", "trainer.micro_batch_size", "model.teacher_pass",
+            "model.teacher_device")
+_TRB_SCHEDULE_KNOBS = ("schedule.name", "schedule.eps0", "schedule.warmup_steps", "schedule.budget")
+
+
+@dataclass
+class Run:
+    path: Path
+    rel: str
+    method: str
+    seed: int
+    cfg: dict
+    evals: dict  # step -> {eval key: value}
+    train: list  # train rows (dicts with "step")
+    summary: dict | None
+    config: str = ""  # label of the configuration (set by group_runs)
+    knobs: dict = field(default_factory=dict)
+    overridden: frozenset = frozenset()  # dotted keys set on the command line (.hydra/overrides.yaml)
+
+    @property
+    def warmup_k(self) -> int | None:
+        """The run's own warmup horizon: schedule.warmup_steps (trb), method.K (veto, temp_warmup)."""
+        if self.method == "trb":
+            return int(self.cfg["schedule.warmup_steps"])
+        try:
+            return int(self.cfg["method.K"]) if "method.K" in self.cfg else None
+        except (TypeError, ValueError):  # an unresolved interpolation
+            return None
+
+    def pass1(self, step: int) -> float:
+        return float(self.evals[step][PASS1])
+
+
+def _flatten(d, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v, sort_keys=True) if isinstance(v, list) else v
+    return out
+
+
+def find_run_dirs(roots) -> list[Path]:
+    found = set()
+    for root in roots:
+        root = Path(root)
+        for m in root.rglob("metrics.jsonl"):
+            if (m.parent / ".hydra" / "config.yaml").is_file():
+                found.add(m.parent.resolve())
+    return sorted(found)
+
+
+def load_run(path: Path, rel: str) -> Run:
+    raw = OmegaConf.load(path / ".hydra" / "config.yaml")
+    try:
+        cfg = OmegaConf.to_container(raw, resolve=True)
+    except Exception:  # an interpolation that cannot resolve outside Hydra: keep it as written
+        cfg = OmegaConf.to_container(raw, resolve=False)
+    flat = _flatten(cfg)
+    evals, train = {}, []
+    for line in (path / "metrics.jsonl").read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if PASS1 in row:
+            evals.setdefault(int(row["step"]), {}).update({k: v for k, v in row.items() if k.startswith("eval/")})
+        if "train/loss" in row or any(k in row for k in DIAGNOSTICS) or "time/step_s" in row:
+            train.append(row)
+    sp = path / "summary.json"
+    summary = json.loads(sp.read_text()) if sp.is_file() else None
+    op = path / ".hydra" / "overrides.yaml"
+    overrides = OmegaConf.to_container(OmegaConf.load(op)) if op.is_file() else []
+    overridden = frozenset(k for o in overrides if (k := str(o).split("=", 1)[0].lstrip("+~")) in flat)
+    return Run(path=path, rel=rel, method=str(flat.get("method.name", "?")), seed=int(flat.get("seed", 0)),
+               cfg=flat, evals=evals, train=train, summary=summary, overridden=overridden)
+
+
+def fmt_value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _ignored(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in _IGNORED)
+
+
+def _read_by(family: str, key: str) -> bool:
+    """Whether a method family reads a setting: only trb reads the schedule (fixed_blend: its budget kind)."""
+    if not key.startswith("schedule."):
+        return True
+    return family == "trb" or (family == "fixed_blend" and key == "schedule.budget")
+
+
+def group_runs(runs: list[Run]) -> dict:
+    """{family: {config label: [runs sorted by seed]}}; sets run.config / run.knobs. A configuration is
+    the run's method.* knobs (+ schedule knobs for trb, schedule.budget for fixed_blend) plus any other
+    non-ignored setting that varies within the family. Its label names the knobs that vary or that a
+    run set on its command line."""
+    fams: dict[str, list[Run]] = {}
+    for r in runs:
+        fams.setdefault(r.method, []).append(r)
+    out = {}
+    for fam, rs in sorted(fams.items()):
+        keys = set()
+        for r in rs:
+            keys |= set(r.cfg)
+        varying = {k for k in keys if not _ignored(k) and _read_by(fam, k)
+                   and len({repr(r.cfg.get(k)) for r in rs}) > 1}
+        set_by_hand = set().union(*(r.overridden for r in rs))  # shown in labels even when constant
+        for r in rs:
+            own = {k for k in r.cfg if k.startswith("method.") and k != "method.name"}
+            if fam == "trb":
+                own |= {k for k in _TRB_SCHEDULE_KNOBS if k in r.cfg}
+            if fam == "fixed_blend" and "schedule.budget" in r.cfg:
+                own.add("schedule.budget")
+            r.knobs = {k: r.cfg.get(k) for k in sorted(own | varying)}
+            shown = sorted(((varying | set_by_hand) & set(r.knobs)) | ({k for k in _TRB_SCHEDULE_KNOBS[:3] if k in r.cfg}
+                                                                       if fam == "trb" else set()))
+            r.config = ",".join(f"{k}={fmt_value(r.knobs[k])}" for k in shown) or "default"
+        groups: dict[str, list[Run]] = {}
+        for r in rs:
+            groups.setdefault(r.config, []).append(r)
+        for label, grs in groups.items():  # knobs identical within a label (the label may omit constant ones)
+            by_knobs = {}
+            for r in grs:
+                by_knobs.setdefault(repr(sorted(r.knobs.items())), []).append(r)
+            if len(by_knobs) > 1:
+                for i, (_, sub) in enumerate(sorted(by_knobs.items())):
+                    for r in sub:
+                        r.config = f"{label}#{i}"
+        out[fam] = {}
+        for r in rs:
+            out[fam].setdefault(r.config, []).append(r)
+        out[fam] = {k: sorted(v, key=lambda r: (r.seed, r.rel)) for k, v in sorted(out[fam].items())}
+    return out
+
+
+def seeded_groups(groups: dict, ci_seeds) -> dict:
+    """``groups`` restricted to the runs whose seed is in ``ci_seeds`` (None = all runs)."""
+    if ci_seeds is None:
+        return groups
+    out = {}
+    for fam, cfgs in groups.items():
+        kept = {label: [r for r in rs if r.seed in ci_seeds] for label, rs in cfgs.items()}
+        kept = {label: rs for label, rs in kept.items() if rs}
+        if kept:
+            out[fam] = kept
+    return out
+
+
+def headline_config(configs: dict):
+    """The configuration a family is judged by over seeds: among those with >= 2 runs, the one with the
+    most runs, then the highest mean final pass@1, then the smallest label. None if none has 2 runs.
+    ``configs`` maps label -> runs (objects with ``pass1(step)`` and ``evals``)."""
+    cands = [(-len(rs), -sum(r.pass1(max(r.evals)) for r in rs) / len(rs), label)
+             for label, rs in configs.items() if len(rs) >= 2]
+    return min(cands)[2] if cands else None
+
+
+def final_pass1(r: Run) -> float:
+    return r.pass1(max(r.evals))
+
+
+def headline_finals(configs: dict, seeds=None) -> dict[int, float]:
+    """{seed: final pass@1} of the family's headline configuration ({} without one), optionally only
+    the given seeds."""
+    label = headline_config(configs)
+    return {r.seed: final_pass1(r) for r in configs[label] if seeds is None or r.seed in seeds} if label else {}
+
+
+def seed_curve(runs: list[Run], key: str = PASS1, source: str = "eval"):
+    """{step: [values over seeds]} at steps every run has."""
+    per = []
+    for r in runs:
+        if source == "eval":
+            per.append({s: float(e[key]) for s, e in r.evals.items() if key in e})
+        else:
+            per.append({int(t["step"]): float(t[key]) for t in r.train if key in t})
+    common = sorted(set.intersection(*(set(p) for p in per))) if per else []
+    return {s: [p[s] for p in per] for s in common}
+
+
+def run_steps_to_target(r: Run, target: float):
+    return steps_to_target(list(r.evals), [r.pass1(s) for s in r.evals], target)
+
