@@ -1,0 +1,120 @@
+"""Data parallelism on CPU with the gloo backend: 2 processes on a fixed rollout batch give the loss and
+the gradient of 1 process on the whole batch; the helpers that reduce metrics and evaluations over ranks."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from trb_exp import losses
+from trb_exp.distributed import DistContext, combine_evaluations, init_distributed, rank_seed, unwrap, wrap_student
+from trb_exp.rollout import response_logits
+
+B, PROMPT, RESP, MICRO = 8, 5, 6, 2
+
+
+def _batch():
+    """A fixed rollout batch: prompt+response ids, a response mask with ragged lengths, teacher log-probs."""
+    g = torch.Generator().manual_seed(1)
+    from trb_exp.data.tokenizer import build_char_tokenizer
+
+    V = len(build_char_tokenizer())
+    ids = torch.randint(3, V, (B, PROMPT + RESP), generator=g)
+    lengths = torch.tensor([6, 3, 5, 1, 6, 2, 4, 6])
+    resp_mask = torch.arange(RESP)[None] < lengths[:, None]
+    attn = torch.cat([torch.ones(B, PROMPT, dtype=torch.long), resp_mask.long()], 1)
+    t_lp = torch.log_softmax(torch.randn(B, RESP, V, generator=g) * 2, -1)
+    return ids, attn, resp_mask, t_lp
+
+
+def _model():
+    from trb_exp.data.tokenizer import build_char_tokenizer
+    from trb_exp.models import tiny_llama
+
+    return tiny_llama(build_char_tokenizer(), hidden=16, layers=2, heads=2, intermediate=32, seed=3)
+
+
+def _loss_and_grads(ctx: DistContext, strategy: str):
+    """The trainer's update on this rank's rows: micro-batches, token mean over the WHOLE step's tokens."""
+    torch.manual_seed(0)
+    model = wrap_student(_model(), ctx, strategy)
+    ids, attn, mask, t_lp = _batch()
+    rows = ctx.shard(list(range(B)))
+    ids, attn, mask, t_lp = ids[rows], attn[rows], mask[rows], t_lp[rows]
+    n_tokens = ctx.all_sum(mask.sum())
+    total = 0.0
+    for s in range(0, len(rows), MICRO):
+        sl = slice(s, s + MICRO)
+        logits = response_logits(model, ids[sl], attn[sl], PROMPT)
+        per_tok = losses.kl_student_teacher_topk(logits, t_lp[sl], k=4)
+        loss = losses.masked_token_mean(per_tok, mask[sl], n_tokens / ctx.world)
+        loss.backward()
+        total += loss.item()
+    grads = {}
+    for name, p in unwrap(model).named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        grads[name] = g.detach().clone()
+    return ctx.all_sum(total) / ctx.world, grads  # each rank normalised by N/W: the sum over ranks is W x the mean
+
+
+def _worker(rank, world, port, strategy, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ctx = init_distributed("cpu")
+    loss, grads = _loss_and_grads(ctx, strategy)
+    if ctx.is_main:
+        torch.save({"loss": loss, "grads": grads}, out)
+    torch.distributed.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_give_the_loss_and_gradient_of_one(strategy, tmp_path):
+    ref_loss, ref_grads = _loss_and_grads(DistContext(), strategy)
+    out = tmp_path / "rank0.pt"
+    mp.start_processes(_worker, args=(2, _free_port(), strategy, str(out)), nprocs=2, join=True, start_method="spawn")
+    got = torch.load(out, weights_only=True)
+    # every rank normalises its token sum by N_global / W (DDP averages gradients over the W ranks)
+    assert got["loss"] == pytest.approx(ref_loss, rel=1e-6)
+    assert set(got["grads"]) == set(ref_grads)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(got["grads"][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_single_process_context_is_the_identity():
+    ctx = DistContext()
+    assert ctx.shard([1, 2, 3]) == [1, 2, 3] and ctx.all_sum(5.0) == 5.0 and ctx.gather("x") == ["x"]
+    assert ctx.reduce_metrics({"a": 1.0}) == {"a": 1.0} and ctx.is_main and not ctx.active
+    assert rank_seed(7, 0) == 7 and rank_seed(7, 1) != rank_seed(7, 2) != 7
+    m = torch.nn.Linear(2, 2)
+    assert wrap_student(m, ctx, "ddp") is m and unwrap(m) is m
+
+
+def test_shard_needs_an_even_split():
+    from trb_exp.config import ConfigError
+
+    ctx = DistContext(rank=1, world=2)
+    assert ctx.shard([0, 1, 2, 3]) == [2, 3]
+    with pytest.raises(ConfigError, match=r"trainer.prompts_per_step=3: must be divisible by the number of processes \(2\)"):
+        ctx.shard([0, 1, 2])
+    with pytest.raises(ConfigError, match="trainer.strategy='zero3': choose one of auto, ddp, fsdp"):
+        wrap_student(torch.nn.Linear(2, 2), ctx, "zero3")
+
+
+def test_combine_evaluations_equals_one_evaluation_of_all_problems():
+    # shard 1: 2 problems, c/n = 1/4, 3/4; shard 2: 1 problem, 4/4; one evaluation of all three: mean 2/3
+    a = {"pass@1": 0.5, "pass@1_se": math.sqrt((3 / 12 + 3 / 12) / 4) / 2, "greedy_acc": 0.5, "mean_length": 10.0}
+    b = {"pass@1": 1.0, "pass@1_se": 0.0, "greedy_acc": 1.0, "mean_length": 7.0}
+    c = combine_evaluations([a, b, {}], [2, 1, 0])
+    assert c["pass@1"] == pytest.approx(2 / 3) and c["greedy_acc"] == pytest.approx(2 / 3)
+    assert c["mean_length"] == pytest.approx(9.0)
+    assert c["pass@1_se"] == pytest.approx(math.sqrt((3 / 12 + 3 / 12 + 0) / 4) / 3)

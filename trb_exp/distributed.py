@@ -1,0 +1,166 @@
+"""Data parallelism on ``torch.distributed``: ``torchrun --nproc_per_node N -m trb_exp.train ...``.
+
+One process per device. Each rank decodes its contiguous share of the step's prompts, the token-mean
+loss is normalised by the response tokens of the WHOLE step over all ranks, gradients are averaged by
+DDP (or FSDP2 with ``trainer.strategy=fsdp``), rollout statistics and evaluations are reduced over ranks,
+and rank 0 alone writes files. Without torchrun (``WORLD_SIZE`` unset or 1) every function here is the
+identity and the trainer is the single-process one, bit for bit.
+
+    ctx = init_distributed("auto")              # reads RANK / WORLD_SIZE / LOCAL_RANK (torchrun sets them)
+    rows = ctx.shard(prompts)                   # this rank's contiguous block
+    n_tokens = ctx.all_sum(mask.sum())          # the step's response tokens on all ranks
+    loss = masked_token_mean(per_tok, mask, n_tokens / ctx.world)   # DDP averages gradients over ranks
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from trb_exp.config import ConfigError
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes metrics, summaries, checkpoints and the saved student."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def shard(self, items: list, field: str = "trainer.prompts_per_step") -> list:
+        """This rank's contiguous block of ``items`` (all ranks get the same count)."""
+        if len(items) % self.world:
+            raise ConfigError(f"{field}={len(items)}: must be divisible by the number of processes ({self.world}) "
+                              "so every rank decodes the same number of prompts")
+        n = len(items) // self.world
+        return items[self.rank * n : (self.rank + 1) * n]
+
+    def all_sum(self, x):
+        """Sum of a number or tensor over ranks (a float in, a float out)."""
+        if not self.active:
+            return x
+        t = x.detach().clone() if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t if torch.is_tensor(x) else t.item()
+
+    def gather(self, obj) -> list:
+        """``obj`` of every rank, in rank order (any picklable object)."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def reduce_metrics(self, m: dict[str, float]) -> dict[str, float]:
+        """Per-step rollout statistics over ranks: the mean of the ranks' values (each rank holds the same
+        number of rollouts), the max for ``*_max`` keys, the min for ``*_min``. Keys present on only some
+        ranks are averaged over those."""
+        if not self.active:
+            return m
+        per = self.gather(m)
+        out = {}
+        for k in sorted(set().union(*per)):
+            vals = [p[k] for p in per if k in p and p[k] is not None]
+            if not vals:
+                out[k] = None
+            elif k.endswith("_max"):
+                out[k] = max(vals)
+            elif k.endswith("_min"):
+                out[k] = min(vals)
+            else:
+                out[k] = sum(vals) / len(vals)
+        return {k: out[k] for k in m} | {k: v for k, v in out.items() if k not in m}
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """The process group of a ``torchrun`` launch (NCCL on CUDA, gloo on CPU), or a single-process context."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        if torch.cuda.device_count() <= local_rank:
+            raise ConfigError(f"device={device!r}: local rank {local_rank} needs GPU {local_rank}, but this node "
+                              f"has {torch.cuda.device_count()}: lower --nproc_per_node")
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return DistContext(rank=rank, world=world, local_rank=local_rank)
+
+
+def rank_device(device: str, ctx: DistContext) -> str:
+    """The device of this rank: ``cuda:<local_rank>`` under torchrun on GPUs, else ``device`` unchanged."""
+    if ctx.active and (device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())):
+        return f"cuda:{ctx.local_rank}"
+    return device
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The sampling seed of a rank: the run's seed on rank 0 (so one process reproduces the single-process
+    trainer exactly), a distinct deterministic stream per other rank. Reproducible for a given world size."""
+    return int(seed) if rank == 0 else int(seed) * 1_000_003 + rank
+
+
+def wrap_student(model: torch.nn.Module, ctx: DistContext, strategy: str = "auto") -> torch.nn.Module:
+    """DDP (``auto``, ``ddp``: a replica per rank) or FSDP2 (``fsdp``: parameters sharded per decoder layer,
+    ``torch.distributed.fsdp.fully_shard``) around the student; the model itself without torchrun."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"trainer.strategy={strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if not ctx.active:
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        layers = getattr(getattr(model, "model", model), "layers", [])
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    dev = next(model.parameters()).device
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (FSDP2 shards in place: the model is itself)."""
+    return getattr(model, "module", model)
+
+
+def combine_evaluations(results: list[dict[str, float]], sizes: list[int]) -> dict[str, float]:
+    """One evaluation from the ranks' evaluations of disjoint problem shards of ``sizes`` problems each:
+    per-problem means (pass@k, greedy accuracy, mean length and EOS rate: every problem has n samples)
+    weighted by the shard sizes; ``pass@1_se`` = sqrt(sum_r (se_r N_r)^2) / N (independent shards)."""
+    results, sizes = [r for r, n in zip(results, sizes) if n], [n for n in sizes if n]  # ranks without problems
+    total = sum(sizes)
+    if total == 0:
+        raise ValueError("combine_evaluations: no problems")
+    keys = [k for k in results[0] if all(k in r for r in results)]
+    out = {}
+    for k in keys:
+        if k.endswith("pass@1_se"):
+            out[k] = math.sqrt(sum((r[k] * n) ** 2 for r, n in zip(results, sizes))) / total
+        elif k.endswith(("n_samples",)):
+            out[k] = results[0][k]
+        elif k.endswith("n_problems"):
+            out[k] = sum(r[k] for r in results)
+        else:
+            out[k] = sum(r[k] * n for r, n in zip(results, sizes)) / total
+    return out
