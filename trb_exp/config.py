@@ -28,6 +28,12 @@ def validate(cfg) -> None:
     es = tr.eval_samples
     _require(es is None or (isinstance(es, int) and es >= 1), "trainer.eval_samples", es,
              "must be null (each benchmark's own n, the paper's counts) or an integer >= 1")
+    for name in ("checkpoint_every", "keep_checkpoints"):
+        v = tr.get(name) or 0
+        _require(isinstance(v, int) and v >= 0, f"trainer.{name}", v, "must be an integer >= 0 (0 = off / all)")
+    res = tr.get("resume", "auto")
+    _require(isinstance(res, str) and res != "", "trainer.resume", res,
+             "use auto (continue the run dir's newest checkpoint), never, or a checkpoint path")
     rb = tr.get("rollout_batch_size")
     _require(rb is None or (isinstance(rb, int) and rb >= 1), "trainer.rollout_batch_size", rb,
              "must be null (the whole step at once) or an integer >= 1")
