@@ -179,24 +179,53 @@ def find_run_dirs(roots) -> list[Path]:
     return sorted(found)
 
 
+class InputError(SystemExit):
+    """A bad input: ``error: <one line>`` on stderr and exit code 2, like the trainer's."""
+
+    def __init__(self, message: str):
+        print(message, file=sys.stderr)
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _bad(path: Path, what: str) -> SystemExit:
+    return InputError(f"error: {path}: {what}; fix or remove that run directory")
+
+
 def load_run(path: Path, rel: str) -> Run:
-    raw = OmegaConf.load(path / ".hydra" / "config.yaml")
+    try:
+        raw = OmegaConf.load(path / ".hydra" / "config.yaml")
+    except Exception as e:
+        raise _bad(path / ".hydra" / "config.yaml", f"not a readable config ({type(e).__name__})") from None
     try:
         cfg = OmegaConf.to_container(raw, resolve=True)
     except Exception:  # an interpolation that cannot resolve outside Hydra: keep it as written
         cfg = OmegaConf.to_container(raw, resolve=False)
     flat = _flatten(cfg)
     evals, train = {}, []
-    for line in (path / "metrics.jsonl").read_text().splitlines():
+    for n, line in enumerate((path / "metrics.jsonl").read_text().splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _bad(path / "metrics.jsonl", f"line {n} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise _bad(path / "metrics.jsonl", f"line {n} is not a metrics row (a JSON object with an integer step)")
         if PASS1 in row:
             evals.setdefault(int(row["step"]), {}).update({k: v for k, v in row.items() if k.startswith("eval/")})
         if "train/loss" in row or any(k in row for k in DIAGNOSTICS) or "time/step_s" in row:
             train.append(row)
     sp = path / "summary.json"
-    summary = json.loads(sp.read_text()) if sp.is_file() else None
+    try:
+        summary = json.loads(sp.read_text()) if sp.is_file() else None
+    except json.JSONDecodeError as e:
+        raise _bad(sp, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+    if summary is not None and not isinstance(summary, dict):
+        raise _bad(sp, "not a summary (a JSON object)")
     op = path / ".hydra" / "overrides.yaml"
     overrides = OmegaConf.to_container(OmegaConf.load(op)) if op.is_file() else []
     overridden = frozenset(k for o in overrides if (k := str(o).split("=", 1)[0].lstrip("+~")) in flat)
@@ -749,7 +778,7 @@ def compare(run_dirs, out: Path, *, target_frac: float = 0.8, teacher_pass1: flo
             ci_seeds=None, paper: dict | None = None, title: str = "Run comparison", command: str | None = None) -> Path:
     paths = find_run_dirs(run_dirs)
     if not paths:
-        raise SystemExit(f"error: no run (metrics.jsonl + .hydra/config.yaml) under {', '.join(map(str, run_dirs))}")
+        raise InputError(f"error: no run (metrics.jsonl + .hydra/config.yaml) under {', '.join(map(str, run_dirs))}")
     root = Path(os.path.commonpath([str(p) for p in paths])) if len(paths) > 1 else paths[0].parent
     runs = [load_run(p, str(p.relative_to(root))) for p in paths]
     unfinished = sum(r.summary is None for r in runs)
@@ -757,7 +786,7 @@ def compare(run_dirs, out: Path, *, target_frac: float = 0.8, teacher_pass1: flo
         print(f"[compare] skipping {unfinished} unfinished run(s) (no summary.json)", file=sys.stderr)
     runs = [r for r in runs if r.evals and r.summary is not None]
     if not runs:
-        raise SystemExit("error: none of the runs has finished (summary.json) with an evaluation row")
+        raise InputError("error: none of the runs has finished (summary.json) with an evaluation row")
     groups = group_runs(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -795,8 +824,17 @@ def main(argv=None) -> None:
             ci_seeds = {int(x) for x in a.ci_seeds.split(",")}
         except ValueError:
             p.error(f"--ci-seeds={a.ci_seeds!r}: give integers separated by commas, e.g. 1,2,3")
-    paper = json.loads(Path(a.paper).read_text()) if a.paper else None
+    paper = None
+    if a.paper:
+        if not Path(a.paper).is_file():
+            raise InputError(f"error: --paper {a.paper}: no such file (e.g. --paper docs/results/paper_table1.json)")
+        try:
+            paper = json.loads(Path(a.paper).read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"error: --paper {a.paper}: not valid JSON ({e.msg} at line {e.lineno})") from None
     out = a.out or str(Path(os.path.commonpath([str(Path(d).resolve()) for d in a.run_dirs])) / "comparison")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise InputError(f"error: --out {out}: a file is there; give a directory (it is created if missing)")
     command = "python -m trb_exp.compare " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     path = compare(a.run_dirs, Path(out), target_frac=a.target_frac, teacher_pass1=a.teacher_pass1,
                    ci_seeds=ci_seeds, paper=paper, title=a.title, command=command)

@@ -16,11 +16,13 @@ from typing import Callable
 import torch
 import transformers
 
-from trb_exp.config import ConfigError
-from trb_exp.data import Benchmark, load_benchmark, load_benchmarks, load_task, prompt_formatter
+from omegaconf import OmegaConf
+
+from trb_exp.config import ConfigError, check_ks, validate_eval
+from trb_exp.data import Benchmark, check_prompts, load_benchmark, load_benchmarks, load_task, prompt_formatter
 from trb_exp.methods import Method
 from trb_exp.models import (check_available, check_pair, embedded_pair_dir, eos_ids, load_model, load_tokenizer,
-                            pair_eos_ids, pick_device, set_vocab_size)
+                            max_positions, pair_eos_ids, pick_device, set_vocab_size)
 
 
 @dataclass
@@ -38,6 +40,13 @@ class Experiment:
     train_answers: list[str] = field(default_factory=list)
     grade: Callable[[str, str], bool] | None = None
     teacher_pass: str = "rollout"
+
+
+def is_char_tokenizer(tok) -> bool:
+    """The embedded task's character-level tokenizer (``data.tokenizer.build_char_tokenizer``)."""
+    from trb_exp.data.tokenizer import CHARS, SPECIAL_TOKENS
+
+    return set(tok.get_vocab()) == set(SPECIAL_TOKENS) | set(CHARS)
 
 
 def _start(cfg) -> torch.device:
@@ -71,6 +80,20 @@ def setup(cfg) -> Experiment:
     emb = embedded_pair_dir(task.spec, str(mc.get("embedded_pair", "a"))) if uses_embedded and task.spec is not None else None
     tok = load_tokenizer(mc.student, mc.trust_remote_code, emb, field="model.student")
     teacher_tok = load_tokenizer(mc.teacher, mc.trust_remote_code, emb, field="model.teacher")
+    # one rendering of every prompt (chat template / plain format), encoded with the student's tokenizer;
+    # checked (encodable, short enough) before any model is loaded
+    fmt = prompt_formatter(tok, mc)
+    if not benchmarks:
+        benchmarks = [Benchmark(task.name, task.test_prompts, task.test_answers, task.grade)]
+    size = cfg.trainer.eval_size
+    # each benchmark keeps its own n (trainer.eval_samples=null evaluates it at that n)
+    benchmarks = [Benchmark(b.name, [fmt(p) for p in b.prompts[:size]], b.answers[:size], b.grade, b.n_samples)
+                  for b in benchmarks]
+    train_prompts = [fmt(p) for p in task.train_prompts]
+    positions = max_positions(mc.student, emb, mc.trust_remote_code)
+    check_prompts(tok, train_prompts, f"dataset ({task.name}, training prompts)", positions)
+    for b in benchmarks:
+        check_prompts(tok, b.prompts, f"benchmark {b.name}", positions)
     student = load_model(mc.student, device=device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code,
                          train=True, embedded_dir=emb, gradient_checkpointing=bool(mc.get("gradient_checkpointing")),
                          field="model.student")
@@ -80,25 +103,18 @@ def setup(cfg) -> Experiment:
     vocab = check_pair(tok, teacher_tok, student, teacher)
     set_vocab_size(student, vocab)  # padded embeddings: compare both models on the tokenizer's vocabulary
     set_vocab_size(teacher, vocab)
-    # one rendering of every prompt (chat template / plain format), encoded with the student's tokenizer
-    fmt = prompt_formatter(tok, mc)
-    if not benchmarks:
-        benchmarks = [Benchmark(task.name, task.test_prompts, task.test_answers, task.grade)]
-    size = cfg.trainer.eval_size
-    # each benchmark keeps its own n (trainer.eval_samples=null evaluates it at that n)
-    benchmarks = [Benchmark(b.name, [fmt(p) for p in b.prompts[:size]], b.answers[:size], b.grade, b.n_samples)
-                  for b in benchmarks]
     # different EOS ids (Base student, instruct teacher): one merged end-of-sequence event at the student's id
     eos_id, all_eos = pair_eos_ids(tok, teacher_tok, student, teacher)
     return Experiment(cfg=cfg, device=device, tok=tok, student=student, benchmarks=benchmarks, eos_id=eos_id,
                       eos_ids=all_eos, method=method, teacher=teacher,
-                      train_prompts=[fmt(p) for p in task.train_prompts], train_answers=list(task.train_answers),
+                      train_prompts=train_prompts, train_answers=list(task.train_answers),
                       grade=task.grade, teacher_pass=teacher_pass)
 
 
 def setup_eval(cfg) -> Experiment:
     """The scoring experiment of ``trb_exp.evaluate``: ``model.student`` alone, the ``dataset`` benchmark
     (its held-out split for a training source) followed by ``eval.benchmarks``, cut to ``eval.size``."""
+    validate_eval(cfg)
     device = _start(cfg)
     ev, mc = cfg.eval, cfg.model
     name = str(mc.student)
@@ -112,17 +128,27 @@ def setup_eval(cfg) -> Experiment:
     if name.startswith("embedded:") and cfg.dataset.name == "arithmetic":
         emb = embedded_pair_dir(load_task(cfg.dataset).spec, str(mc.get("embedded_pair", "a")))
     tok = load_tokenizer(name, mc.trust_remote_code, emb, field="model.student")
-    model = load_model(name, device=device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code, train=False,
-                       embedded_dir=emb, field="model.student")
-    rows = model.get_output_embeddings().weight.shape[0]
-    set_vocab_size(model, len(tok) if rows > len(tok) else None)  # never sample a padding row
+    if cfg.dataset.name == "arithmetic" and is_char_tokenizer(tok) and str(mc.get("plain_template")) != "{prompt}":
+        # a student trained on the embedded task: its prompts are the task's own text, not the hub format
+        mc = OmegaConf.merge(mc, {"chat_template": "none", "system_prompt": None, "plain_template": "{prompt}"})
+        print("[evaluate] the embedded character-level tokenizer: scoring with the embedded task's prompt format "
+              "(model=embedded)", flush=True)
     fmt = prompt_formatter(tok, mc)
     size = ev.get("size")
-    benchmarks = [Benchmark(b.name, [fmt(p) for p in b.prompts[:size]], b.answers[:size], b.grade, b.n_samples)
+    n = ev.get("samples")
+    benchmarks = [Benchmark(b.name, [fmt(p) for p in b.prompts[:size]], b.answers[:size], b.grade, int(n or b.n_samples))
                   for b in benchmarks]
     names = [b.name for b in benchmarks]
     if len(set(names)) != len(names):
         raise ConfigError(f"eval.benchmarks: {names} names a benchmark twice; give each entry its own label")
+    check_ks(None if ev.get("ks") is None else [int(k) for k in ev.ks], benchmarks)
+    positions = max_positions(name, emb, mc.trust_remote_code)
+    for b in benchmarks:
+        check_prompts(tok, b.prompts, f"benchmark {b.name}", positions)
+    model = load_model(name, device=device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code, train=False,
+                       embedded_dir=emb, field="model.student")
+    rows = model.get_output_embeddings().weight.shape[0]
+    set_vocab_size(model, len(tok) if rows > len(tok) else None)  # never sample a padding row
     ids = tuple(eos_ids(tok, model))
     return Experiment(cfg=cfg, device=device, tok=tok, student=model, benchmarks=benchmarks,
                       eos_id=int(tok.eos_token_id), eos_ids=ids)

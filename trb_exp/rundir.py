@@ -15,6 +15,7 @@ import fcntl
 import os
 import secrets
 import shutil
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -24,6 +25,21 @@ from trb_exp.config import ConfigError
 _UID = f"{os.getpid()}{secrets.token_hex(2)}"
 if not OmegaConf.has_resolver("run_uid"):
     OmegaConf.register_new_resolver("run_uid", lambda: _UID)
+
+def _first_missing(argv: list[str]) -> Path | None:
+    """The outermost directory of ``hydra.run.dir=...`` (on this command line) that does not exist yet:
+    Hydra creates it with the run dir, so a rejected run removes it again."""
+    for a in argv:
+        if a.startswith("hydra.run.dir="):
+            p = Path(a.split("=", 1)[1]).expanduser().absolute()
+            missing = None
+            while not p.exists():
+                missing, p = p, p.parent
+            return missing
+    return None
+
+
+CREATED_ROOT = _first_missing(sys.argv[1:])  # read at import, before Hydra creates anything
 
 HYDRA_LOG_NAMES = ("train.log", "evaluate.log")  # Hydra's job log (empty: nothing logs through logging)
 
@@ -68,14 +84,16 @@ class RunDir:
         _save_config(hc.hydra.overrides.task, "overrides.yaml", out)
 
     def reject(self) -> None:
-        """Undo what this run created: a directory that was new goes (with the parents left empty, up
-        to the working directory); an existing one is left as it was."""
+        """Undo what this run created: a directory that was new goes, with the parents Hydra created for
+        it (those of a ``hydra.run.dir=`` that did not exist; else empty ones below the working
+        directory); an existing one is left as it was."""
         self.release()
         if not self.was_new:
             return
         shutil.rmtree(self.path, ignore_errors=True)
+        top = CREATED_ROOT.resolve() if CREATED_ROOT is not None else None
         cwd, p = Path.cwd().resolve(), self.path.resolve().parent
-        while p != cwd and cwd in p.parents:
+        while top is not None and (p == top or top in p.parents) or (top is None and p != cwd and cwd in p.parents):
             try:
                 p.rmdir()  # only an empty directory
             except OSError:
