@@ -32,12 +32,12 @@ from pathlib import Path
 
 from trb_exp.analysis.plots import plot_headline_curves, plot_learning_curves, plot_sweeps, plot_trb_diagnostics
 from trb_exp.analysis.report import build_report, render_paper_table
-from trb_exp.analysis.runs import (PASS1, Run, find_run_dirs, group_runs, headline_config, headline_finals, load_run,
-                                   seeded_groups)
+from trb_exp.analysis.runs import (PASS1, InputError, Run, find_run_dirs, group_runs, headline_config, headline_finals,
+                                   load_run, seeded_groups)
 from trb_exp.analysis.stats import (best_checkpoint, closest_step, first_step_at_least, mean_ci, paired_difference,
                                     steps_to_target, t_quantile_975)
 
-__all__ = ["PASS1", "Run", "best_checkpoint", "build_report", "closest_step", "compare", "find_run_dirs",
+__all__ = ["PASS1", "InputError", "Run", "best_checkpoint", "build_report", "closest_step", "compare", "find_run_dirs",
            "first_step_at_least", "group_runs", "headline_config", "headline_finals", "load_run", "main", "mean_ci",
            "paired_difference", "render_paper_table", "steps_to_target", "t_quantile_975"]
 
@@ -46,7 +46,7 @@ def compare(run_dirs, out: Path, *, target_frac: float = 0.8, teacher_pass1: flo
             ci_seeds=None, paper: dict | None = None, title: str = "Run comparison", command: str | None = None) -> Path:
     paths = find_run_dirs(run_dirs)
     if not paths:
-        raise SystemExit(f"error: no run (metrics.jsonl + .hydra/config.yaml) under {', '.join(map(str, run_dirs))}")
+        raise InputError(f"error: no run (metrics.jsonl + .hydra/config.yaml) under {', '.join(map(str, run_dirs))}")
     root = Path(os.path.commonpath([str(p) for p in paths])) if len(paths) > 1 else paths[0].parent
     runs = [load_run(p, str(p.relative_to(root))) for p in paths]
     unfinished = sum(r.summary is None for r in runs)
@@ -54,7 +54,7 @@ def compare(run_dirs, out: Path, *, target_frac: float = 0.8, teacher_pass1: flo
         print(f"[compare] skipping {unfinished} unfinished run(s) (no summary.json)", file=sys.stderr)
     runs = [r for r in runs if r.evals and r.summary is not None]
     if not runs:
-        raise SystemExit("error: none of the runs has finished (summary.json) with an evaluation row")
+        raise InputError("error: none of the runs has finished (summary.json) with an evaluation row")
     groups = group_runs(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,8 +92,17 @@ def main(argv=None) -> None:
             ci_seeds = {int(x) for x in a.ci_seeds.split(",")}
         except ValueError:
             p.error(f"--ci-seeds={a.ci_seeds!r}: give integers separated by commas, e.g. 1,2,3")
-    paper = json.loads(Path(a.paper).read_text()) if a.paper else None
+    paper = None
+    if a.paper:
+        if not Path(a.paper).is_file():
+            raise InputError(f"error: --paper {a.paper}: no such file (e.g. --paper docs/results/paper_table1.json)")
+        try:
+            paper = json.loads(Path(a.paper).read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"error: --paper {a.paper}: not valid JSON ({e.msg} at line {e.lineno})") from None
     out = a.out or str(Path(os.path.commonpath([str(Path(d).resolve()) for d in a.run_dirs])) / "comparison")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise InputError(f"error: --out {out}: a file is there; give a directory (it is created if missing)")
     command = "python -m trb_exp.compare " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     path = compare(a.run_dirs, Path(out), target_frac=a.target_frac, teacher_pass1=a.teacher_pass1,
                    ci_seeds=ci_seeds, paper=paper, title=a.title, command=command)

@@ -21,16 +21,13 @@ import time
 from pathlib import Path
 
 import hydra
-import torch
-import transformers
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from trb_exp import rundir  # noqa: F401  (the ${run_uid:} resolver of hydra.run.dir)
 from trb_exp.config import ConfigError
-from trb_exp.data import Benchmark, load_benchmark, load_benchmarks, prompt_formatter
 from trb_exp.evaluation import evaluate_benchmarks
-from trb_exp.models import (check_available, embedded_pair_dir, eos_ids, load_model, load_tokenizer,
-                            pick_device, set_vocab_size)
+from trb_exp.experiment import setup_eval
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -55,43 +52,15 @@ def markdown_table(results: dict, names: list[str]) -> str:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
-    transformers.utils.logging.disable_progress_bar()
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    torch.manual_seed(int(cfg.seed))
-    ev, mc = cfg.eval, cfg.model
-    name = str(mc.student)
-    check_available(name, "model.student")
-    device = pick_device(cfg.device)
-
-    # a benchmark config: its split; a training source with a held-out split (gsm8k_train): that split
-    d = cfg.dataset
-    held_out = d.name == "hf" and bool(d.get("test_files") or (d.get("test_split") and not d.get("data_files")))
-    first = load_benchmark(cfg.dataset, "dataset", test=held_out)
-    benchmarks = [first, *load_benchmarks(ev.benchmarks)]
-    emb = None
-    if name.startswith("embedded:"):
-        from trb_exp.data import load_task
-
-        emb = embedded_pair_dir(load_task(cfg.dataset).spec, str(cfg.model.get("embedded_pair", "a"))) if cfg.dataset.name == "arithmetic" else None
-    tok = load_tokenizer(name, mc.trust_remote_code, emb, field="model.student")
-    model = load_model(name, device=device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code, train=False,
-                       embedded_dir=emb, field="model.student")
-    rows = model.get_output_embeddings().weight.shape[0]
-    set_vocab_size(model, len(tok) if rows > len(tok) else None)  # never sample a padding row
-    fmt = prompt_formatter(tok, mc)
-    size = ev.get("size")
-    benchmarks = [Benchmark(b.name, [fmt(p) for p in b.prompts[:size]], b.answers[:size], b.grade, b.n_samples)
-                  for b in benchmarks]
-    names = [b.name for b in benchmarks]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"eval.benchmarks: {names} names a benchmark twice; give each entry its own label")
+    exp = setup_eval(cfg)  # the student alone; benchmarks rendered with the training prompt format
+    ev, name = cfg.eval, str(cfg.model.student)
+    names = [b.name for b in exp.benchmarks]
     ks = None if ev.get("ks") is None else tuple(int(k) for k in ev.ks)
     t0 = time.time()
-    res = evaluate_benchmarks(model, tok, benchmarks, n_samples=ev.get("samples"), ks=ks,
+    res = evaluate_benchmarks(exp.student, exp.tok, exp.benchmarks, n_samples=ev.get("samples"), ks=ks,
                               temperature=float(ev.temperature), greedy=bool(ev.greedy),
                               max_new_tokens=int(ev.max_new_tokens), batch_size=int(ev.batch_size),
-                              seed=int(cfg.seed), eos_ids=tuple(eos_ids(tok, model)))
+                              seed=int(cfg.seed), eos_ids=exp.eos_ids, progress=True)
     out = {"model": name, "benchmarks": names, "eval_s": round(time.time() - t0, 2), "results": res,
            "config": OmegaConf.to_container(cfg, resolve=True)}
     out_dir.mkdir(parents=True, exist_ok=True)

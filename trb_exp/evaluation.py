@@ -34,9 +34,15 @@ def pass_at_1_se(correct_per_problem: list[int], n: int) -> float:
     return math.sqrt(var) / len(correct_per_problem)
 
 
-def _generate(model, tokenizer, prompts, rule, *, max_new_tokens, batch_size, generator, device, eos_ids=()):
+def _generate(model, tokenizer, prompts, rule, *, max_new_tokens, batch_size, generator, device, eos_ids=(),
+              progress: str | None = None):
     texts, lengths, finished = [], [], []
-    for i in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    if progress:  # the evaluation's own bar (one tick per decoded batch), gone when it is done
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=progress, unit="batch", leave=False, dynamic_ncols=True)
+    for i in starts:
         ids, mask = encode_prompts(tokenizer, prompts[i : i + batch_size], device)
         ro = sample(model, None, ids, mask, rule, max_new_tokens=max_new_tokens,
                     eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator,
@@ -51,10 +57,12 @@ def _generate(model, tokenizer, prompts, rule, *, max_new_tokens, batch_size, ge
 def evaluate(model, tokenizer, prompts: list[str], answers: list[str], grade, *, n_samples: int = 4,
              temperature: float = 1.0, greedy: bool = True, max_new_tokens: int = 64,
              batch_size: int = 512, seed: int = 0, ks: tuple[int, ...] = (1,),
-             eos_ids: tuple[int, ...] = ()) -> dict[str, float]:
+             eos_ids: tuple[int, ...] = (), progress: bool | str = False) -> dict[str, float]:
     """Sampled pass@1 (+ pass@k for k in ``ks`` up to n) and greedy accuracy on ``prompts``.
 
-    ``eos_ids``: extra end-of-sequence ids (the teacher's) merged into the tokenizer's EOS, as in training."""
+    ``eos_ids``: extra end-of-sequence ids (the teacher's) merged into the tokenizer's EOS, as in training.
+    ``progress``: show a progress bar over the decoded batches (a string: its label)."""
+    label = (progress if isinstance(progress, str) else "eval") if progress else None
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -62,7 +70,7 @@ def evaluate(model, tokenizer, prompts: list[str], answers: list[str], grade, *,
     rep_prompts = [p for p in prompts for _ in range(n_samples)]
     texts, lengths, finished = _generate(model, tokenizer, rep_prompts, StudentRule(temperature),
                                          max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                         generator=gen, device=device, eos_ids=eos_ids)
+                                         generator=gen, device=device, eos_ids=eos_ids, progress=label)
     correct = [grade(t, answers[i // n_samples]) for i, t in enumerate(texts)]
     per_problem = [sum(correct[j * n_samples : (j + 1) * n_samples]) for j in range(len(prompts))]
     out = {
@@ -77,7 +85,8 @@ def evaluate(model, tokenizer, prompts: list[str], answers: list[str], grade, *,
             out[f"pass@{k}"] = sum(pass_at_k(n_samples, c, k) for c in per_problem) / len(prompts)
     if greedy:
         gtexts, _, _ = _generate(model, tokenizer, list(prompts), GreedyRule(), max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size, generator=gen, device=device, eos_ids=eos_ids)
+                                 batch_size=batch_size, generator=gen, device=device, eos_ids=eos_ids,
+                                 progress=label and f"{label} (greedy)")
         out["greedy_acc"] = sum(grade(t, a) for t, a in zip(gtexts, answers)) / len(prompts)
     model.train(was_training)
     return out
@@ -93,7 +102,7 @@ def default_ks(n: int) -> tuple[int, ...]:
 
 
 def evaluate_benchmarks(model, tokenizer, benchmarks, *, n_samples: int | None = None,
-                        ks: tuple[int, ...] | None = None, **kw) -> dict[str, float]:
+                        ks: tuple[int, ...] | None = None, progress: bool = False, **kw) -> dict[str, float]:
     """``evaluate`` on each benchmark (``data.Benchmark``) with ``n_samples`` per problem (None: each
     benchmark's own n, the paper's count), as ``<name>/<metric>``; plus the setup average of every
     metric that every benchmark reports (unweighted, as the paper's Table 1 averages its
@@ -103,7 +112,7 @@ def evaluate_benchmarks(model, tokenizer, benchmarks, *, n_samples: int | None =
     for b in benchmarks:
         n = int(n_samples or b.n_samples)
         r = evaluate(model, tokenizer, b.prompts, b.answers, b.grade, n_samples=n,
-                     ks=ks if ks is not None else default_ks(n), **kw)
+                     ks=ks if ks is not None else default_ks(n), progress=progress and f"eval {b.name}", **kw)
         r["n_samples"], r["n_problems"] = n, len(b.prompts)
         for k, v in r.items():
             out[f"{b.name}/{k}"] = v

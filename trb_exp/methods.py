@@ -52,6 +52,22 @@ class Schedule:
         return budget_at(step, self.name, self.eps0, self.warmup_steps, self.final_ratio)
 
 
+def _checked(field: str, v, default):
+    """``v`` when it has the kind of ``default`` (an int field takes an int, a float field any finite
+    number); a string such as 'abc', inf or nan is a one-line ``ConfigError``."""
+    from trb_exp.config import is_number
+
+    if v is None or isinstance(v, str) and isinstance(default, str):
+        return v
+    if isinstance(default, int) and not isinstance(default, bool):
+        if not (isinstance(v, int) and not isinstance(v, bool)):
+            raise ConfigError(f"{field}={v!r}: must be an integer")
+        return v
+    if not is_number(v):
+        raise ConfigError(f"{field}={v!r}: must be a finite number")
+    return v
+
+
 def ramp(step: int, start: float, end: float, K: int) -> float:
     """Linear from ``start`` at step 0 to ``end`` at step K, then ``end`` (K = 0: ``end`` throughout)."""
     if step >= K:
@@ -85,21 +101,27 @@ class Method:
 
     @classmethod
     def from_cfg(cls, method_cfg, schedule_cfg) -> "Method":
-        g = method_cfg.get
+        def g(key, default=None):  # a numeric field: a finite number of the right kind, else one line
+            v = method_cfg.get(key, default)
+            return _checked(f"method.{key}", v, default)
+
+        def sg(key, default=None):
+            return _checked(f"schedule.{key}", schedule_cfg.get(key, default), default)
+
         m = cls(
             name=str(method_cfg.name),
             rollout=str(method_cfg.rollout),
             loss=str(method_cfg.loss),
-            estimator=str(g("estimator", "topk")),
+            estimator=str(method_cfg.get("estimator", "topk")),
             topk=int(g("topk", 16)),
             schedule=Schedule(
                 name=str(schedule_cfg.name),
-                eps0=float(schedule_cfg.eps0),
-                warmup_steps=int(schedule_cfg.warmup_steps),
+                eps0=float(sg("eps0", 0.0)),
+                warmup_steps=int(sg("warmup_steps", 0)),
                 budget=str(schedule_cfg.get("budget", "absolute")),
-                final_ratio=float(schedule_cfg.get("final_ratio", 0.01)),
-                handover=float(schedule_cfg.get("handover", 0.5)),
-                target_reward=float(schedule_cfg.get("target_reward", 0.25)),
+                final_ratio=float(sg("final_ratio", 0.01)),
+                handover=float(sg("handover", 0.5)),
+                target_reward=float(sg("target_reward", 0.25)),
             ),
             eps=None if g("eps") is None else float(g("eps")),
             teacher_top_k=int(g("teacher_top_k", 25)),
@@ -142,6 +164,8 @@ class Method:
             bad("schedule.handover", s.handover, "the hand-over fraction of the initial gap must be in [0, 1)")
         if not 0 < s.target_reward <= 1:
             bad("schedule.target_reward", s.target_reward, "a target mean reward must be in (0, 1]")
+        if s.name == "exponential" and not 0 < s.final_ratio <= 1:
+            bad("schedule.final_ratio", s.final_ratio, "the decay ratio of the exponential schedule must be in (0, 1]")
         if s.budget not in BUDGETS:
             bad("schedule.budget", s.budget, f"choose one of {', '.join(BUDGETS)}")
         field, eps = ("schedule.eps0", s.eps0) if self.eps is None else ("method.eps", self.eps)

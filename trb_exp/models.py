@@ -78,8 +78,26 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def max_positions(name: str, embedded_dir: Path | None = None, trust_remote_code: bool = False) -> int | None:
+    """The model's context length (``max_position_embeddings``) from its config alone, before loading it."""
+    from transformers import AutoConfig
+
+    try:
+        c = AutoConfig.from_pretrained(resolve(name, embedded_dir), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None  # load_model reports it
+    c = getattr(c, "text_config", None) or c
+    n = getattr(c, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) else None
+
+
 def _load_error(name: str, e: Exception, field: str = "model") -> ConfigError:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    if Path(name).expanduser().is_dir():  # a local directory: downloading is not the fix
+        p = Path(name).expanduser()
+        what = "is empty" if not any(p.iterdir()) else f"has no loadable model or tokenizer ({first})"
+        return ConfigError(f"{field}={name!r}: the directory {what}; give a directory written by save_pretrained "
+                           "(config.json, *.safetensors and the tokenizer files)")
     return ConfigError(
         f"{field}: cannot load {name!r} ({first}); download it first (`hf download {name} --local-dir DIR`) "
         f"and point {field} at the directory"

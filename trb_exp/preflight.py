@@ -23,6 +23,24 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "on", "yes", "true")
 
 
+def hub_endpoint() -> tuple[str, int]:
+    from urllib.parse import urlparse
+
+    u = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return u.hostname or "huggingface.co", u.port or (443 if u.scheme == "https" else 80)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub's endpoint (``HF_ENDPOINT``), given up after ``timeout`` seconds."""
+    import socket
+
+    try:
+        socket.create_connection(hub_endpoint(), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def check_available(name: str, field: str = "model") -> None:
     """Fail at once, with one line, when ``name`` cannot be loaded without the network: not
     ``embedded:*``, not a local directory, and (offline) not in the local Hugging Face cache."""
@@ -31,14 +49,19 @@ def check_available(name: str, field: str = "model") -> None:
     if Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ConfigError(f"{field}={name!r}: no such model directory; give a directory saved with "
                           "save_pretrained or a hub id such as Qwen/Qwen3-0.6B-Base")
-    if not hub_offline():
-        return  # online: from_pretrained downloads it (its errors become one line in models.load_model)
     from huggingface_hub import try_to_load_from_cache
 
     try:
         cached = try_to_load_from_cache(name, "config.json")
     except Exception:  # not a valid repo id
         cached = None
+    if not hub_offline():
+        if not isinstance(cached, str) and not hub_reachable():  # else the hub client retries for a minute
+            host = hub_endpoint()[0]
+            raise ConfigError(f"{field}={name!r} is not in the local Hugging Face cache and the hub ({host}) cannot "
+                              f"be reached from here: download it where the network is (`hf download {name} "
+                              f"--local-dir DIR`) and point the config at the copy: {field}=DIR")
+        return  # online: from_pretrained downloads it (its errors become one line in models.load_model)
     if not isinstance(cached, str):
         raise ConfigError(
             f"{field}={name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1: download it "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -182,6 +183,9 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None, help="output directory (default: the pair's shipped directory)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = ap.parse_args(argv)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():  # before 15 minutes of training
+        print(f"error: --out {args.out}: a file is there; give a directory (it is created if missing)", file=sys.stderr)
+        raise SystemExit(2)
     if args.threads:
         torch.set_num_threads(args.threads)
     report = prepare_pair(pair_spec(args.pair), args.out or embedded_dir_of(args.pair))

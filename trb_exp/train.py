@@ -26,18 +26,20 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-import transformers
+from tqdm import tqdm
 
 from trb_exp import losses
 from trb_exp.blending import merge_eos
 from trb_exp.config import ConfigError, validate
-from trb_exp.data import Benchmark, encode_prompts, load_benchmarks, load_task, prompt_formatter
+from trb_exp.data import encode_prompts
 from trb_exp.evaluation import evaluate, evaluate_benchmarks
-from trb_exp.logger import RunLogger
+from trb_exp.experiment import Experiment, setup
+from trb_exp.logger import RunLogger, read_rows
 from trb_exp.methods import Method
-from trb_exp.models import (check_available, check_pair, embedded_pair_dir, load_model, load_tokenizer,
-                            pair_eos_ids, pick_device, set_vocab_size)
+from trb_exp.preempt import EXIT_INTERRUPTED, Stopped, StopSignals
 from trb_exp.rollout import concat_rollouts, response_logits, sample, teacher_logprobs
+from trb_exp.rundir import RunDir
+from trb_exp.state import STATE_FILE, TrainState, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from trb_exp.warm_start import sft_warm_start
 
 
@@ -106,161 +108,255 @@ def rollout_metrics(ro, texts, answers, grade, method: Method, step: int, temper
     return m
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    validate(cfg)
-    transformers.utils.logging.disable_progress_bar()
-    method = Method.from_cfg(cfg.method, cfg.schedule)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    tr = cfg.trainer
-    mc = cfg.model
-    teacher_pass = str(mc.get("teacher_pass", "rollout"))
-    if teacher_pass not in ("rollout", "micro_batch"):
-        raise ConfigError(f"model.teacher_pass={teacher_pass!r}: use rollout or micro_batch")
-    # a hub id that cannot be loaded (offline, not cached) stops the run here, in milliseconds
-    check_available(str(mc.student), "model.student")
-    check_available(str(mc.teacher), "model.teacher")
+# --------------------------------------------------------------------------- one step, in parts
+def rollouts(exp: Experiment, state: TrainState, step: int):
+    """The rollouts of step ``step``: its prompts (each repeated rollouts_per_prompt times) sampled
+    with the method's behaviour rule at this step. Returns (rollout, prompt indices)."""
+    tr, tok = exp.cfg.trainer, exp.tok
+    batch = [i for i in prompt_batch(int(exp.cfg.seed), step, len(exp.train_prompts), tr.prompts_per_step)
+             for _ in range(tr.rollouts_per_prompt)]
+    ids, mask = encode_prompts(tok, [exp.train_prompts[i] for i in batch], exp.device)
+    exp.student.eval()
+    rule = exp.method.rule(step, tr.temperature, generator=state.generator)
+    chunk = tr.get("rollout_batch_size") or len(batch)  # decode in row chunks: one chunk's KV caches at a time
+    keep = exp.method.needs_teacher_logprobs and exp.teacher_pass == "rollout"
+    parts = [sample(exp.student, exp.teacher, ids[c : c + chunk], mask[c : c + chunk], rule,
+                    max_new_tokens=tr.max_new_tokens, eos_id=exp.eos_id, pad_id=tok.pad_token_id,
+                    generator=state.generator, eos_ids=exp.eos_ids, keep_teacher_logprobs=keep)
+             for c in range(0, len(batch), chunk)]
+    exp.student.train()
+    return (parts[0] if len(parts) == 1 else concat_rollouts(parts, tok.pad_token_id)), batch
 
-    task = load_task(cfg.dataset)
-    ev = cfg.get("eval") or {}
-    benchmarks = load_benchmarks(ev.get("benchmarks"))
-    if not benchmarks and not task.test_prompts:
-        raise ConfigError(f"eval.benchmarks=[]: dataset {task.name!r} has no test split; name the benchmarks "
-                          "to evaluate on, e.g. eval.benchmarks=[math500,aime24]")
-    uses_embedded = any(str(n).startswith("embedded:") for n in (mc.student, mc.teacher))
-    emb = embedded_pair_dir(task.spec, str(mc.get("embedded_pair", "a"))) if uses_embedded and task.spec is not None else None
-    tok = load_tokenizer(mc.student, mc.trust_remote_code, emb, field="model.student")
-    teacher_tok = load_tokenizer(mc.teacher, mc.trust_remote_code, emb, field="model.teacher")
-    student = load_model(mc.student, device=device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code,
-                         train=True, embedded_dir=emb, gradient_checkpointing=bool(mc.get("gradient_checkpointing")),
-                         field="model.student")
-    teacher_device = pick_device(mc.get("teacher_device") or str(device))
-    teacher = load_model(mc.teacher, device=teacher_device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code,
-                         train=False, embedded_dir=emb, field="model.teacher")
-    vocab = check_pair(tok, teacher_tok, student, teacher)
-    set_vocab_size(student, vocab)  # padded embeddings: compare both models on the tokenizer's vocabulary
-    set_vocab_size(teacher, vocab)
-    # one rendering of every prompt (chat template / plain format), encoded with the student's tokenizer
-    fmt = prompt_formatter(tok, mc)
-    train_prompts = [fmt(p) for p in task.train_prompts]
-    if not benchmarks:
-        benchmarks = [Benchmark(task.name, task.test_prompts, task.test_answers, task.grade)]
-    eval_size = tr.eval_size
-    benchmarks = [Benchmark(b.name, [fmt(p) for p in b.prompts[:eval_size]], b.answers[:eval_size], b.grade)
-                  for b in benchmarks]
-    # different EOS ids (Base student, instruct teacher): one merged end-of-sequence event at the student's id
-    eos_id, eos_ids = pair_eos_ids(tok, teacher_tok, student, teacher)
 
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                            weight_decay=cfg.optim.weight_decay)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.optim.warmup_steps)))
-    logger = RunLogger(run_dir, backend=cfg.logger.backend, project=cfg.logger.project,
-                       name=f"{method.name}-s{cfg.seed}", mode=cfg.logger.mode,
-                       config=OmegaConf.to_container(cfg, resolve=True))
-    gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    batch_of = functools.partial(prompt_batch, int(cfg.seed), n_prompts=len(train_prompts),
-                                 per_step=tr.prompts_per_step)
+def update(exp: Experiment, state: TrainState, ro, step: int) -> dict:
+    """One optimizer step on the rollouts: the loss over micro-batches, normalised by the response
+    tokens of the whole step. Teacher statistics come from the rollout, else one batched pass
+    (teacher_pass=micro_batch: one teacher pass per micro-batch, so [B, T, V] never exists for the step)."""
+    tr, method, eos_ids, eos_id = exp.cfg.trainer, exp.method, exp.eos_ids, exp.eos_id
+    t_lp = ro.teacher_logprobs
+    if t_lp is None and method.needs_teacher_logprobs and exp.teacher_pass == "rollout":
+        t_lp = teacher_logprobs(exp.teacher, ro)
+    if t_lp is not None:  # one merged EOS event (idempotent; a no-op for a single EOS id)
+        t_lp = merge_eos(t_lp, eos_ids, eos_id)
+    n_tokens = ro.response_mask.sum()
+    state.optimizer.zero_grad(set_to_none=True)
+    total, kl_est = 0.0, 0.0
+    for s in range(0, ro.input_ids.shape[0], tr.micro_batch_size):
+        sl = slice(s, s + tr.micro_batch_size)
+        logits = response_logits(exp.student, ro.input_ids[sl], ro.attention_mask[sl], ro.prompt_len)
+        logits = merge_eos(logits, eos_ids, eos_id)  # the loss sees the merged EOS event too
+        t_sl = None if t_lp is None else t_lp[sl]
+        if t_sl is None and method.needs_teacher_logprobs:  # teacher_pass=micro_batch
+            t_sl = merge_eos(teacher_logprobs(exp.teacher, ro, sl), eos_ids, eos_id)
+        per_tok = method.per_token_loss(logits, t_sl, ro.response_ids[sl], step)
+        loss = losses.masked_token_mean(per_tok, ro.response_mask[sl], n_tokens)
+        loss.backward()
+        total += loss.item()
+        if method.logs_kl_estimate:  # the sampled loss is a surrogate: log a real KL estimate
+            est = method.kl_estimate(logits, t_sl, ro.response_ids[sl], step)
+            kl_est += losses.masked_token_mean(est, ro.response_mask[sl], n_tokens).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(exp.student.parameters(), exp.cfg.optim.grad_clip)
+    state.optimizer.step()
+    state.lr_schedule.step()
+    out = {"train/loss": total, "train/grad_norm": grad_norm.item(), "train/lr": state.lr_schedule.get_last_lr()[0]}
+    if method.logs_kl_estimate:
+        out["train/kl_estimate"] = kl_est
+    return out
 
-    def run_eval(step: int) -> dict:
-        kw = dict(n_samples=tr.eval_samples, temperature=1.0, max_new_tokens=tr.max_new_tokens, seed=cfg.seed + 1,
-                  eos_ids=eos_ids, batch_size=int(ev.get("batch_size") or 512))
-        if len(benchmarks) == 1:  # one test set (the embedded default): eval/<metric>
-            b = benchmarks[0]
-            r = evaluate(student, tok, b.prompts, b.answers, b.grade, **{**kw, "n_samples": kw["n_samples"] or b.n_samples})
-        else:  # eval/<benchmark>/<metric> and the setup average eval/<metric>
-            r = evaluate_benchmarks(student, tok, benchmarks, **kw)
-        r = {f"eval/{k}": v for k, v in r.items()}
-        logger.log(r, step)
-        print(f"[eval] step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items()), flush=True)
-        return r
 
-    history = [{"step": 0, **run_eval(0)}]
-    t_train = time.time()
-    if method.sft_updates:  # sft_warmup: SFT on teacher samples for exactly the prompts of the first N steps
-        first = [i for s in range(method.sft_steps) for i in batch_of(s)]
-        sft_warm_start(student, teacher, tok, [train_prompts[i] for i in first],
-                       [task.train_answers[i] for i in first], task.grade, n_samples=method.sft_samples,
-                       updates=method.sft_updates, cfg=cfg, logger=logger, generator=gen,
-                       eos_id=eos_id, eos_ids=eos_ids)
-    for step in range(tr.max_steps):
+def evaluate_student(exp: Experiment, step: int, logger: RunLogger, progress: bool = False) -> dict:
+    """Score the student on the benchmarks (its own seeded generator: no training stream is touched)."""
+    tr, ev = exp.cfg.trainer, exp.cfg.get("eval") or {}
+    kw = dict(n_samples=tr.eval_samples, temperature=1.0, max_new_tokens=tr.max_new_tokens, seed=exp.cfg.seed + 1,
+              eos_ids=exp.eos_ids, batch_size=int(ev.get("batch_size") or 512), progress=progress)
+    if len(exp.benchmarks) == 1:  # one test set (the embedded default): eval/<metric>
+        b = exp.benchmarks[0]
+        r = evaluate(exp.student, exp.tok, b.prompts, b.answers, b.grade,
+                     **{**kw, "n_samples": kw["n_samples"] or b.n_samples})
+    else:  # eval/<benchmark>/<metric> and the setup average eval/<metric>
+        r = evaluate_benchmarks(exp.student, exp.tok, exp.benchmarks, **kw)
+    r = {f"eval/{k}": v for k, v in r.items()}
+    logger.log(r, step)
+    tqdm.write(f"[eval] step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items()))
+    return {"step": step, **r}
+
+
+def warm_start(exp: Experiment, state: TrainState, logger: RunLogger) -> None:
+    """sft_warmup: SFT on teacher samples for exactly the prompts of the first N steps, before step 0."""
+    m, cfg = exp.method, exp.cfg
+    first = [i for s in range(m.sft_steps)
+             for i in prompt_batch(int(cfg.seed), s, len(exp.train_prompts), cfg.trainer.prompts_per_step)]
+    sft_warm_start(exp.student, exp.teacher, exp.tok, [exp.train_prompts[i] for i in first],
+                   [exp.train_answers[i] for i in first], exp.grade, n_samples=m.sft_samples,
+                   updates=m.sft_updates, cfg=cfg, logger=logger, generator=state.generator,
+                   eos_id=exp.eos_id, eos_ids=exp.eos_ids)
+
+
+def checkpoint(exp: Experiment, state: TrainState, run_dir: Path) -> Path:
+    tr = exp.cfg.trainer
+    root = run_dir / "checkpoints"
+    path = save_checkpoint(state, root, exp.tok, {"config": OmegaConf.to_container(exp.cfg, resolve=True)})
+    prune_checkpoints(root, tr.get("keep_checkpoints"))
+    return path
+
+
+# --------------------------------------------------------------------------- the loop
+def train(exp: Experiment, state: TrainState, logger: RunLogger, run_dir: Path, stop: StopSignals | None = None) -> None:
+    """Steps ``state.step`` .. ``max_steps - 1``; raises ``Stopped`` after checkpointing on a signal."""
+    tr = exp.cfg.trainer
+    every = int(tr.get("checkpoint_every") or 0)
+    bar = tqdm(total=tr.max_steps, initial=state.step, desc=exp.method.name, unit="step", dynamic_ncols=True,
+               disable=not tr.get("progress", True), mininterval=0.5 if sys.stderr.isatty() else 30)
+    for step in range(state.step, tr.max_steps):
+        if stop and stop.requested:  # a signal during setup, the initial evaluation or the warm start
+            raise Stopped(stop.requested, checkpoint(exp, state, run_dir))
         t_step = time.time()
-        # 1. prompts for this step (each repeated rollouts_per_prompt times), epoch-shuffled
-        batch = [i for i in batch_of(step) for _ in range(tr.rollouts_per_prompt)]
-        ids, mask = encode_prompts(tok, [train_prompts[i] for i in batch], device)
-
-        # 2. rollouts from the method's behaviour rule at this step
-        student.eval()
-        rule = method.rule(step, tr.temperature, generator=gen)
-        chunk = tr.get("rollout_batch_size") or len(batch)  # decode in row chunks: one chunk's KV caches at a time
-        parts = [sample(student, teacher, ids[c : c + chunk], mask[c : c + chunk], rule,
-                        max_new_tokens=tr.max_new_tokens, eos_id=eos_id, pad_id=tok.pad_token_id,
-                        generator=gen, eos_ids=eos_ids,
-                        keep_teacher_logprobs=method.needs_teacher_logprobs and teacher_pass == "rollout")
-                 for c in range(0, len(batch), chunk)]
-        ro = parts[0] if len(parts) == 1 else concat_rollouts(parts, tok.pad_token_id)
-        student.train()
-
-        # 3. teacher statistics: reuse the rollout's, else one batched pass (teacher_pass=micro_batch:
-        #    one teacher pass per micro-batch inside step 4, so [B, T, V] never exists for the whole step)
-        t_lp = ro.teacher_logprobs
-        if t_lp is None and method.needs_teacher_logprobs and teacher_pass == "rollout":
-            t_lp = teacher_logprobs(teacher, ro)
-        if t_lp is not None:  # one merged EOS event (idempotent; a no-op for a single EOS id)
-            t_lp = merge_eos(t_lp, eos_ids, eos_id)
-
-        # 4. loss over micro-batches, normalised by the response tokens of the whole step
-        n_tokens = ro.response_mask.sum()
-        opt.zero_grad(set_to_none=True)
-        total, kl_est = 0.0, 0.0
-        for s in range(0, len(batch), tr.micro_batch_size):
-            sl = slice(s, s + tr.micro_batch_size)
-            logits = response_logits(student, ro.input_ids[sl], ro.attention_mask[sl], ro.prompt_len)
-            logits = merge_eos(logits, eos_ids, eos_id)  # the loss sees the merged EOS event too
-            t_sl = None if t_lp is None else t_lp[sl]
-            if t_sl is None and method.needs_teacher_logprobs:  # teacher_pass=micro_batch
-                t_sl = merge_eos(teacher_logprobs(teacher, ro, sl), eos_ids, eos_id)
-            per_tok = method.per_token_loss(logits, t_sl, ro.response_ids[sl], step)
-            loss = losses.masked_token_mean(per_tok, ro.response_mask[sl], n_tokens)
-            loss.backward()
-            total += loss.item()
-            if method.logs_kl_estimate:  # the sampled loss is a surrogate: log a real KL estimate
-                est = method.kl_estimate(logits, t_sl, ro.response_ids[sl], step)
-                kl_est += losses.masked_token_mean(est, ro.response_mask[sl], n_tokens).item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        lr_sched.step()
-
-        # 5. log; an adaptive budget (schedule=gap|reward) takes this step's gap and reward
-        log_now = (step + 1) % tr.log_every == 0 or step == 0
-        if log_now or method.schedule.adaptive:
-            texts = tok.batch_decode(ro.response_ids, skip_special_tokens=True)
-            m = rollout_metrics(ro, texts, [task.train_answers[i] for i in batch], task.grade, method, step,
-                                tr.temperature)
-            m.update({"train/loss": total, "train/grad_norm": grad_norm.item(),
-                      "train/lr": lr_sched.get_last_lr()[0], "time/step_s": time.time() - t_step})
-            if method.logs_kl_estimate:
-                m["train/kl_estimate"] = kl_est
+        ro, batch = rollouts(exp, state, step)
+        m = update(exp, state, ro, step)
+        state.step = step + 1
+        log_now = state.step % tr.log_every == 0 or step == 0
+        if log_now or exp.method.schedule.adaptive:  # an adaptive budget reads every step's gap and reward
+            texts = exp.tok.batch_decode(ro.response_ids, skip_special_tokens=True)
+            m = {**rollout_metrics(ro, texts, [exp.train_answers[i] for i in batch], exp.grade, exp.method,
+                                   step, tr.temperature), **m, "time/step_s": time.time() - t_step}
             if log_now:
-                logger.log(m, step + 1)
-            method.observe(gap=kl_est if method.logs_kl_estimate else total, reward=m["rollout/reward"])
-        if (tr.eval_every and (step + 1) % tr.eval_every == 0) or step + 1 == tr.max_steps:
-            history.append({"step": step + 1, **run_eval(step + 1)})
+                logger.log(m, state.step)
+                bar.set_postfix_str(progress_line(m), refresh=False)
+            exp.method.observe(gap=m["train/kl_estimate" if exp.method.logs_kl_estimate else "train/loss"],
+                               reward=m["rollout/reward"])
+        bar.update()
+        if (tr.eval_every and state.step % tr.eval_every == 0) or state.step == tr.max_steps:
+            state.history.append(evaluate_student(exp, state.step, logger, progress=bar.disable is False))
+        state.train_s += time.time() - t_step
+        if every and state.step % every == 0:
+            checkpoint(exp, state, run_dir)
+        if stop and stop.requested and state.step < tr.max_steps:
+            bar.close()
+            done = run_dir / "checkpoints" / f"step_{state.step}"
+            raise Stopped(stop.requested, done if every and state.step % every == 0 else checkpoint(exp, state, run_dir))
+    bar.close()
 
-    train_s = time.time() - t_train
+
+def progress_line(m: dict) -> str:
+    keys = (("loss", "train/loss"), ("eps", "trb/eps"), ("beta", "trb/beta_mean"), ("reward", "rollout/reward"))
+    return " ".join(f"{name}={m[k]:.3g}" for name, k in keys if isinstance(m.get(k), (int, float)))
+
+
+def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_accept=None) -> dict:
+    """Train (or resume) the run of ``cfg`` in ``run_dir``; returns the summary. ``on_accept()`` is
+    called once the config and the run directory passed their checks, before any model is loaded."""
+    validate(cfg)
+    run_dir = Path(run_dir)
+    ckpt = resume_from(cfg, run_dir)
+    Method.from_cfg(cfg.method, cfg.schedule)  # method and schedule errors before any model is loaded
+    if on_accept is not None:
+        on_accept(ckpt)
+    exp = setup(cfg)
+    tr = cfg.trainer
+    state = TrainState.create(exp.student, cfg, exp.device)
+    if exp.method.schedule.controller is not None:  # an adaptive budget (schedule=gap|reward) is state too
+        state.extras["budget"] = exp.method.schedule.controller
+    resume_step = None
+    if ckpt is not None:
+        load_checkpoint(state, ckpt)
+        resume_step = state.step
+        if ckpt.parent.parent.resolve() != run_dir.resolve():  # a checkpoint of another run: a fork
+            seed_metrics(ckpt.parent.parent / "metrics.jsonl", run_dir / "metrics.jsonl", state.step)
+            state.run_id = None
+        print(f"[resume] {ckpt} (step {state.step} of {tr.max_steps})", flush=True)
+    elif (run_dir / "metrics.jsonl").exists():  # the same run, stopped before its first checkpoint
+        resume_step = -1
+    logger = RunLogger(run_dir, backend=cfg.logger.backend, project=cfg.logger.project,
+                       name=f"{exp.method.name}-s{cfg.seed}", mode=cfg.logger.mode,
+                       config=OmegaConf.to_container(cfg, resolve=True), run_id=state.run_id,
+                       resume_step=resume_step)
+    state.run_id = logger.run_id
+    if ckpt is None:
+        state.history = [evaluate_student(exp, 0, logger, progress=bool(tr.get("progress", True)))]
+        t0 = time.time()
+        if exp.method.sft_updates:
+            warm_start(exp, state, logger)
+        state.train_s += time.time() - t0
+    try:
+        train(exp, state, logger, run_dir, stop)
+    finally:
+        logger.close()
     if tr.save_student:
-        student.save_pretrained(run_dir / "student")  # safetensors
-        tok.save_pretrained(run_dir / "student")
+        exp.student.save_pretrained(run_dir / "student")  # safetensors
+        exp.tok.save_pretrained(run_dir / "student")
     summary = {
-        "method": method.name, "seed": int(cfg.seed), "steps": int(tr.max_steps),
-        "train_s": round(train_s, 2), "initial": history[0], "final": history[-1],
+        "method": exp.method.name, "seed": int(cfg.seed), "steps": int(tr.max_steps),
+        "train_s": round(state.train_s, 2), "initial": state.history[0], "final": state.history[-1],
         "peak_rss_mb": peak_rss_mb(),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    logger.close()
     return summary
+
+
+# keys a resumed run may change: how long it runs, how it checkpoints, logs and shows progress, where
+RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.resume", "trainer.checkpoint_every", "trainer.keep_checkpoints",
+                     "trainer.progress", "trainer.eval_every", "trainer.save_student", "logger.", "device", "threads")
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two config containers, except ``RESUMABLE_CHANGES``."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(old), flat(new)
+    return sorted(k for k in set(a) | set(b)
+                  if a.get(k) != b.get(k) and not any(k == r or (r.endswith(".") and k.startswith(r))
+                                                      for r in RESUMABLE_CHANGES))
+
+
+def resume_from(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint this run continues from (None: a fresh start), after checking that ``run_dir``
+    holds no other run: a finished run, or (trainer.resume=never) an unfinished one, is one line."""
+    how = str(cfg.trainer.get("resume", "auto"))
+    if (run_dir / "summary.json").exists():
+        raise ConfigError(f"run dir {run_dir} holds a finished run (summary.json); leave it alone and give this "
+                          "run a new hydra.run.dir (or none: each run gets its own)")
+    own = list_checkpoints(run_dir / "checkpoints")
+    started = bool(own) or (run_dir / "metrics.jsonl").exists()
+    if how == "never":
+        if started:
+            raise ConfigError(f"trainer.resume=never: run dir {run_dir} already holds a run; resume it with "
+                              "trainer.resume=auto, or give a new hydra.run.dir")
+        return None
+    if how == "auto":
+        ckpt = own[-1] if own else None
+    else:
+        p = Path(how).expanduser()
+        found = [p] if (p / STATE_FILE).is_file() else list_checkpoints(p / "checkpoints") or list_checkpoints(p)
+        if not found:
+            raise ConfigError(f"trainer.resume={how!r}: no checkpoint there; give a checkpoints/step_<k> directory, "
+                              "a run directory holding one, auto (the default) or never")
+        ckpt = found[-1]
+        if started and ckpt.parent.parent.resolve() != run_dir.resolve():
+            raise ConfigError(f"trainer.resume={how!r}: run dir {run_dir} already holds another run; "
+                              "resume into a new hydra.run.dir")
+    new = OmegaConf.to_container(cfg, resolve=True)
+    if ckpt is not None:
+        old = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True).get("meta", {}).get("config")
+        what = f"checkpoint {ckpt}"
+    elif started and (run_dir / ".hydra" / "config.yaml").is_file():
+        old, what = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=False), f"run dir {run_dir}"
+    else:
+        return None
+    changed = config_changes(old or {}, new)
+    if changed:
+        raise ConfigError(f"{what} was written with another config ({', '.join(changed[:4])} differ); resume with "
+                          "the same command, or give a new hydra.run.dir (trainer.resume=never)")
+    return ckpt
+
+
+def seed_metrics(src: Path, dst: Path, step: int) -> None:
+    """A run resumed from another run's checkpoint starts its record with that run's rows up to ``step``."""
+    if src.is_file() and not dst.exists():
+        dst.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in read_rows(src) if r.get("step", 0) <= step))
 
 
 def peak_rss_mb() -> float:
@@ -272,14 +368,36 @@ def peak_rss_mb() -> float:
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def resume_command(run_dir: Path) -> str:
+    args = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "trainer.resume="))]
+    return " ".join(["python -m trb_exp.train", *args, f"hydra.run.dir={run_dir}"])
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        summary = run(cfg, run_dir)
+        with RunDir(run_dir) as rd, StopSignals() as stop:
+            try:
+                summary = run(cfg, run_dir, stop, on_accept=lambda ckpt: rd.write_hydra(cfg, overwrite=ckpt is None))
+            except ConfigError:
+                rd.reject()  # leave no trace: a new directory goes, an existing one is as it was
+                raise
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:
+        if e.signame == "SIGINT":
+            print(f"[interrupted] checkpoint {e.checkpoint}; resume with: {resume_command(run_dir)}", file=sys.stderr)
+        else:
+            print(f"[{e.signame}] checkpoint {e.checkpoint}; exit {e.exit_code} (rerun the same command to resume)",
+                  file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of the step in flight
+        ckpts = list_checkpoints(run_dir / "checkpoints")
+        where = f"last checkpoint {ckpts[-1]}; resume with: {resume_command(run_dir)}" if ckpts else "no checkpoint yet"
+        print(f"[interrupted] stopped at once; {where}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     final = summary["final"]
     print(f"[done] {summary['method']}: pass@1 {summary['initial']['eval/pass@1']:.3f} -> "
           f"{final['eval/pass@1']:.3f} in {summary['train_s']:.0f}s; run dir {run_dir}")

@@ -8,6 +8,7 @@ schedule's for ``trb``, and any other setting that varies within the family; nev
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,24 +74,53 @@ def find_run_dirs(roots) -> list[Path]:
     return sorted(found)
 
 
+class InputError(SystemExit):
+    """A bad input: ``error: <one line>`` on stderr and exit code 2, like the trainer's."""
+
+    def __init__(self, message: str):
+        print(message, file=sys.stderr)
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _bad(path: Path, what: str) -> SystemExit:
+    return InputError(f"error: {path}: {what}; fix or remove that run directory")
+
+
 def load_run(path: Path, rel: str) -> Run:
-    raw = OmegaConf.load(path / ".hydra" / "config.yaml")
+    try:
+        raw = OmegaConf.load(path / ".hydra" / "config.yaml")
+    except Exception as e:
+        raise _bad(path / ".hydra" / "config.yaml", f"not a readable config ({type(e).__name__})") from None
     try:
         cfg = OmegaConf.to_container(raw, resolve=True)
     except Exception:  # an interpolation that cannot resolve outside Hydra: keep it as written
         cfg = OmegaConf.to_container(raw, resolve=False)
     flat = _flatten(cfg)
     evals, train = {}, []
-    for line in (path / "metrics.jsonl").read_text().splitlines():
+    for n, line in enumerate((path / "metrics.jsonl").read_text().splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _bad(path / "metrics.jsonl", f"line {n} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise _bad(path / "metrics.jsonl", f"line {n} is not a metrics row (a JSON object with an integer step)")
         if PASS1 in row:
             evals.setdefault(int(row["step"]), {}).update({k: v for k, v in row.items() if k.startswith("eval/")})
         if "train/loss" in row or any(k in row for k in DIAGNOSTICS) or "time/step_s" in row:
             train.append(row)
     sp = path / "summary.json"
-    summary = json.loads(sp.read_text()) if sp.is_file() else None
+    try:
+        summary = json.loads(sp.read_text()) if sp.is_file() else None
+    except json.JSONDecodeError as e:
+        raise _bad(sp, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+    if summary is not None and not isinstance(summary, dict):
+        raise _bad(sp, "not a summary (a JSON object)")
     op = path / ".hydra" / "overrides.yaml"
     overrides = OmegaConf.to_container(OmegaConf.load(op)) if op.is_file() else []
     overridden = frozenset(k for o in overrides if (k := str(o).split("=", 1)[0].lstrip("+~")) in flat)

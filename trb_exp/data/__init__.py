@@ -178,6 +178,46 @@ def prompt_formatter(tokenizer, model_cfg) -> Callable[[str], str]:
     return fmt
 
 
+def _check_json_lines(path: Path, field: str) -> None:
+    """A JSONL file: the first line that is not one JSON object, by number (a JSON array file is left
+    to the reader)."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            text = line.strip()
+            if n == 1 and text.startswith("["):
+                return
+            if not text:
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{field}={str(path)!r}: line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{field}={str(path)!r}: line {n} is not a JSON object (one row per line)")
+
+
+def check_prompts(tokenizer, prompts: list[str], where: str, max_positions: int | None) -> None:
+    """Every rendered prompt encodes without unknown tokens and leaves room for a response within the
+    model's ``max_positions``: one line naming the first that does not."""
+    if not prompts:
+        return
+    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    unk = tokenizer.unk_token_id
+    for i, row in enumerate(ids):
+        if unk is not None and unk in row:
+            bad = sorted({c for c in prompts[i] if tokenizer(c, add_special_tokens=False)["input_ids"] in ([unk], [])})
+            raise ConfigError(f"{where}: prompt {i} has text the student's tokenizer cannot encode "
+                              f"({''.join(bad)[:20]!r} would become <unk>); the embedded character-level tokenizer "
+                              "knows only the arithmetic task's characters: use a real model (model=hf) for other text")
+    if max_positions:
+        longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+        if len(ids[longest]) >= max_positions:
+            raise ConfigError(f"{where}: prompt {longest} is {len(ids[longest])} tokens, no room for a response in the "
+                              f"student's {max_positions} positions (max_position_embeddings); shorten or drop such prompts")
+
+
 def _read_rows(path, prompt_field: str, answer_field: str, field: str) -> list[tuple[str, str]]:
     """(prompt, answer) rows of a local JSONL/JSON/Parquet file, with one-line errors."""
     from pathlib import Path
@@ -189,6 +229,8 @@ def _read_rows(path, prompt_field: str, answer_field: str, field: str) -> list[t
     kind = "parquet" if str(path).endswith(".parquet") else "json"
     if Path(path).stat().st_size == 0:
         raise ConfigError(f"{field}={path!r}: the file has no rows")
+    if kind == "json":
+        _check_json_lines(Path(path), field)
     try:
         ds = load_dataset(kind, data_files=str(path), split="train")
     except Exception as e:  # malformed JSON, unreadable parquet

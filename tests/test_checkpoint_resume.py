@@ -1,0 +1,182 @@
+"""Checkpoint, resume and preemption (issue 10): a run killed with ``kill -9`` after its step-6
+checkpoint and resumed with the same command, or stopped by SIGTERM and resumed, gives the same
+``metrics.jsonl`` (every value but wall times) and the same final student as the uninterrupted run;
+SIGINT checkpoints and prints one line with the resume command."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose
+from safetensors.torch import load_file
+
+from trb_exp.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Stopped, StopSignals
+from trb_exp.state import list_checkpoints
+from trb_exp.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["logger=none", "method=trb", "trainer.max_steps=12", "trainer.eval_every=4", "trainer.eval_size=8",
+        "trainer.eval_samples=2", "trainer.prompts_per_step=4", "trainer.max_new_tokens=12", "threads=1",
+        "trainer.checkpoint_every=6", "trainer.keep_checkpoints=0", "trainer.progress=false"]
+
+
+def _pair(tiny_pair):
+    return [f"model.student={tiny_pair / 'student'}", f"model.teacher={tiny_pair / 'teacher'}"]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without wall-clock values (time/*, decode seconds, the solver's share of them)."""
+    return [{k: v for k, v in json.loads(line).items()
+             if not k.startswith("time/") and k not in ("rollout/decode_s", "trb/solver_share")}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run_dir: Path) -> dict:
+    return load_file(run_dir / "student" / "model.safetensors")
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _start(run_dir: Path, *extra):
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "trb_exp.train", *extra, f"hydra.run.dir={run_dir}"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(proc, cond, timeout=120.0):
+    t0 = time.time()
+    while not cond():
+        assert proc.poll() is None, f"the run ended before the signal: {proc.communicate()}"
+        assert time.time() - t0 < timeout, "timed out waiting for the run"
+        time.sleep(0.002)
+
+
+def _train_steps(run_dir: Path) -> int:
+    p = run_dir / "metrics.jsonl"
+    return sum('"train/loss"' in line for line in p.read_text().splitlines()) if p.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pair, tmp_path_factory):
+    """The uninterrupted 12-step run (in process: the same code path as the CLI's)."""
+    d = tmp_path_factory.mktemp("reference")
+    run(compose([*ARGS, *_pair(tiny_pair)]), d)
+    assert [p.name for p in list_checkpoints(d / "checkpoints")] == ["step_6", "step_12"]
+    return d
+
+
+def test_kill_9_after_step_6_checkpoint_resumes_identically(reference, tiny_pair, tmp_path):
+    args = [*ARGS, *_pair(tiny_pair)]
+    proc = _start(tmp_path, *args)
+    _wait_for(proc, lambda: (tmp_path / "checkpoints" / "step_6" / "state.pt").exists())
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "summary.json").exists()
+    r = _start(tmp_path, *args)  # the same command: trainer.resume=auto continues from step 6
+    out, err = r.communicate(timeout=300)
+    assert r.returncode == 0, err
+    assert "[resume]" in out and "step 6 of 12" in out
+    assert _rows(tmp_path) == _rows(reference)  # every training and evaluation value, each step once
+    assert _same_weights(tmp_path, reference)
+    assert json.loads((tmp_path / "summary.json").read_text())["final"] == \
+        json.loads((reference / "summary.json").read_text())["final"]
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_identically(reference, tiny_pair, tmp_path):
+    args = [*ARGS, *_pair(tiny_pair), "trainer.checkpoint_every=0"]  # only the signal writes a checkpoint
+    proc = _start(tmp_path, *args)
+    _wait_for(proc, lambda: _train_steps(tmp_path) >= 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED == 75, err
+    assert "Traceback" not in err
+    (ckpt,) = list_checkpoints(tmp_path / "checkpoints")
+    k = int(ckpt.name.split("_")[1])
+    assert 2 <= k < 12 and f"checkpoint {ckpt}" in err.strip().splitlines()[-1]
+    r = _start(tmp_path, *args)
+    _, err = r.communicate(timeout=300)
+    assert r.returncode == 0, err
+    assert _rows(tmp_path) == _rows(reference) and _same_weights(tmp_path, reference)
+
+
+def test_sigint_checkpoints_and_prints_the_resume_command(tiny_pair, tmp_path):
+    args = [*ARGS, *_pair(tiny_pair), "trainer.checkpoint_every=0"]
+    proc = _start(tmp_path, *args)
+    _wait_for(proc, lambda: _train_steps(tmp_path) >= 1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED == 130, err
+    assert "Traceback" not in err
+    (ckpt,) = list_checkpoints(tmp_path / "checkpoints")
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"[interrupted] checkpoint {ckpt}; resume with: python -m trb_exp.train ")
+    assert line.endswith(f"hydra.run.dir={tmp_path}") and "trainer.max_steps=12" in line
+
+
+def test_sigusr1_in_process_checkpoints_the_current_step(tiny_pair, tmp_path):
+    """A signal that arrives before step 0 (during setup or the initial evaluation) still checkpoints."""
+    cfg = compose([*ARGS, *_pair(tiny_pair), "trainer.max_steps=2"])
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.requested == "SIGUSR1"
+        with pytest.raises(Stopped) as e:
+            run(cfg, tmp_path, stop)
+    assert e.value.exit_code == EXIT_PREEMPTED and e.value.checkpoint == tmp_path / "checkpoints" / "step_0"
+    assert (e.value.checkpoint / "state.pt").is_file() and not (tmp_path / "summary.json").exists()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handlers are restored
+
+
+def test_resume_refuses_another_config_and_keeps_checkpoints_bounded(tiny_pair, tmp_path):
+    from trb_exp.config import ConfigError
+
+    base = [*ARGS, *_pair(tiny_pair), "trainer.max_steps=4", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=2",
+            "trainer.eval_every=0"]
+    run(compose([*base, "trainer.max_steps=3"]), tmp_path)  # stops at 3: checkpoints 2 and 3 stay
+    (tmp_path / "summary.json").unlink()  # as if it had been preempted after step 3
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_2", "step_3"]
+    with pytest.raises(ConfigError, match=r"another config \(optim.lr differ\)"):
+        run(compose([*base, "optim.lr=0.5"]), tmp_path)
+    with pytest.raises(ConfigError, match="trainer.resume=never: run dir .* already holds a run"):
+        run(compose([*base, "trainer.resume=never"]), tmp_path)
+    summary = run(compose(base), tmp_path)  # max_steps may grow on resume
+    assert summary["final"]["step"] == 4
+    assert [r["step"] for r in _rows(tmp_path) if "train/loss" in r] == [1, 2, 3, 4]
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_3", "step_4"]
+    with pytest.raises(ConfigError, match="holds a finished run"):
+        run(compose(base), tmp_path)
+
+
+class _StopAfter:
+    """A stop request (as SIGTERM would make) once ``n`` training steps are logged in ``run_dir``."""
+
+    def __init__(self, run_dir: Path, n: int):
+        self.run_dir, self.n = run_dir, n
+
+    @property
+    def requested(self):
+        return "SIGTERM" if _train_steps(self.run_dir) >= self.n else None
+
+
+@pytest.mark.parametrize("schedule", ["gap", "reward"])
+def test_adaptive_budget_resumes_from_its_checkpointed_state(schedule, tiny_pair, tmp_path):
+    """An adaptive budget's state (schedule=gap|reward) travels in the checkpoint: stopped after step 6 and
+    resumed, the run gives the budgets, metrics and weights of the uninterrupted 12 steps."""
+    args = [*ARGS, *_pair(tiny_pair), f"schedule={schedule}", "schedule.eps0=0.5", "trainer.checkpoint_every=0"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(compose(args), full)
+    with pytest.raises(Stopped):
+        run(compose(args), part, stop=_StopAfter(part, 6))
+    assert [c.name for c in list_checkpoints(part / "checkpoints")] == ["step_6"]
+    run(compose(args), part)
+    eps = [r["trb/eps"] for r in _rows(full) if "trb/eps" in r]
+    assert len(eps) == 12 and eps[0] == 0.5 and len(set(eps)) > 1  # the budget moved with the observations
+    assert _rows(part) == _rows(full) and _same_weights(part, full)

@@ -1,0 +1,208 @@
+"""``TrainState``: everything a training run changes, with ``state_dict()`` / ``load_state_dict()``, and
+its checkpoints on disk.
+
+A state is the step counter (optimizer steps done), the student, the AdamW optimizer, the LR
+schedule, every RNG stream (python ``random``, torch's CPU generator, CUDA's when present, and the
+sampling ``torch.Generator`` that rollouts draw from), the W&B run id, the evaluation history, and
+``extras``: any further object with ``state_dict()`` / ``load_state_dict()`` (a budget controller,
+say) stored under its name. Restoring a state and running step k gives exactly what the
+uninterrupted run gave at step k, because nothing else in a run carries over between steps
+(``train.prompt_batch`` is a pure function of (seed, step), methods are functions of the step).
+
+A checkpoint is a directory ``<run_dir>/checkpoints/step_<k>/``::
+
+    student/      the student (safetensors, ``save_pretrained``) and its tokenizer: ``trb_exp.evaluate``
+                  and ``from_pretrained`` read it as they read a finished run's ``student/``
+    state.pt      the rest of the state (``torch.save`` of plain tensors, numbers, strings, lists and
+                  dicts, loaded with ``torch.load(weights_only=True)``)
+
+It is written under a temporary name and renamed into place, so a crash mid-write never leaves a
+directory that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from trb_exp.config import ConfigError
+
+STATE_FILE = "state.pt"
+FORMAT = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> Any: ...
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    version, internal, gauss = random.getstate()
+    out = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state(),
+           "sampling": generator.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["sampling"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    student: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator  # the sampling stream of rollouts (and SKD's replacements, the warm start)
+    step: int = 0  # optimizer steps done; the next step to run
+    run_id: str | None = None  # the W&B run id (resumes the same W&B run)
+    history: list[dict] = field(default_factory=list)  # evaluation rows {"step": k, "eval/...": ...}
+    train_s: float = 0.0  # wall seconds spent training (warm start + steps), summed over resumed segments
+    extras: dict[str, Stateful] = field(default_factory=dict)  # more stateful objects, saved by name
+
+    @classmethod
+    def create(cls, student, cfg, device) -> "TrainState":
+        op = cfg.optim
+        opt = torch.optim.AdamW(student.parameters(), lr=op.lr, betas=tuple(op.betas), weight_decay=op.weight_decay)
+        warmup = max(1, int(op.warmup_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
+        return cls(student=student, optimizer=opt, lr_schedule=sched, generator=gen)
+
+    def state_dict(self, *, student: bool = True) -> dict:
+        out = {"format": FORMAT, "step": self.step, "optimizer": self.optimizer.state_dict(),
+               "lr_schedule": self.lr_schedule.state_dict(), "rng": rng_state(self.generator),
+               "run_id": self.run_id, "history": [dict(h) for h in self.history], "train_s": float(self.train_s),
+               "extras": {k: v.state_dict() for k, v in self.extras.items()}}
+        if student:
+            out["student"] = self.student.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != FORMAT:
+            raise ConfigError(f"checkpoint format {state.get('format')!r}: this version reads format {FORMAT}")
+        if "student" in state:
+            self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        set_rng_state(state["rng"], self.generator)
+        self.step = int(state["step"])
+        self.run_id = state.get("run_id")
+        self.history = [dict(h) for h in state.get("history", [])]
+        self.train_s = float(state.get("train_s", 0.0))
+        missing = set(self.extras) - set(state.get("extras", {}))
+        if missing:
+            raise ConfigError(f"the checkpoint has no state for {sorted(missing)}; it was written by another setup")
+        for k, v in self.extras.items():
+            v.load_state_dict(state["extras"][k])
+
+
+# --------------------------------------------------------------------------- checkpoints on disk
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [path, *[p for p in path.rglob("*") if p.is_dir()]]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(state: TrainState, ckpt_root: Path, tokenizer=None, extra_meta: dict | None = None) -> Path:
+    """Write ``ckpt_root/step_<state.step>/`` atomically (temporary directory, then rename) and return it."""
+    ckpt_root = Path(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{state.step}"
+    tmp = ckpt_root / f".tmp-step_{state.step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state.student.save_pretrained(tmp / "student")  # safetensors
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp / "student")
+    payload = state.state_dict(student=False)
+    if extra_meta:
+        payload["meta"] = extra_meta
+    torch.save(payload, tmp / STATE_FILE)
+    _fsync_tree(tmp)
+    if final.exists():  # the same step written again (a resumed run's re-checkpoint): replace it
+        old = ckpt_root / f".old-step_{state.step}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    fd = os.open(ckpt_root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return final
+
+
+def load_checkpoint(state: TrainState, path: Path) -> dict:
+    """Restore ``state`` (student weights included) from checkpoint directory ``path``; returns its payload."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    payload = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    files = sorted((path / "student").glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"trainer.resume: {path} has no student/*.safetensors; not a checkpoint of this trainer")
+    weights = {}
+    for f in files:
+        weights.update(load_file(f, device="cpu"))
+    missing, unexpected = state.student.load_state_dict(weights, strict=False)
+    tied = {k for k in missing if _is_tied(state.student, k)}
+    if unexpected or set(missing) - tied:
+        raise ConfigError(f"trainer.resume: {path} does not hold this student (missing "
+                          f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    state.load_state_dict(payload)
+    return payload
+
+
+def _is_tied(model, key: str) -> bool:
+    """Whether parameter ``key`` shares its storage with another parameter (tied embeddings are saved once)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    p = params.get(key)
+    return p is not None and any(q is p and k != key for k, q in params.items())
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """The complete checkpoints under ``ckpt_root``, oldest first."""
+    if not Path(ckpt_root).is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in Path(ckpt_root).iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(ckpt_root: Path, keep: int | None) -> None:
+    """Keep the newest ``keep`` checkpoints (None or 0: all); drop leftovers of interrupted writes."""
+    for p in Path(ckpt_root).glob(".tmp-step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+    if keep:
+        for p in list_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def checkpoint_step(path: Path) -> int:
+    m = _STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else -1
