@@ -118,3 +118,90 @@ def test_combine_evaluations_equals_one_evaluation_of_all_problems():
     assert c["pass@1"] == pytest.approx(2 / 3) and c["greedy_acc"] == pytest.approx(2 / 3)
     assert c["mean_length"] == pytest.approx(9.0)
     assert c["pass@1_se"] == pytest.approx(math.sqrt((3 / 12 + 3 / 12 + 0) / 4) / 3)
+
+
+# ------------------------------------------------------------------ the trainer's own update and loop
+def _trainer_update(ctx: DistContext, micro: int):
+    """train.update (the trainer's optimizer step) on this rank's rows of a fixed rollout batch."""
+    from conftest import compose
+
+    from trb_exp.data.tokenizer import build_char_tokenizer
+    from trb_exp.experiment import Experiment
+    from trb_exp.methods import Method
+    from trb_exp.rollout import Rollout
+    from trb_exp.state import TrainState
+    from trb_exp.train import update
+
+    cfg = compose(["method=opd", f"trainer.micro_batch_size={micro}", "optim.warmup_steps=0"])
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    student = _model()
+    ids, attn, mask, t_lp = _batch()
+    rows = ctx.shard(list(range(B)))
+    ro = Rollout(input_ids=ids[rows], attention_mask=attn[rows], response_mask=mask[rows], prompt_len=PROMPT,
+                 teacher_logprobs=t_lp[rows], token_logprobs_student=None, finished=torch.ones(len(rows), dtype=torch.bool))
+    exp = Experiment(cfg=cfg, device=torch.device("cpu"), tok=tok, student=student, benchmarks=[],
+                     eos_id=tok.eos_token_id, eos_ids=(tok.eos_token_id,), method=Method.from_cfg(cfg.method, cfg.schedule),
+                     dist=ctx, train_student=wrap_student(student, ctx, "ddp"))
+    state = TrainState.create(student, cfg, torch.device("cpu"))
+    m = update(exp, state, ro, step=0)
+    return m, {k: v.detach().clone() for k, v in student.state_dict().items()}
+
+
+def _update_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))  # conftest's compose
+    torch.set_num_threads(1)
+    ctx = init_distributed("cpu")
+    m, weights = _trainer_update(ctx, micro=2)
+    if ctx.is_main:
+        torch.save({"loss": m["train/loss"], "grad_norm": m["train/grad_norm"], "weights": weights}, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_trainer_update_on_two_processes_equals_one(tmp_path):
+    """The trainer's update (global token normaliser, DDP with no_sync over micro-batches, clipping, AdamW) on
+    2 processes x 4 rows gives the loss, gradient norm and updated weights of 1 process on all 8 rows."""
+    ref, ref_w = _trainer_update(DistContext(), micro=4)
+    out = tmp_path / "rank0.pt"
+    mp.start_processes(_update_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
+    got = torch.load(out, weights_only=True)
+    assert got["loss"] == pytest.approx(ref["train/loss"], rel=1e-6)
+    assert got["grad_norm"] == pytest.approx(ref["train/grad_norm"], rel=1e-5)
+    for k, w in ref_w.items():
+        torch.testing.assert_close(got["weights"][k], w, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("method", ["trb", "opd"])
+def test_torchrun_two_processes_train_end_to_end(method, tmp_path):
+    """`torchrun --nproc_per_node 2 -m trb_exp.train`: 3 steps finish, rank 0 alone writes one metrics file
+    and the student (which loads), and no other run directory is left behind."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "WANDB_MODE": "disabled"}
+    work = tmp_path / "cwd"
+    work.mkdir()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "trb_exp.train", f"method={method}", "logger=none", "trainer.max_steps=3",
+                        "trainer.prompts_per_step=4", "trainer.eval_every=0", "trainer.eval_size=8",
+                        "trainer.eval_samples=2", "trainer.progress=false", "trainer.checkpoint_every=2"],
+                       cwd=work, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    runs = list((work / "outputs" / "runs").iterdir())
+    assert len(runs) == 1, runs  # rank 1's own Hydra directory is gone
+    run = runs[0]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "train/loss" in row] == [1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["method"] == method
+    assert (run / "checkpoints" / "step_2" / "state.pt").is_file()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(run / "student")
+    assert r.stdout.count("[done]") == 1  # one process reports

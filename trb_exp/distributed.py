@@ -14,6 +14,7 @@ identity and the trainer is the single-process one, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -48,6 +49,24 @@ class DistContext:
                               "so every rank decodes the same number of prompts")
         n = len(items) // self.world
         return items[self.rank * n : (self.rank + 1) * n]
+
+    def block(self, n: int) -> tuple[int, int]:
+        """This rank's [lo, hi) of n items split as evenly as possible (uneven n allowed: evaluation)."""
+        q, r = divmod(n, self.world)
+        lo = self.rank * q + min(self.rank, r)
+        return lo, lo + q + (self.rank < r)
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (every rank takes the same branch, e.g. on a stop signal)."""
+        return bool(flag) if not self.active else self.all_sum(float(bool(flag))) > 0
 
     def all_sum(self, x):
         """Sum of a number or tensor over ranks (a float in, a float out)."""
@@ -137,6 +156,31 @@ def wrap_student(model: torch.nn.Module, ctx: DistContext, strategy: str = "auto
         return model
     dev = next(model.parameters()).device
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def grad_sync(model: torch.nn.Module, enabled: bool):
+    """Gradient accumulation: synchronise gradients over ranks only on the last micro-batch of a step."""
+    if enabled or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        yield
+    else:
+        with model.no_sync():
+            yield
+
+
+def sharded_evaluate(ctx: DistContext, evaluate_fn):
+    """``evaluate_fn(model, tok, prompts, answers, grade, **kw)`` over this rank's block of the problems,
+    gathered into one evaluation of all of them (``combine_evaluations``); ``evaluate_fn`` itself alone."""
+    if not ctx.active:
+        return evaluate_fn
+
+    def run(model, tokenizer, prompts, answers, grade, **kw):
+        lo, hi = ctx.block(len(prompts))
+        r = evaluate_fn(model, tokenizer, prompts[lo:hi], answers[lo:hi], grade, **kw) if hi > lo else {}
+        parts = ctx.gather((r, hi - lo))
+        return combine_evaluations([x for x, _ in parts], [n for _, n in parts])
+
+    return run
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

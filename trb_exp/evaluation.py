@@ -102,17 +102,19 @@ def default_ks(n: int) -> tuple[int, ...]:
 
 
 def evaluate_benchmarks(model, tokenizer, benchmarks, *, n_samples: int | None = None,
-                        ks: tuple[int, ...] | None = None, progress: bool = False, **kw) -> dict[str, float]:
+                        ks: tuple[int, ...] | None = None, progress: bool = False, evaluate_fn=None,
+                        **kw) -> dict[str, float]:
     """``evaluate`` on each benchmark (``data.Benchmark``) with ``n_samples`` per problem (None: each
     benchmark's own n, the paper's count), as ``<name>/<metric>``; plus the setup average of every
     metric that every benchmark reports (unweighted, as the paper's Table 1 averages its
-    columns), as ``<metric>``."""
+    columns), as ``<metric>``. ``evaluate_fn`` replaces ``evaluate`` (``distributed.sharded_evaluate``)."""
+    evaluate_fn = evaluate_fn or evaluate
     out: dict[str, float] = {}
     per: dict[str, list[float]] = {}
     for b in benchmarks:
         n = int(n_samples or b.n_samples)
-        r = evaluate(model, tokenizer, b.prompts, b.answers, b.grade, n_samples=n,
-                     ks=ks if ks is not None else default_ks(n), progress=progress and f"eval {b.name}", **kw)
+        r = evaluate_fn(model, tokenizer, b.prompts, b.answers, b.grade, n_samples=n,
+                        ks=ks if ks is not None else default_ks(n), progress=progress and f"eval {b.name}", **kw)
         r["n_samples"], r["n_problems"] = n, len(b.prompts)
         for k, v in r.items():
             out[f"{b.name}/{k}"] = v

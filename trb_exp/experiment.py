@@ -19,6 +19,7 @@ import transformers
 from omegaconf import OmegaConf
 
 from trb_exp.config import ConfigError, check_ks, validate_eval
+from trb_exp.distributed import DistContext
 from trb_exp.data import Benchmark, check_prompts, load_benchmark, load_benchmarks, load_task, prompt_formatter
 from trb_exp.methods import Method
 from trb_exp.models import (check_available, check_pair, embedded_pair_dir, eos_ids, load_model, load_tokenizer,
@@ -40,6 +41,8 @@ class Experiment:
     train_answers: list[str] = field(default_factory=list)
     grade: Callable[[str, str], bool] | None = None
     teacher_pass: str = "rollout"
+    dist: DistContext = field(default_factory=DistContext)  # this process's rank under torchrun
+    train_student: torch.nn.Module | None = None  # the student as the loss sees it (DDP-wrapped under torchrun)
 
 
 def is_char_tokenizer(tok) -> bool:

@@ -83,3 +83,15 @@ class RunLogger:
         self._file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class NullLogger:
+    """The logger of ranks > 0 under torchrun: rank 0 alone writes metrics.jsonl and W&B."""
+
+    run_id = None
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -165,7 +165,7 @@ def _forward(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Ten
         input_ids, attention_mask, position_ids = (x.to(dev) for x in (input_ids, attention_mask, position_ids))
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
     logits = out.logits[:, -1] if last_only else out.logits
-    vocab = getattr(model, "trb_vocab_size", None)
+    vocab = getattr(getattr(model, "module", model), "trb_vocab_size", None)  # seen through a DDP wrapper
     if vocab is not None:
         logits = logits[..., :vocab]
     return logits.to(home), out

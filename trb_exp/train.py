@@ -32,14 +32,17 @@ from trb_exp import losses
 from trb_exp.blending import merge_eos
 from trb_exp.config import ConfigError, validate
 from trb_exp.data import encode_prompts
+from trb_exp.distributed import (STRATEGIES, DistContext, grad_sync, init_distributed, rank_seed, sharded_evaluate,
+                                 wrap_student)
 from trb_exp.evaluation import evaluate, evaluate_benchmarks
 from trb_exp.experiment import Experiment, setup
-from trb_exp.logger import RunLogger, read_rows
+from trb_exp.logger import NullLogger, RunLogger, read_rows
 from trb_exp.methods import Method
 from trb_exp.preempt import EXIT_INTERRUPTED, Stopped, StopSignals
 from trb_exp.rollout import concat_rollouts, response_logits, sample, teacher_logprobs
 from trb_exp.rundir import RunDir
-from trb_exp.state import STATE_FILE, TrainState, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from trb_exp.state import (STATE_FILE, TrainState, list_checkpoints, load_checkpoint, prune_checkpoints, rng_state,
+                           save_checkpoint, set_rng_state)
 from trb_exp.warm_start import sft_warm_start
 
 
@@ -111,10 +114,11 @@ def rollout_metrics(ro, texts, answers, grade, method: Method, step: int, temper
 # --------------------------------------------------------------------------- one step, in parts
 def rollouts(exp: Experiment, state: TrainState, step: int):
     """The rollouts of step ``step``: its prompts (each repeated rollouts_per_prompt times) sampled
-    with the method's behaviour rule at this step. Returns (rollout, prompt indices)."""
+    with the method's behaviour rule at this step (under torchrun: this rank's contiguous share of the
+    step's prompts). Returns (rollout, prompt indices)."""
     tr, tok = exp.cfg.trainer, exp.tok
-    batch = [i for i in prompt_batch(int(exp.cfg.seed), step, len(exp.train_prompts), tr.prompts_per_step)
-             for _ in range(tr.rollouts_per_prompt)]
+    prompts = exp.dist.shard(prompt_batch(int(exp.cfg.seed), step, len(exp.train_prompts), tr.prompts_per_step))
+    batch = [i for i in prompts for _ in range(tr.rollouts_per_prompt)]  # this rank's share of the step
     ids, mask = encode_prompts(tok, [exp.train_prompts[i] for i in batch], exp.device)
     exp.student.eval()
     rule = exp.method.rule(step, tr.temperature, generator=state.generator)
@@ -138,24 +142,24 @@ def update(exp: Experiment, state: TrainState, ro, step: int) -> dict:
         t_lp = teacher_logprobs(exp.teacher, ro)
     if t_lp is not None:  # one merged EOS event (idempotent; a no-op for a single EOS id)
         t_lp = merge_eos(t_lp, eos_ids, eos_id)
-    n_tokens = ro.response_mask.sum()
+    n_tokens, dist, model = ro.response_mask.sum(), exp.dist, exp.train_student or exp.student
+    if dist.active:  # the step's tokens on every rank, over the ranks DDP averages gradients across
+        n_tokens = dist.all_sum(n_tokens) / dist.world
     state.optimizer.zero_grad(set_to_none=True)
     total, kl_est = 0.0, 0.0
-    for s in range(0, ro.input_ids.shape[0], tr.micro_batch_size):
+    rows = ro.input_ids.shape[0]
+    for s in range(0, rows, tr.micro_batch_size):
         sl = slice(s, s + tr.micro_batch_size)
-        logits = response_logits(exp.student, ro.input_ids[sl], ro.attention_mask[sl], ro.prompt_len)
-        logits = merge_eos(logits, eos_ids, eos_id)  # the loss sees the merged EOS event too
-        t_sl = None if t_lp is None else t_lp[sl]
-        if t_sl is None and method.needs_teacher_logprobs:  # teacher_pass=micro_batch
-            t_sl = merge_eos(teacher_logprobs(exp.teacher, ro, sl), eos_ids, eos_id)
-        per_tok = method.per_token_loss(logits, t_sl, ro.response_ids[sl], step)
-        loss = losses.masked_token_mean(per_tok, ro.response_mask[sl], n_tokens)
-        loss.backward()
+        with grad_sync(model, enabled=s + tr.micro_batch_size >= rows):
+            logits, loss, t_sl = _micro_batch_loss(exp, ro, t_lp, sl, n_tokens, step, model)
+            loss.backward()
         total += loss.item()
         if method.logs_kl_estimate:  # the sampled loss is a surrogate: log a real KL estimate
             est = method.kl_estimate(logits, t_sl, ro.response_ids[sl], step)
             kl_est += losses.masked_token_mean(est, ro.response_mask[sl], n_tokens).item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(exp.student.parameters(), exp.cfg.optim.grad_clip)
+    if dist.active:  # each rank's share of the token mean (over N/W): the step's mean over all ranks
+        total, kl_est = dist.all_sum(total) / dist.world, dist.all_sum(kl_est) / dist.world
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), exp.cfg.optim.grad_clip)
     state.optimizer.step()
     state.lr_schedule.step()
     out = {"train/loss": total, "train/grad_norm": grad_norm.item(), "train/lr": state.lr_schedule.get_last_lr()[0]}
@@ -164,20 +168,37 @@ def update(exp: Experiment, state: TrainState, ro, step: int) -> dict:
     return out
 
 
+def _micro_batch_loss(exp: Experiment, ro, t_lp, sl: slice, n_tokens, step: int, model):
+    """The student's logits, the loss (its share of the step's token mean) and the teacher's log-probs
+    of micro-batch ``sl``."""
+    method, eos_ids, eos_id = exp.method, exp.eos_ids, exp.eos_id
+    logits = response_logits(model, ro.input_ids[sl], ro.attention_mask[sl], ro.prompt_len)
+    logits = merge_eos(logits, eos_ids, eos_id)  # the loss sees the merged EOS event too
+    t_sl = None if t_lp is None else t_lp[sl]
+    if t_sl is None and method.needs_teacher_logprobs:  # teacher_pass=micro_batch
+        t_sl = merge_eos(teacher_logprobs(exp.teacher, ro, sl), eos_ids, eos_id)
+    per_tok = method.per_token_loss(logits, t_sl, ro.response_ids[sl], step)
+    return logits, losses.masked_token_mean(per_tok, ro.response_mask[sl], n_tokens), t_sl
+
+
 def evaluate_student(exp: Experiment, step: int, logger: RunLogger, progress: bool = False) -> dict:
-    """Score the student on the benchmarks (its own seeded generator: no training stream is touched)."""
+    """Score the student on the benchmarks (its own seeded generator: no training stream is touched).
+    Under torchrun every rank scores its block of each benchmark's problems, gathered into one result."""
     tr, ev = exp.cfg.trainer, exp.cfg.get("eval") or {}
     kw = dict(n_samples=tr.eval_samples, temperature=1.0, max_new_tokens=tr.max_new_tokens, seed=exp.cfg.seed + 1,
-              eos_ids=exp.eos_ids, batch_size=int(ev.get("batch_size") or 512), progress=progress)
+              eos_ids=exp.eos_ids, batch_size=int(ev.get("batch_size") or 512),
+              progress=progress and exp.dist.is_main)
+    scorer = sharded_evaluate(exp.dist, evaluate)
     if len(exp.benchmarks) == 1:  # one test set (the embedded default): eval/<metric>
         b = exp.benchmarks[0]
-        r = evaluate(exp.student, exp.tok, b.prompts, b.answers, b.grade,
-                     **{**kw, "n_samples": kw["n_samples"] or b.n_samples})
+        r = scorer(exp.student, exp.tok, b.prompts, b.answers, b.grade,
+                   **{**kw, "n_samples": kw["n_samples"] or b.n_samples})
     else:  # eval/<benchmark>/<metric> and the setup average eval/<metric>
-        r = evaluate_benchmarks(exp.student, exp.tok, exp.benchmarks, **kw)
+        r = evaluate_benchmarks(exp.student, exp.tok, exp.benchmarks, evaluate_fn=scorer, **kw)
     r = {f"eval/{k}": v for k, v in r.items()}
     logger.log(r, step)
-    tqdm.write(f"[eval] step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items()))
+    if exp.dist.is_main:
+        tqdm.write(f"[eval] step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items()))
     return {"step": step, **r}
 
 
@@ -193,10 +214,17 @@ def warm_start(exp: Experiment, state: TrainState, logger: RunLogger) -> None:
 
 
 def checkpoint(exp: Experiment, state: TrainState, run_dir: Path) -> Path:
-    tr = exp.cfg.trainer
+    """Every rank takes part (its sampling stream is saved too); rank 0 writes the checkpoint."""
+    tr, dist = exp.cfg.trainer, exp.dist
     root = run_dir / "checkpoints"
-    path = save_checkpoint(state, root, exp.tok, {"config": OmegaConf.to_container(exp.cfg, resolve=True)})
-    prune_checkpoints(root, tr.get("keep_checkpoints"))
+    meta = {"config": OmegaConf.to_container(exp.cfg, resolve=True)}
+    if dist.active:
+        meta["rng_ranks"] = dist.gather(rng_state(state.generator))
+    path = root / f"step_{state.step}"
+    if dist.is_main:
+        path = save_checkpoint(state, root, exp.tok, meta)
+        prune_checkpoints(root, tr.get("keep_checkpoints"))
+    dist.barrier()
     return path
 
 
@@ -206,10 +234,11 @@ def train(exp: Experiment, state: TrainState, logger: RunLogger, run_dir: Path, 
     tr = exp.cfg.trainer
     every = int(tr.get("checkpoint_every") or 0)
     bar = tqdm(total=tr.max_steps, initial=state.step, desc=exp.method.name, unit="step", dynamic_ncols=True,
-               disable=not tr.get("progress", True), mininterval=0.5 if sys.stderr.isatty() else 30)
+               disable=not (tr.get("progress", True) and exp.dist.is_main),
+               mininterval=0.5 if sys.stderr.isatty() else 30)
     for step in range(state.step, tr.max_steps):
-        if stop and stop.requested:  # a signal during setup, the initial evaluation or the warm start
-            raise Stopped(stop.requested, checkpoint(exp, state, run_dir))
+        if _stop_requested(exp, stop):  # a signal during setup, the initial evaluation or the warm start
+            raise Stopped(_signame(stop), checkpoint(exp, state, run_dir))
         t_step = time.time()
         ro, batch = rollouts(exp, state, step)
         m = update(exp, state, ro, step)
@@ -217,8 +246,9 @@ def train(exp: Experiment, state: TrainState, logger: RunLogger, run_dir: Path, 
         log_now = state.step % tr.log_every == 0 or step == 0
         if log_now or exp.method.schedule.adaptive:  # an adaptive budget reads every step's gap and reward
             texts = exp.tok.batch_decode(ro.response_ids, skip_special_tokens=True)
-            m = {**rollout_metrics(ro, texts, [exp.train_answers[i] for i in batch], exp.grade, exp.method,
-                                   step, tr.temperature), **m, "time/step_s": time.time() - t_step}
+            m = exp.dist.reduce_metrics({**rollout_metrics(ro, texts, [exp.train_answers[i] for i in batch], exp.grade,
+                                                           exp.method, step, tr.temperature),
+                                         **m, "time/step_s": time.time() - t_step})
             if log_now:
                 logger.log(m, state.step)
                 bar.set_postfix_str(progress_line(m), refresh=False)
@@ -230,11 +260,20 @@ def train(exp: Experiment, state: TrainState, logger: RunLogger, run_dir: Path, 
         state.train_s += time.time() - t_step
         if every and state.step % every == 0:
             checkpoint(exp, state, run_dir)
-        if stop and stop.requested and state.step < tr.max_steps:
+        if _stop_requested(exp, stop) and state.step < tr.max_steps:
             bar.close()
             done = run_dir / "checkpoints" / f"step_{state.step}"
-            raise Stopped(stop.requested, done if every and state.step % every == 0 else checkpoint(exp, state, run_dir))
+            raise Stopped(_signame(stop), done if every and state.step % every == 0 else checkpoint(exp, state, run_dir))
     bar.close()
+
+
+def _stop_requested(exp: Experiment, stop: StopSignals | None) -> bool:
+    """A stop signal on any rank (torchrun forwards signals to every rank, not at the same instant)."""
+    return exp.dist.any(stop is not None and stop.requested is not None)
+
+
+def _signame(stop: StopSignals | None) -> str:
+    return (stop.requested if stop is not None else None) or "SIGTERM"
 
 
 def progress_line(m: dict) -> str:
@@ -242,23 +281,45 @@ def progress_line(m: dict) -> str:
     return " ".join(f"{name}={m[k]:.3g}" for name, k in keys if isinstance(m.get(k), (int, float)))
 
 
-def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_accept=None) -> dict:
+def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_accept=None,
+        dist: DistContext | None = None) -> dict:
     """Train (or resume) the run of ``cfg`` in ``run_dir``; returns the summary. ``on_accept()`` is
-    called once the config and the run directory passed their checks, before any model is loaded."""
+    called once the config and the run directory passed their checks, before any model is loaded.
+    ``dist``: this process's rank under torchrun (rank 0 alone checks and writes the run directory)."""
+    dist = dist or DistContext()
     validate(cfg)
     run_dir = Path(run_dir)
-    ckpt = resume_from(cfg, run_dir)
-    Method.from_cfg(cfg.method, cfg.schedule)  # method and schedule errors before any model is loaded
+    check_strategy(cfg, dist)
+    ckpt, err = None, None
+    if dist.is_main:
+        try:
+            ckpt = resume_from(cfg, run_dir)
+            Method.from_cfg(cfg.method, cfg.schedule)  # method and schedule errors before any model is loaded
+        except ConfigError as e:
+            err = str(e)
+    ckpt, err = dist.broadcast((ckpt, err))  # every rank stops, or resumes from the same checkpoint
+    if err is not None:
+        raise ConfigError(err)
     if on_accept is not None:
         on_accept(ckpt)
     exp = setup(cfg)
+    exp.dist = dist
+    exp.train_student = wrap_student(exp.student, dist, str(cfg.trainer.get("strategy", "auto")))
     tr = cfg.trainer
     state = TrainState.create(exp.student, cfg, exp.device)
+    if dist.active:  # a sampling stream per rank
+        state.generator.manual_seed(rank_seed(int(cfg.seed), dist.rank))
     if exp.method.schedule.controller is not None:  # an adaptive budget (schedule=gap|reward) is state too
         state.extras["budget"] = exp.method.schedule.controller
     resume_step = None
     if ckpt is not None:
-        load_checkpoint(state, ckpt)
+        payload = load_checkpoint(state, ckpt)
+        if dist.active:
+            rngs = payload.get("meta", {}).get("rng_ranks") or []
+            if len(rngs) != dist.world:
+                raise ConfigError(f"trainer.resume: {ckpt} was written by {len(rngs) or 1} process(es); resume it "
+                                  f"with the same --nproc_per_node (here {dist.world})")
+            set_rng_state(rngs[dist.rank], state.generator)
         resume_step = state.step
         if ckpt.parent.parent.resolve() != run_dir.resolve():  # a checkpoint of another run: a fork
             seed_metrics(ckpt.parent.parent / "metrics.jsonl", run_dir / "metrics.jsonl", state.step)
@@ -266,10 +327,10 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
         print(f"[resume] {ckpt} (step {state.step} of {tr.max_steps})", flush=True)
     elif (run_dir / "metrics.jsonl").exists():  # the same run, stopped before its first checkpoint
         resume_step = -1
-    logger = RunLogger(run_dir, backend=cfg.logger.backend, project=cfg.logger.project,
-                       name=f"{exp.method.name}-s{cfg.seed}", mode=cfg.logger.mode,
-                       config=OmegaConf.to_container(cfg, resolve=True), run_id=state.run_id,
-                       resume_step=resume_step)
+    logger = NullLogger() if not dist.is_main else RunLogger(
+        run_dir, backend=cfg.logger.backend, project=cfg.logger.project, name=f"{exp.method.name}-s{cfg.seed}",
+        mode=cfg.logger.mode, config=OmegaConf.to_container(cfg, resolve=True), run_id=state.run_id,
+        resume_step=resume_step)
     state.run_id = logger.run_id
     if ckpt is None:
         state.history = [evaluate_student(exp, 0, logger, progress=bool(tr.get("progress", True)))]
@@ -281,16 +342,34 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
         train(exp, state, logger, run_dir, stop)
     finally:
         logger.close()
-    if tr.save_student:
-        exp.student.save_pretrained(run_dir / "student")  # safetensors
-        exp.tok.save_pretrained(run_dir / "student")
     summary = {
         "method": exp.method.name, "seed": int(cfg.seed), "steps": int(tr.max_steps),
         "train_s": round(state.train_s, 2), "initial": state.history[0], "final": state.history[-1],
         "peak_rss_mb": peak_rss_mb(),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if dist.is_main:
+        if tr.save_student:
+            exp.student.save_pretrained(run_dir / "student")  # safetensors
+            exp.tok.save_pretrained(run_dir / "student")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    dist.barrier()
     return summary
+
+
+def check_strategy(cfg, dist: DistContext) -> None:
+    """What the trainer runs under torchrun, checked before any model is loaded."""
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"trainer.strategy={strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if not dist.active:
+        return
+    if strategy == "fsdp":
+        raise ConfigError("trainer.strategy=fsdp: FSDP2 is tested for the loss and gradients (tests/test_distributed.py) "
+                          "but the trainer does not save or checkpoint sharded states yet; use trainer.strategy=ddp")
+    if cfg.method.get("sft_updates"):
+        raise ConfigError(f"method.sft_updates={cfg.method.sft_updates}: the SFT warm start runs in one process only; "
+                          "run sft_warmup without torchrun")
+    dist.shard(list(range(int(cfg.trainer.prompts_per_step))))  # every rank gets the same number of prompts
 
 
 # keys a resumed run may change: how long it runs, how it checkpoints, logs and shows progress, where
@@ -376,15 +455,28 @@ def resume_command(run_dir: Path) -> str:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    dist = None
     try:
+        dist = init_distributed(str(cfg.device))  # torchrun: one process per device; else a no-op
+        if dist.active:  # every rank works in rank 0's run directory (Hydra made one per process)
+            own, run_dir = run_dir, Path(dist.broadcast(str(run_dir)))
+            if not dist.is_main and own.resolve() != run_dir.resolve():
+                with RunDir(own) as rd:
+                    rd.reject()  # the directory Hydra created for this rank: nothing of it stays
+        if not dist.is_main:
+            with StopSignals() as stop:
+                summary = run(cfg, run_dir, stop, dist=dist)
+            return None
         with RunDir(run_dir) as rd, StopSignals() as stop:
             try:
-                summary = run(cfg, run_dir, stop, on_accept=lambda ckpt: rd.write_hydra(cfg, overwrite=ckpt is None))
+                summary = run(cfg, run_dir, stop, on_accept=lambda ckpt: rd.write_hydra(cfg, overwrite=ckpt is None),
+                              dist=dist)
             except ConfigError:
                 rd.reject()  # leave no trace: a new directory goes, an existing one is as it was
                 raise
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if dist is None or dist.is_main:  # every rank raises the same error: one line (init errors: each rank's)
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Stopped as e:
         if e.signame == "SIGINT":
