@@ -40,6 +40,10 @@ class Experiment:
     train_answers: list[str] = field(default_factory=list)
     grade: Callable[[str, str], bool] | None = None
     teacher_pass: str = "rollout"
+    # objects that change while training and must survive a resume (a budget controller, say): each has
+    # state_dict() / load_state_dict(); train.run puts them in TrainState.extras under the same name, so
+    # checkpoints save and restore them with everything else
+    stateful: dict = field(default_factory=dict)
 
 
 def is_char_tokenizer(tok) -> bool:

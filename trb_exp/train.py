@@ -250,6 +250,7 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
     exp = setup(cfg)
     tr = cfg.trainer
     state = TrainState.create(exp.student, cfg, exp.device)
+    state.extras.update(exp.stateful)  # e.g. a budget controller: checkpointed and restored by name
     resume_step = None
     if ckpt is not None:
         load_checkpoint(state, ckpt)
@@ -350,6 +351,7 @@ def resume_from(cfg: DictConfig, run_dir: Path) -> Path | None:
 def seed_metrics(src: Path, dst: Path, step: int) -> None:
     """A run resumed from another run's checkpoint starts its record with that run's rows up to ``step``."""
     if src.is_file() and not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in read_rows(src) if r.get("step", 0) <= step))
 
 
