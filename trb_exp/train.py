@@ -178,6 +178,7 @@ def evaluate_student(exp: Experiment, step: int, logger: RunLogger, progress: bo
     r = {f"eval/{k}": v for k, v in r.items()}
     logger.log(r, step)
     tqdm.write(f"[eval] step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items()))
+    sys.stdout.flush()
     return {"step": step, **r}
 
 
@@ -222,7 +223,7 @@ def train(exp: Experiment, state: TrainState, logger: RunLogger, run_dir: Path, 
             bar.set_postfix_str(progress_line(m), refresh=False)
         bar.update()
         if (tr.eval_every and state.step % tr.eval_every == 0) or state.step == tr.max_steps:
-            state.history.append(evaluate_student(exp, state.step, logger, progress=bar.disable is False))
+            state.history.append(evaluate_student(exp, state.step, logger, progress=eval_bars(tr)))
         state.train_s += time.time() - t_step
         if every and state.step % every == 0:
             checkpoint(exp, state, run_dir)
@@ -231,6 +232,11 @@ def train(exp: Experiment, state: TrainState, logger: RunLogger, run_dir: Path, 
             done = run_dir / "checkpoints" / f"step_{state.step}"
             raise Stopped(stop.requested, done if every and state.step % every == 0 else checkpoint(exp, state, run_dir))
     bar.close()
+
+
+def eval_bars(tr) -> bool:
+    """The evaluation's own progress bars: on a terminal only (in a log file they would be noise)."""
+    return bool(tr.get("progress", True)) and sys.stderr.isatty()
 
 
 def progress_line(m: dict) -> str:
@@ -267,7 +273,7 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
                        resume_step=resume_step)
     state.run_id = logger.run_id
     if ckpt is None:
-        state.history = [evaluate_student(exp, 0, logger, progress=bool(tr.get("progress", True)))]
+        state.history = [evaluate_student(exp, 0, logger, progress=eval_bars(tr))]
         t0 = time.time()
         if exp.method.sft_updates:
             warm_start(exp, state, logger)
