@@ -75,7 +75,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        run(cfg, out_dir)
+        with rundir.RunDir(out_dir) as rd:
+            try:
+                run(cfg, out_dir)
+            except ConfigError:
+                rd.reject()  # a rejected evaluation leaves no directory behind
+                raise
+            rd.write_hydra(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
