@@ -102,9 +102,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_identically(reference, tiny_pa
     (ckpt,) = list_checkpoints(tmp_path / "checkpoints")
     k = int(ckpt.name.split("_")[1])
     assert 2 <= k < 12 and f"checkpoint {ckpt}" in err.strip().splitlines()[-1]
-    r = _start(tmp_path, *args)
-    _, err = r.communicate(timeout=300)
-    assert r.returncode == 0, err
+    run(compose(args), tmp_path)  # resume (in process: the kill -9 test resumes through the CLI)
     assert _rows(tmp_path) == _rows(reference) and _same_weights(tmp_path, reference)
 
 
@@ -180,3 +178,41 @@ def test_adaptive_budget_resumes_from_its_checkpointed_state(schedule, tiny_pair
     eps = [r["trb/eps"] for r in _rows(full) if "trb/eps" in r]
     assert len(eps) == 12 and eps[0] == 0.5 and len(set(eps)) > 1  # the budget moved with the observations
     assert _rows(part) == _rows(full) and _same_weights(part, full)
+
+
+class Counter:
+    """A stand-in for a stateful budget controller: any object with state_dict()/load_state_dict()."""
+
+    def __init__(self, n=0):
+        self.n, self.loaded = n, None
+
+    def state_dict(self):
+        return {"n": self.n, "t": torch.arange(3) * self.n}
+
+    def load_state_dict(self, state):
+        self.loaded = state
+        self.n = state["n"]
+
+
+def test_extras_and_resume_from_another_runs_checkpoint(tiny_pair, tmp_path, monkeypatch):
+    import trb_exp.train as train_mod
+
+    made = []
+
+    def setup_with_counter(cfg):
+        exp = real_setup(cfg)
+        exp.stateful["budget"] = Counter(n=7 if not made else 0)  # the first run's counter has moved
+        made.append(exp.stateful["budget"])
+        return exp
+
+    real_setup = train_mod.setup
+    monkeypatch.setattr(train_mod, "setup", setup_with_counter)
+    base = [*ARGS, *_pair(tiny_pair), "trainer.max_steps=2", "trainer.checkpoint_every=1", "trainer.eval_every=0"]
+    run(compose(base), tmp_path / "a")
+    state = torch.load(tmp_path / "a" / "checkpoints" / "step_1" / "state.pt", weights_only=True)
+    assert state["extras"]["budget"]["n"] == 7 and state["step"] == 1
+    # resume=PATH: a fork of run a from its step-1 checkpoint, in a new run dir
+    run(compose([*base, f"trainer.resume={tmp_path / 'a' / 'checkpoints' / 'step_1'}"]), tmp_path / "b")
+    assert made[1].n == 7 and torch.equal(made[1].loaded["t"], torch.arange(3) * 7)
+    assert _rows(tmp_path / "b") == _rows(tmp_path / "a")  # seeded with a's rows up to step 1, then the same step 2
+    assert _same_weights(tmp_path / "a", tmp_path / "b")

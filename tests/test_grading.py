@@ -49,8 +49,11 @@ CASES = [
     ("", "5", False),
     (r"\boxed{}", "5", False),
     (r"\boxed{5", "5", False),  # unterminated box: no final answer
-    # no box, no '####': math-verify's own anchored extraction
+    # no box, no '####': math-verify's own extraction, as verl calls it (ExprExtractionConfig() and
+    # LatexExtractionConfig()): an anchored answer, else the last number of the text, unanchored
     ("The final answer is $6$.", "6", True),
+    ("I think 15", "15", True),  # unanchored trailing number: accepted, as in verl's math_verify reward
+    ("15 apples, or maybe 16", "15", False),  # the LAST number counts
 ]
 
 

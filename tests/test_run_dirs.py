@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import compose
 
 from trb_exp.config import ConfigError
 from trb_exp.logger import RunLogger
 from trb_exp.rundir import RunDir
+from trb_exp.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,15 +48,14 @@ def test_same_second_runs_get_their_own_dirs_and_finished_runs_are_left_alone(ti
 
     finished = dirs[0]
     before = _snapshot(finished)
-    for extra, line in [
-        ([], f"error: run dir {finished} holds a finished run (summary.json); leave it alone"),
-        (["schedule.eps0=-1"], "error: "),  # a bad config too: whichever it names first, it changes nothing
-    ]:
-        r = subprocess.run(_cmd(tiny_pair, *extra, f"hydra.run.dir={finished}"), cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert r.stderr.startswith(line)
-        assert _snapshot(finished) == before  # not one byte of the finished run changed, .hydra/ included
+    # a run pointed at it, and one that is also rejected at validation (Hydra used to rewrite .hydra/ first)
+    r = subprocess.run(_cmd(tiny_pair, "optim.lr=abc", f"hydra.run.dir={finished}"), cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: optim.lr='abc': must be a finite number > 0")
+    with pytest.raises(ConfigError, match=f"run dir {finished} holds a finished run"):
+        run(compose(_cmd(tiny_pair)[3:]), finished)
+    assert _snapshot(finished) == before  # not one byte of the finished run changed, .hydra/ included
     assert sorted((tmp_path / "outputs" / "runs").iterdir()) == dirs  # and no new directory
 
 

@@ -24,12 +24,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from trb_exp import rundir  # noqa: F401  (the ${run_uid:} resolver of hydra.run.dir)
+from trb_exp import conf_dir, rundir  # noqa: F401  (the ${run_uid:} resolver of hydra.run.dir)
 from trb_exp.config import ConfigError
 from trb_exp.evaluation import evaluate_benchmarks
 from trb_exp.experiment import setup_eval
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = conf_dir()
 
 
 def markdown_table(results: dict, names: list[str]) -> str:
@@ -75,7 +75,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        run(cfg, out_dir)
+        with rundir.RunDir(out_dir) as rd:
+            try:
+                run(cfg, out_dir)
+            except ConfigError:
+                rd.reject()  # a rejected evaluation leaves no directory behind
+                raise
+            rd.write_hydra(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

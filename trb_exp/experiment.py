@@ -43,6 +43,10 @@ class Experiment:
     teacher_pass: str = "rollout"
     dist: DistContext = field(default_factory=DistContext)  # this process's rank under torchrun
     train_student: torch.nn.Module | None = None  # the student as the loss sees it (DDP-wrapped under torchrun)
+    # objects that change while training and must survive a resume (a budget controller, say): each has
+    # state_dict() / load_state_dict(); train.run puts them in TrainState.extras under the same name, so
+    # checkpoints save and restore them with everything else
+    stateful: dict = field(default_factory=dict)
 
 
 def is_char_tokenizer(tok) -> bool:
@@ -111,7 +115,8 @@ def setup(cfg) -> Experiment:
     return Experiment(cfg=cfg, device=device, tok=tok, student=student, benchmarks=benchmarks, eos_id=eos_id,
                       eos_ids=all_eos, method=method, teacher=teacher,
                       train_prompts=train_prompts, train_answers=list(task.train_answers),
-                      grade=task.grade, teacher_pass=teacher_pass)
+                      grade=task.grade, teacher_pass=teacher_pass,
+                      stateful={"budget": method.schedule.controller} if method.schedule.controller else {})
 
 
 def setup_eval(cfg) -> Experiment:

@@ -14,9 +14,10 @@ import os
 import sys
 from pathlib import Path
 
+from trb_exp import conf_dir
 from trb_exp.config import ConfigError
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = conf_dir()
 
 
 def hub_offline() -> bool:

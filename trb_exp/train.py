@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tqdm import tqdm
 
-from trb_exp import losses
+from trb_exp import conf_dir, losses
 from trb_exp.blending import merge_eos
 from trb_exp.config import ConfigError, validate
 from trb_exp.data import encode_prompts
@@ -199,6 +199,7 @@ def evaluate_student(exp: Experiment, step: int, logger: RunLogger, progress: bo
     logger.log(r, step)
     if exp.dist.is_main:
         tqdm.write(f"[eval] step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items()))
+    sys.stdout.flush()
     return {"step": step, **r}
 
 
@@ -256,7 +257,7 @@ def train(exp: Experiment, state: TrainState, logger: RunLogger, run_dir: Path, 
                                reward=m["rollout/reward"])
         bar.update()
         if (tr.eval_every and state.step % tr.eval_every == 0) or state.step == tr.max_steps:
-            state.history.append(evaluate_student(exp, state.step, logger, progress=bar.disable is False))
+            state.history.append(evaluate_student(exp, state.step, logger, progress=eval_bars(tr)))
         state.train_s += time.time() - t_step
         if every and state.step % every == 0:
             checkpoint(exp, state, run_dir)
@@ -274,6 +275,11 @@ def _stop_requested(exp: Experiment, stop: StopSignals | None) -> bool:
 
 def _signame(stop: StopSignals | None) -> str:
     return (stop.requested if stop is not None else None) or "SIGTERM"
+
+
+def eval_bars(tr) -> bool:
+    """The evaluation's own progress bars: on a terminal only (in a log file they would be noise)."""
+    return bool(tr.get("progress", True)) and sys.stderr.isatty()
 
 
 def progress_line(m: dict) -> str:
@@ -309,8 +315,7 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
     state = TrainState.create(exp.student, cfg, exp.device)
     if dist.active:  # a sampling stream per rank
         state.generator.manual_seed(rank_seed(int(cfg.seed), dist.rank))
-    if exp.method.schedule.controller is not None:  # an adaptive budget (schedule=gap|reward) is state too
-        state.extras["budget"] = exp.method.schedule.controller
+    state.extras.update(exp.stateful)  # e.g. an adaptive budget: checkpointed and restored by name
     resume_step = None
     if ckpt is not None:
         payload = load_checkpoint(state, ckpt)
@@ -333,7 +338,7 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
         resume_step=resume_step)
     state.run_id = logger.run_id
     if ckpt is None:
-        state.history = [evaluate_student(exp, 0, logger, progress=bool(tr.get("progress", True)))]
+        state.history = [evaluate_student(exp, 0, logger, progress=eval_bars(tr))]
         t0 = time.time()
         if exp.method.sft_updates:
             warm_start(exp, state, logger)
@@ -435,6 +440,7 @@ def resume_from(cfg: DictConfig, run_dir: Path) -> Path | None:
 def seed_metrics(src: Path, dst: Path, step: int) -> None:
     """A run resumed from another run's checkpoint starts its record with that run's rows up to ``step``."""
     if src.is_file() and not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in read_rows(src) if r.get("step", 0) <= step))
 
 
@@ -444,7 +450,7 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = conf_dir()
 
 
 def resume_command(run_dir: Path) -> str:

@@ -33,6 +33,7 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
+from trb_exp import conf_dir  # noqa: E402
 from trb_exp.config import ConfigError  # noqa: E402
 
 
@@ -104,7 +105,7 @@ def load_task(cfg) -> Task:
     raise ConfigError(f"dataset.name={cfg.name!r}: choose arithmetic, local or hf")
 
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(conf_dir())
 
 
 def benchmark_config(entry, where: str):

@@ -1,8 +1,10 @@
 """Graders: ``grade(response, reference) -> bool`` for every task.
 
-``math_grade`` is the paper's grader, ``math-verify``: the response's final answer is the content of
-its LAST ``\\boxed{...}`` (nested braces allowed), else the text after its last GSM8K ``####``, else
-whatever math-verify's own anchored extraction finds ("the answer is ..."); the reference is parsed
+``math_grade`` is the paper's grader, ``math-verify`` as verl calls it: the response's final answer is
+the content of its LAST ``\\boxed{...}`` (nested braces allowed), else the text after its last GSM8K
+``####``, else what math-verify's extraction finds with verl's configs (``LatexExtractionConfig()``,
+``ExprExtractionConfig()``): an anchored answer ("the final answer is $6$"), else, unanchored, the
+last number of the text ("I think 15" is graded as 15, exactly as verl's reward does); the reference is parsed
 as LaTeX/an expression and the two are compared symbolically (``\\frac12`` = ``0.5``, ``5\\text{ cm}`` = 5,
 ``1,000`` = 1000, ``x=3`` = 3). The embedded arithmetic task keeps its exact-match grader
 (``arithmetic.grade``); ``get_grader(name)`` picks one by config name.
