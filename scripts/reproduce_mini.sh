@@ -8,7 +8,8 @@
 #              seeds 1,2 of mini_a (seed 0 is the sweep's run) and, unchanged, on seeds 0,1,2 of mini_b
 #              (14 + 21 runs; mini_b is never used for selection);
 #   4. report: python -m trb_exp.compare per setting -> docs/results/mini/{mini_a,mini_b}/comparison.md.
-# Runs go two at a time (LANES), one torch thread each. Measured runtime: see README ("Miniature study").
+# Sweep points run JOBS at a time through Hydra's joblib launcher (one torch thread each); the families of a
+# stage run one after another. Measured runtime: see README ("Miniature study").
 #   bash scripts/reproduce_mini.sh                   # everything
 #   STAGES="report" bash scripts/reproduce_mini.sh   # only some stages (report alone, on a fresh clone:
 #                                                    # re-renders the committed reports from the committed runs)
@@ -16,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/study}
 DOCS=${DOCS:-docs/results/mini}
-LANES=${LANES:-2}
+JOBS=${JOBS:-2}
 SEEDS_A=${SEEDS_A:-1,2}      # on top of the sweep's seed 0
 SEEDS_B=${SEEDS_B:-0,1,2}
 SEEDED=${SEEDED:-"opd trb fixed_blend skd veto temp_warmup sft_warmup"}
@@ -25,19 +26,23 @@ export OMP_NUM_THREADS=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLIN
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # scripts/*.py import trb_exp even without pip install -e
 mkdir -p "$OUT/logs"
 
-# Run the lines of stdin (one shell command each) LANES at a time; each job logs to $OUT/logs/<tag>.log.
-lanes() { xargs -P "$LANES" -d '\n' -I{} sh -c '{}'; }
-job() { local tag=$1; shift; echo "python -m trb_exp.train -m logger=none $* > $OUT/logs/$tag.log 2>&1 && echo done $tag || { echo FAILED $tag; exit 255; }"; }
+# One multirun (a family's grid or seeds), its points JOBS at a time on the joblib launcher; logs to $OUT/logs/<tag>.log.
+job() {
+  local tag=$1; shift
+  python -m trb_exp.train -m hydra/launcher=joblib "hydra.launcher.n_jobs=$JOBS" logger=none "$@" \
+    > "$OUT/logs/$tag.log" 2>&1 && echo "done $tag" || { echo "FAILED $tag"; exit 1; }
+}
 
 start=$(date +%s)
 if [[ $STAGES == *prepare* ]]; then
-  printf '%s\n' "python -m trb_exp.prepare --pair a --threads 1 > $OUT/logs/prepare_a.log 2>&1" \
-                 "python -m trb_exp.prepare --pair b --threads 1 > $OUT/logs/prepare_b.log 2>&1" | lanes
+  python -m trb_exp.prepare --pair a --threads 1 > "$OUT/logs/prepare_a.log" 2>&1 &
+  python -m trb_exp.prepare --pair b --threads 1 > "$OUT/logs/prepare_b.log" 2>&1
+  wait
 fi
-if [[ $STAGES == *sweep* ]]; then  # longest grids first, so the two lanes finish together
+if [[ $STAGES == *sweep* ]]; then
   for fam in trb_mini skd_mini temp_warmup fixed_blend_mini veto sft_warmup opd offline_kd; do
     job "sweep_$fam" experiment=mini_a "sweep=$fam" seed=0 "hydra.sweep.dir=$OUT/mini_a/sweep/${fam%_mini}"
-  done | lanes
+  done
 fi
 if [[ $STAGES == *select* ]]; then
   python scripts/select_best.py "$OUT/mini_a/sweep" | tee "$OUT/mini_a/best.txt"
@@ -49,7 +54,7 @@ if [[ $STAGES == *seeds* ]]; then
       [[ " $SEEDED " == *" $fam "* ]] || continue
       job "seeds_${setting}_$fam" "experiment=$setting" $overrides "seed=$seeds" "hydra.sweep.dir=$OUT/$setting/seeds/$fam"
     done < "$OUT/mini_a/best.txt"
-  done | lanes
+  done
 fi
 if [[ $STAGES == *report* ]]; then
   for setting in mini_a mini_b; do

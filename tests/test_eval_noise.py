@@ -30,3 +30,19 @@ def test_pass_at_1_se_matches_the_spread_of_repeated_evaluations():
     se = sum(s for _, s in runs) / len(runs)
     true = math.sqrt(sum(pi * (1 - pi) for pi in p) / n) / len(p)
     assert sd == pytest.approx(true, rel=0.05) and se == pytest.approx(true, rel=0.03)
+
+
+def test_setup_average_has_the_standard_error_of_an_average():
+    from trb_exp.data import Benchmark
+    from trb_exp.evaluate import markdown_table
+    from trb_exp.evaluation import evaluate_benchmarks
+
+    fake = {"a": {"pass@1": 0.5, "pass@1_se": 0.03, "pass@2": 0.6, "mean_length": 10.0},
+            "b": {"pass@1": 0.1, "pass@1_se": 0.04, "pass@2": 0.2, "mean_length": 20.0}}
+    benches = [Benchmark(name, ["p"], ["1"], None, 4) for name in fake]
+    scorer = lambda model, tok, prompts, answers, grade, **kw: dict(fake[kw.pop("progress")[len("eval "):]])
+    out = evaluate_benchmarks(None, None, benches, progress=True, evaluate_fn=scorer)
+    assert out["pass@1"] == pytest.approx(0.3) and out["pass@2"] == pytest.approx(0.4)
+    assert out["pass@1_se"] == pytest.approx(0.05 / 2)  # sqrt(0.03^2 + 0.04^2) / 2, not the mean 0.035
+    header = markdown_table(out, ["a", "b"]).splitlines()[0]
+    assert header == "| benchmark | n | problems | pass@1 | pass@1_se | pass@2 | mean_length |"

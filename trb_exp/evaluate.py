@@ -35,7 +35,7 @@ CONF_DIR = conf_dir()
 def markdown_table(results: dict, names: list[str]) -> str:
     """Rows: benchmarks, then the average; columns: n, problems, pass@1, pass@k..., mean length."""
     metrics = sorted({k.split("/", 1)[1] for k in results if "/" in k and k.split("/", 1)[1].startswith("pass@")},
-                     key=lambda m: int(m.split("@")[1]))
+                     key=lambda m: (int(m.split("@")[1].split("_")[0]), m))  # pass@1, pass@1_se, pass@2, ...
     cols = ["n", "problems", *metrics, "mean_length"]
     lines = ["| benchmark | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
 

@@ -121,4 +121,6 @@ def evaluate_benchmarks(model, tokenizer, benchmarks, *, n_samples: int | None =
             if k not in ("n_samples", "n_problems"):
                 per.setdefault(k, []).append(v)
     out.update({k: sum(v) / len(v) for k, v in per.items() if len(v) == len(benchmarks)})
+    if "pass@1_se" in out:  # the standard error of the average of independent estimates, not their mean
+        out["pass@1_se"] = math.sqrt(sum(x * x for x in per["pass@1_se"])) / len(benchmarks)
     return out
