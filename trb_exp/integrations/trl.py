@@ -411,6 +411,17 @@ class _TRBMixin:
                  student_vocab=_output_rows(self.accelerator.unwrap_model(self.model)),
                  teacher_vocab=_output_rows(self._trb_teacher()))
 
+    def _trb_early(self, args, kwargs, names=("model", "teacher_model", "args")) -> None:
+        """The refusals that can be decided before TRL's own __init__ (which imports vLLM when use_vllm=True and
+        words the vocabulary check its own way)."""
+        got = dict(zip(names, args))
+        got.update({k: kwargs[k] for k in names if k in kwargs})
+        student, teacher, targs = got.get("model"), got.get("teacher_model"), got.get("args")
+        loaded = [m if hasattr(m, "get_output_embeddings") else None for m in (student, teacher)]
+        refusals(use_vllm=bool(getattr(targs, "use_vllm", False)), eps_first=self.trb.eps_at(0),
+                 student_vocab=_output_rows(loaded[0]) if all(loaded) else None,
+                 teacher_vocab=_output_rows(loaded[1]) if all(loaded) else None)
+
     def _trb_collect(self, proc: TRBLogitsProcessor) -> None:
         self._trb_stats.append(proc.stats())
 
@@ -443,9 +454,7 @@ class TRBDistillationTrainer(_TRBMixin, DistillationTrainer):
     def __init__(self, *args, trb: TRBConfig, **kwargs):
         _check_trl_version()
         self._trb_setup(trb)
-        targs = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
-        if targs is not None:  # before TRL's own init, which imports vLLM when use_vllm=True
-            refusals(use_vllm=bool(getattr(targs, "use_vllm", False)), eps_first=trb.eps_at(0))
+        self._trb_early(args, kwargs)
         super().__init__(*args, **kwargs)
         self._trb_refuse(self.generation_config)
 
@@ -476,14 +485,16 @@ def _make_gkd_trainer():
         def __init__(self, *args, trb: TRBConfig, **kwargs):
             _check_trl_version()
             self._trb_setup(trb)
+            self._trb_early(args, kwargs)
             super().__init__(*args, **kwargs)
             self._trb_refuse(self.generation_config)
 
         def generate_on_policy_outputs(self, model, inputs, generation_config):
             parent = GKDTrainer.generate_on_policy_outputs
             teacher = self._trb_teacher()
-            if model is teacher or self.accelerator.unwrap_model(model) is teacher or not self.model.training:
-                return parent(model, inputs, generation_config)  # seq_kd (teacher samples) or evaluation
+            # GKD generates only in training_step (where the student may still be in eval mode at step 0)
+            if model is teacher or self.accelerator.unwrap_model(model) is teacher:
+                return parent(model, inputs, generation_config)  # seq_kd: the teacher's own samples
             eps = self.trb.eps_at(self.state.global_step)
             if eps <= 0:
                 out = parent(model, inputs, generation_config)
