@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -167,7 +168,8 @@ class TRBLogitsProcessor(LogitsProcessor):
         self.eps: list[Tensor] = []
         self.alive: list[Tensor] = []
         self.teacher_logits: list[Tensor] = []
-        self.rule_s = 0.0
+        self.rule_s = 0.0  # wall time inside the TRB rule (the solver), summed over calls
+        self.teacher_s = 0.0  # ... and in the teacher's cached forwards
 
     @torch.no_grad()
     def _teacher_next(self, input_ids: Tensor) -> Tensor:
@@ -199,9 +201,9 @@ class TRBLogitsProcessor(LogitsProcessor):
 
     @torch.no_grad()
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        import time
-
+        t_teacher = time.perf_counter()
         teacher_logits = self._teacher_next(input_ids)
+        self.teacher_s += time.perf_counter() - t_teacher
         if teacher_logits.shape[-1] != scores.shape[-1]:
             raise TRBConfigError(
                 f"TRB: the student's scores have {scores.shape[-1]} entries but the teacher's logits "
