@@ -14,9 +14,10 @@ are drawn from the blend ``mu_b ∝ pi_S^(1-b) pi_T^b`` with the largest ``b`` s
 warmup take TRL's own path unchanged. TRL's loss is untouched: TRB only changes which prefixes are visited.
 
 How: TRL offers no way to hand ``generate`` a ``logits_processor``. ``TRBDistillationTrainer`` overrides the
-private ``DistillationTrainer._generate_single_turn`` (hence the pin to the tested TRL range): for the duration
-of that call the unwrapped student's ``generate`` is replaced by a wrapper that adds a ``TRBLogitsProcessor``,
-and it is restored afterwards (also on errors). The processor advances the teacher by one token per call with
+private ``DistillationTrainer._generate`` (once per generation batch: the step's budget, then the metrics) and
+``_generate_single_turn`` (hence the pin to the tested TRL range): for the duration of the latter the unwrapped
+student's ``generate`` is replaced by a wrapper that adds a ``TRBLogitsProcessor``, and it is restored
+afterwards (also on errors). The processor advances the teacher by one token per call with
 its own KV cache (prompt attention mask and positions as ``rollout.sample``), blends, and returns ``log mu``
 (times T when T != 1, because transformers' temperature warper runs after custom processors), so the token
 transformers samples is drawn from ``mu``. Same seed, same tokens and betas as
@@ -397,6 +398,7 @@ class _TRBMixin:
         if not isinstance(trb, TRBConfig):
             raise TRBConfigError(f"trb={trb!r}: pass trb=TRBConfig(eps0=..., warmup_steps=...)")
         self.trb = trb
+        self._trb_eps = 0.0  # the budget of the generation in progress (0: TRL's own path)
         self._trb_stats: list[dict[str, float]] = []
 
     def _trb_teacher(self):
@@ -427,13 +429,14 @@ class _TRBMixin:
     def _trb_collect(self, proc: TRBLogitsProcessor) -> None:
         self._trb_stats.append(proc.stats())
 
-    def _trb_log(self, eps: float) -> None:
-        """Append the step's trb/* metrics (gathered over processes) to TRL's metrics buffer."""
+    def _trb_log(self, eps: float, gather: bool = True) -> None:
+        """Append the step's trb/* metrics to TRL's metrics buffer: gathered over processes (a collective: call
+        it on every process), or this process's own with ``gather=False``."""
         stats, self._trb_stats = self._trb_stats, []
         local = torch.tensor([sum(s["tokens"] for s in stats), sum(s["beta_sum"] for s in stats),
                               sum(s["kl_sum"] for s in stats), max([s["kl_max"] for s in stats], default=0.0)],
                              dtype=torch.float64, device=self.accelerator.device)
-        allv = self.accelerator.gather(local[None]).reshape(-1, 4)
+        allv = self.accelerator.gather(local[None]).reshape(-1, 4) if gather else local[None]
         n = float(allv[:, 0].sum())
         m = self._metrics["train"]
         m["trb/eps"].append(float(eps))
@@ -450,8 +453,8 @@ class TRBDistillationTrainer(_TRBMixin, DistillationTrainer):
     """``trl.DistillationTrainer`` whose training rollouts come from TRB's blend while ``eps_k > 0``.
 
     Takes every argument of ``DistillationTrainer`` plus ``trb=TRBConfig(eps0, warmup_steps, schedule="linear",
-    budget="absolute")``. Overrides only ``_generate_single_turn`` (TRL's private method; tested with
-    trl 1.16)."""
+    budget="absolute")``. Overrides ``_generate`` (the step's budget, the metrics) and ``_generate_single_turn``
+    (the blended ``generate``): TRL's private methods, tested with trl 1.16."""
 
     def __init__(self, *args, trb: TRBConfig, **kwargs):
         _check_trl_version()
@@ -460,19 +463,28 @@ class TRBDistillationTrainer(_TRBMixin, DistillationTrainer):
         super().__init__(*args, **kwargs)
         self._trb_refuse(self.generation_config)
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+    def _generate(self, prompts):
+        """Once per generation batch on every process: fixes the step's budget for the single turns below
+        (one, or one per tool-calling turn) and logs the step's trb/* metrics (a collective) afterwards."""
         if not self.model.training:  # evaluation: TRL's path, unchanged
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+            return super()._generate(prompts)
         eps = self.trb.eps_at(self.state.global_step)
-        if eps <= 0 or self.use_vllm:  # after the warmup: TRL's path (use_vllm with eps > 0 was refused)
-            out = super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
-        else:
-            student = self.accelerator.unwrap_model(self.model_wrapped)
-            with blended_generate(student, self._trb_teacher(), eps, budget=self.trb.budget, tol=self.trb.tol,
-                                  on_done=self._trb_collect):
-                out = super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        self._trb_eps = eps
+        try:
+            out = super()._generate(prompts)
+        finally:
+            self._trb_eps = 0.0
         self._trb_log(eps)
         return out
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+        eps = self._trb_eps
+        if eps <= 0 or self.use_vllm or not self.model.training:  # TRL's path (vLLM with eps > 0 was refused)
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        student = self.accelerator.unwrap_model(self.model_wrapped)
+        with blended_generate(student, self._trb_teacher(), eps, budget=self.trb.budget, tol=self.trb.tol,
+                              on_done=self._trb_collect):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
 
 
 # --------------------------------------------------------------------------- GKD (trl.experimental)
@@ -504,7 +516,8 @@ def _make_gkd_trainer():
                 with blended_generate(model, teacher, eps, budget=self.trb.budget, tol=self.trb.tol,
                                       on_done=self._trb_collect):
                     out = parent(model, inputs, generation_config)
-            self._trb_log(eps)
+            # not gathered: whether a GKD step generates on-policy is drawn per process (random() <= lmbda)
+            self._trb_log(eps, gather=False)
             return out
 
     TRBGKDTrainer.__module__ = __name__
