@@ -184,6 +184,21 @@ def test_distillation_trainer_three_steps(tmp_path):
     assert student.generate.__func__ is type(student).generate
 
 
+def test_accumulation_and_evaluation():
+    """gradient_accumulation_steps = 2: one generation and one trb/* entry per optimizer step, eps by
+    global_step; evaluation during the warmup takes TRL's own path (no processor, no trb/* metrics)."""
+    trainer = _dist_trainer(TRBConfig(eps0=0.5, warmup_steps=1), steps=2, gradient_accumulation_steps=2,
+                            per_device_eval_batch_size=4)
+    built = []
+    collect = trainer._trb_collect
+    trainer._trb_collect = lambda proc: (built.append(proc.per_token("alive").shape[0]), collect(proc))
+    metrics = trainer.evaluate(Dataset.from_dict({"prompt": TRAIN_PROMPTS[:4]}))
+    assert built == [] and not any("trb" in k for k in metrics) and "eval_loss" in metrics
+    trainer.train()
+    assert built == [8]  # step 0: one generation batch of 2 x 4 prompts; step 1 (eps = 0): TRL's path
+    assert [h["trb/eps"] for h in _trb_logs(trainer)] == [0.5, 0.0]
+
+
 def test_distillation_trainer_pad_equal_to_eos_counts_trl_completion_tokens():
     """With pad == eos the processor counts exactly the completion tokens TRL trains on."""
     tok = _tok(pad_is_eos=True)
