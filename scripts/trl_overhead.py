@@ -11,7 +11,7 @@ warmup steps k = 1..K-1 and over the post-warmup steps k = K..2K-1 per trainer, 
 and the median [min, max] over repeats of the per-repeat ratio; for TRB also the time spent inside the
 processor (teacher forwards, solver) per warmup step, and each phase's mean completion length.
 
-    python scripts/trl_overhead.py                        # 12 repeats, K = 6, 32 prompts x 40 tokens
+    python scripts/trl_overhead.py                        # 16 repeats, K = 6, 32 prompts x 40 tokens
     python scripts/trl_overhead.py --repeats 3 --out ''   # print only
 
 Wall-clock on a possibly shared machine: compare the two trainers of one invocation only.
@@ -39,7 +39,7 @@ for k, v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "d
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=16)
     ap.add_argument("--warmup-steps", type=int, default=6, help="K: the run has 2K steps")
     ap.add_argument("--eps0", type=float, default=0.5)
     ap.add_argument("--batch", type=int, default=32, help="prompts per optimizer step")
@@ -71,14 +71,17 @@ def main(argv=None):
     train = make_splits(ArithmeticSpec())["train"].select(range(a.batch * steps)).select_columns(["prompt"])
 
     class StepTimer(TrainerCallback):
+        """Wall time and this process's CPU time of every optimizer step."""
+
         def __init__(self):
-            self.times, self._t = [], None
+            self.wall, self.cpu, self._t = [], [], None
 
         def on_step_begin(self, args, state, control, **kw):
-            self._t = time.perf_counter()
+            self._t = (time.perf_counter(), time.process_time())
 
         def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.perf_counter() - self._t)
+            self.wall.append(time.perf_counter() - self._t[0])
+            self.cpu.append(time.process_time() - self._t[1])
 
     def run(kind):
         timer = StepTimer()
@@ -97,30 +100,47 @@ def main(argv=None):
             tr = DistillationTrainer(**kw)
         tr.remove_callback(PrinterCallback)  # no per-step log dicts on stdout
         tr.train()
-        lengths = [h["completions/mean_length"] for h in tr.state.log_history if "completions/mean_length" in h]
-        assert len(timer.times) == steps == len(lengths)
-        return timer.times, lengths, proc_s
+        logs = [h for h in tr.state.log_history if "completions/mean_length" in h]
+        assert len(timer.wall) == steps == len(logs)
+        return {"wall": timer.wall, "cpu": timer.cpu, "len": [h["completions/mean_length"] for h in logs],
+                "longest": [h["completions/max_length"] for h in logs], "proc": proc_s}
 
     res = {"trb": [], "plain": []}
-    t_all = time.perf_counter()
+    first = []  # which trainer ran first in each repeat
+    t_all, load0 = time.perf_counter(), os.getloadavg()
     for rep in range(a.repeats):
-        for kind in (("trb", "plain") if rep % 2 == 0 else ("plain", "trb")):
+        order = ("trb", "plain") if rep % 2 == 0 else ("plain", "trb")
+        first.append(order[0])
+        for kind in order:
             res[kind].append(run(kind))
         print(f"repeat {rep}: " + "  ".join(
-            f"{k} warmup {statistics.median(res[k][-1][0][1:K]):.3f}s post {statistics.median(res[k][-1][0][K:]):.3f}s"
-            for k in ("trb", "plain")), flush=True)
-    wall = time.perf_counter() - t_all
+            f"{k} warmup {statistics.median(res[k][-1]['wall'][1:K]):.3f}s post "
+            f"{statistics.median(res[k][-1]['wall'][K:]):.3f}s" for k in ("trb", "plain")), flush=True)
+    wall, load1 = time.perf_counter() - t_all, os.getloadavg()
 
     phases = {"warmup (k = 1..K-1)": slice(1, K), "after (k = K..2K-1)": slice(K, steps)}
-    rows = []
-    for name, sl in phases.items():
-        med = {k: statistics.median([t for times, _, _ in res[k] for t in times[sl]]) for k in res}
-        per_rep = [statistics.median(tt[sl]) / statistics.median(pt[sl])
-                   for (tt, _, _), (pt, _, _) in zip(res["trb"], res["plain"])]
-        length = {k: statistics.mean([x for _, ls, _ in res[k] for x in ls[sl]]) for k in res}
-        rows.append((name, med["trb"], med["plain"], med["trb"] / med["plain"], statistics.median(per_rep),
-                     min(per_rep), max(per_rep), length["trb"], length["plain"]))
-    proc = [(t, r) for _, _, ps in res["trb"] for k, t, r in ps if 1 <= k < K]
+
+    def table(clock):
+        out = []
+        for name, sl in phases.items():
+            med = {k: statistics.median([t for r in res[k] for t in r[clock][sl]]) for k in res}
+            per_rep = [statistics.median(t[clock][sl]) / statistics.median(p[clock][sl])
+                       for t, p in zip(res["trb"], res["plain"])]
+            by_first = {f: statistics.median([r for r, g in zip(per_rep, first) if g == f]) for f in ("trb", "plain")}
+            length = {k: statistics.mean([x for r in res[k] for x in r["len"][sl]]) for k in res}
+            longest = {k: statistics.mean([x for r in res[k] for x in r["longest"][sl]]) for k in res}
+            out.append(f"| {name} | {med['trb']:.3f} | {med['plain']:.3f} | {med['trb'] / med['plain']:.2f}x | "
+                       f"{statistics.median(per_rep):.2f}x [{min(per_rep):.2f}, {max(per_rep):.2f}] | "
+                       f"{by_first['trb']:.2f}x / {by_first['plain']:.2f}x | "
+                       f"{length['trb']:.1f} / {length['plain']:.1f} | {longest['trb']:.1f} / {longest['plain']:.1f} |")
+        return out
+
+    head = ("| phase | TRB step (s) | plain step (s) | ratio of medians | per-repeat ratio, median [min, max] | "
+            "per-repeat median, TRB first / plain first | mean completion length TRB / plain | "
+            "longest completion of the step (= decode steps) TRB / plain |\n"
+            "|---|---|---|---|---|---|---|---|")
+    proc = [(t, r) for rr in res["trb"] for k, t, r in rr["proc"] if 1 <= k < K]
+    warm_wall = statistics.median([t for r in res["trb"] for t in r["wall"][1:K]])
     teacher_med = statistics.median(t for t, _ in proc)
     solver_med = statistics.median(r for _, r in proc)
 
@@ -132,24 +152,29 @@ def main(argv=None):
         f"student for 2K = {steps} steps with `TRBDistillationTrainer(trb=TRBConfig(eps0={a.eps0}, "
         f"warmup_steps={K}))` and with TRL's `DistillationTrainer`, alternating which goes first; "
         f"{a.batch} prompts x up to {a.max_new_tokens} tokens per step, {a.threads} torch thread(s), CPU. "
-        "Step time: wall time of one optimizer step (generation, loss, backward, optimizer), from a callback; "
-        "step 0 of each run is left out. Medians over all repeats' steps of the phase.",
+        "Step time: one optimizer step (generation, loss, backward, optimizer), from a callback; step 0 of each "
+        "run is left out. Medians over all repeats' steps of the phase; the per-repeat ratio divides the two "
+        "runs of one repeat.",
         "",
-        "| phase | TRB step (s) | plain step (s) | ratio of medians | per-repeat ratio, median [min, max] | "
-        "mean completion length TRB / plain |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, tm, pm, r, rm, rlo, rhi, lt, lp in rows:
-        lines.append(f"| {name} | {tm:.3f} | {pm:.3f} | {r:.2f}x | {rm:.2f}x [{rlo:.2f}, {rhi:.2f}] | "
-                     f"{lt:.1f} / {lp:.1f} |")
-    lines += [
+        "**Wall-clock time**",
         "",
-        f"Inside a TRB warmup step (median per step): teacher forwards in the processor {teacher_med:.3f} s, "
-        f"the TRB solver {solver_med:.3f} s.",
+        head,
+        *table("wall"),
+        "",
+        "**CPU time of the process** (`time.process_time`: less sensitive to other jobs taking the cores)",
+        "",
+        head,
+        *table("cpu"),
+        "",
+        f"Inside a TRB warmup step (medians per step, wall): the teacher's cached forwards in the processor "
+        f"{teacher_med:.3f} s and the TRB solver {solver_med:.3f} s, of a {warm_wall:.3f} s step. After the "
+        "warmup both trainers run the same code (TRL's); their students differ (trained on different rollouts), "
+        "and `generate` decodes until the longest completion of the batch ends, so the two can differ there.",
         "",
         f"Environment: Python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, trl {trl.__version__}, {platform.machine()} with {os.cpu_count()} CPU(s) "
-        f"(shared with other jobs while measured). Whole script: {wall:.0f} s.",
+        f"{transformers.__version__}, trl {trl.__version__}, {platform.machine()} with {os.cpu_count()} CPU(s), "
+        f"shared with other jobs while measured (load average {load0[0]:.1f} at the start, {load1[0]:.1f} at the "
+        f"end). Whole script: {wall:.0f} s.",
         "",
     ]
     text = "\n".join(lines)

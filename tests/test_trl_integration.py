@@ -304,6 +304,13 @@ def test_runtime_processor_list_check(pair):
     tok, student, teacher = pair
     with pytest.raises(TRBConfigError, match="TopKLogitsWarper"):
         check_processor_list([TRBLogitsProcessor(teacher, torch.ones(1, 2), 0.1), TopKLogitsWarper(5)])
+    # the temperature applied after the blend must be the one it was computed at, and come after it
+    one = torch.ones(1, 2)
+    check_processor_list([TRBLogitsProcessor(teacher, one, 0.1, temperature=0.7), TemperatureLogitsWarper(0.7)])
+    for procs in ([TRBLogitsProcessor(teacher, one, 0.1), TemperatureLogitsWarper(0.7)],
+                  [TemperatureLogitsWarper(0.7), TRBLogitsProcessor(teacher, one, 0.1, temperature=0.7)]):
+        with pytest.raises(TRBConfigError, match="temperature"):
+            check_processor_list(procs)
     ids, mask = encode_prompts(tok, PROMPTS)
     with pytest.raises(TRBConfigError, match="top_k=5"):
         with blended_generate(student, teacher, 0.5):

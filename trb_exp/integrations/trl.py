@@ -246,7 +246,7 @@ class TRBLogitsProcessor(LogitsProcessor):
 _FORBIDDEN = (  # (field, "is active" predicate): options that change the distribution after (or before) blending
     ("top_k", lambda v: v is not None and v != 0),
     ("top_p", lambda v: v is not None and v < 1.0),
-    ("min_p", lambda v: v is not None and v != 0),
+    ("min_p", lambda v: v is not None),  # transformers adds its warper for any value, 0 included
     ("typical_p", lambda v: v is not None and v < 1.0),
     ("epsilon_cutoff", lambda v: v is not None and 0.0 < v < 1.0),
     ("eta_cutoff", lambda v: v is not None and 0.0 < v < 1.0),
@@ -279,7 +279,8 @@ _ALLOWED_PROCESSORS = (TemperatureLogitsWarper, SuppressTokensLogitsProcessor, S
 
 def check_processor_list(processors) -> None:
     """Refuse a ``generate`` processor list with anything that would act on the blend besides the temperature
-    warper (and token suppression, which only masks tokens of the student before blending)."""
+    warper (and token suppression, which only masks tokens of the student before blending); check that the
+    temperature ``generate`` applies after the blend is the one it was computed at."""
     bad = [type(p).__name__ for p in processors
            if not isinstance(p, (TRBLogitsProcessor, *_ALLOWED_PROCESSORS))]
     if bad:
@@ -287,6 +288,17 @@ def check_processor_list(processors) -> None:
             f"TRB: generate would apply {', '.join(bad)} to the blended distribution, so the rollouts would not "
             "follow mu_beta (nor respect the KL budget); turn these generation options off (top_k=0, top_p=1.0, "
             "min_p=None, repetition_penalty=1.0, in the config and in the model's generation_config)")
+    ours = [i for i, p in enumerate(processors) if isinstance(p, TRBLogitsProcessor)]
+    if len(ours) > 1:
+        raise TRBConfigError("TRB: generate got more than one TRBLogitsProcessor")
+    if ours:
+        warpers = [(i, p.temperature) for i, p in enumerate(processors) if isinstance(p, TemperatureLogitsWarper)]
+        applied = math.prod(t for _, t in warpers)
+        proc = processors[ours[0]]
+        if any(i < ours[0] for i, _ in warpers) or not math.isclose(applied, proc.temperature, rel_tol=1e-12):
+            raise TRBConfigError(
+                f"TRB: the blend was computed at temperature {proc.temperature} but generate applies temperature "
+                f"{applied} after it; pass the sampling temperature in the generation_config given to generate")
 
 
 def refusals(*, generation=None, use_vllm: bool = False, eps_first: float = 0.0, sharded_teacher: bool = False,
