@@ -2,16 +2,17 @@
 """What does TRB cost inside TRL? TRBDistillationTrainer step / plain DistillationTrainer step, during and
 after the warmup, measured side by side in ONE process.
 
-Each repeat trains a fresh copy of the embedded student twice, with the same data order, seed and settings:
-once with ``TRBDistillationTrainer(trb=TRBConfig(eps0, K))`` and once with TRL's ``DistillationTrainer``,
-for ``2K`` optimizer steps each; the order of the two alternates between repeats (TRB first on even
-repeats). A callback takes the wall time of every optimizer step (generation, loss, backward, optimizer).
+Each repeat trains a fresh copy of the embedded student three times, with the same data order, seed and
+settings, for ``2K`` optimizer steps each: with ``TRBDistillationTrainer(trb=TRBConfig(eps0, K))``, with TRL's
+``DistillationTrainer``, and with ``TRBDistillationTrainer`` at eps = 0 from step 0 (``warmup_steps=0``: the
+code every post-warmup step runs, on the same student and tokens as plain, so its losses must be identical).
+The order alternates between repeats (trb, plain, eps=0 on even repeats; the reverse on odd ones). A callback takes the wall time of every optimizer step (generation, loss, backward, optimizer).
 Step 0 of every run (one-time initialisation) is left out. Reported: the median step time over the
 warmup steps k = 1..K-1 and over the post-warmup steps k = K..2K-1 per trainer, the ratio of the medians,
 and the median [min, max] over repeats of the per-repeat ratio; for TRB also the time spent inside the
 processor (teacher forwards, solver) per warmup step, and each phase's mean completion length.
 
-    python scripts/trl_overhead.py                        # 16 repeats, K = 6, 32 prompts x 40 tokens
+    python scripts/trl_overhead.py                        # 12 repeats, K = 6, 32 prompts x 40 tokens
     python scripts/trl_overhead.py --repeats 3 --out ''   # print only
 
 Wall-clock on a possibly shared machine: compare the two trainers of one invocation only.
@@ -39,7 +40,7 @@ for k, v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "d
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=12)
     ap.add_argument("--warmup-steps", type=int, default=6, help="K: the run has 2K steps")
     ap.add_argument("--eps0", type=float, default=0.5)
     ap.add_argument("--batch", type=int, default=32, help="prompts per optimizer step")
@@ -92,7 +93,9 @@ def main(argv=None):
         kw = dict(model=copy.deepcopy(student0), teacher_model=teacher, args=args, train_dataset=train,
                   processing_class=tok, callbacks=[timer])
         proc_s = []
-        if kind == "trb":
+        if kind == "off":  # TRB's trainer with eps = 0 from step 0: what every step after the warmup runs
+            tr = TRBDistillationTrainer(**kw, trb=TRBConfig(eps0=a.eps0, warmup_steps=0))
+        elif kind == "trb":
             tr = TRBDistillationTrainer(**kw, trb=TRBConfig(eps0=a.eps0, warmup_steps=K))
             collect = tr._trb_collect
             tr._trb_collect = lambda p: (proc_s.append((tr.state.global_step, p.teacher_s, p.rule_s)), collect(p))
@@ -103,19 +106,21 @@ def main(argv=None):
         logs = [h for h in tr.state.log_history if "completions/mean_length" in h]
         assert len(timer.wall) == steps == len(logs)
         return {"wall": timer.wall, "cpu": timer.cpu, "len": [h["completions/mean_length"] for h in logs],
-                "longest": [h["completions/max_length"] for h in logs], "proc": proc_s}
+                "longest": [h["completions/max_length"] for h in logs], "loss": [h["loss"] for h in logs],
+                "proc": proc_s}
 
-    res = {"trb": [], "plain": []}
+    res = {"trb": [], "plain": [], "off": []}
     first = []  # which trainer ran first in each repeat
     t_all, load0 = time.perf_counter(), os.getloadavg()
     for rep in range(a.repeats):
-        order = ("trb", "plain") if rep % 2 == 0 else ("plain", "trb")
-        first.append(order[0])
+        order = ("trb", "plain", "off") if rep % 2 == 0 else ("off", "plain", "trb")
+        first.append("trb" if rep % 2 == 0 else "plain")  # which of the two ran before the other
         for kind in order:
             res[kind].append(run(kind))
         print(f"repeat {rep}: " + "  ".join(
             f"{k} warmup {statistics.median(res[k][-1]['wall'][1:K]):.3f}s post "
-            f"{statistics.median(res[k][-1]['wall'][K:]):.3f}s" for k in ("trb", "plain")), flush=True)
+            f"{statistics.median(res[k][-1]['wall'][K:]):.3f}s" for k in ("trb", "plain"))
+              + f"  trb(eps=0) {statistics.median(res['off'][-1]['wall'][1:]):.3f}s", flush=True)
     wall, load1 = time.perf_counter() - t_all, os.getloadavg()
 
     phases = {"warmup (k = 1..K-1)": slice(1, K), "after (k = K..2K-1)": slice(K, steps)}
@@ -123,20 +128,31 @@ def main(argv=None):
     def table(clock):
         out = []
         for name, sl in phases.items():
-            med = {k: statistics.median([t for r in res[k] for t in r[clock][sl]]) for k in res}
+            med = {k: statistics.median([t for r in res[k] for t in r[clock][sl]]) for k in ("trb", "plain")}
             per_rep = [statistics.median(t[clock][sl]) / statistics.median(p[clock][sl])
                        for t, p in zip(res["trb"], res["plain"])]
             by_first = {f: statistics.median([r for r, g in zip(per_rep, first) if g == f]) for f in ("trb", "plain")}
-            length = {k: statistics.mean([x for r in res[k] for x in r["len"][sl]]) for k in res}
-            longest = {k: statistics.mean([x for r in res[k] for x in r["longest"][sl]]) for k in res}
+            length = {k: statistics.mean([x for r in res[k] for x in r["len"][sl]]) for k in ("trb", "plain")}
+            longest = {k: statistics.mean([x for r in res[k] for x in r["longest"][sl]]) for k in ("trb", "plain")}
             out.append(f"| {name} | {med['trb']:.3f} | {med['plain']:.3f} | {med['trb'] / med['plain']:.2f}x | "
                        f"{statistics.median(per_rep):.2f}x [{min(per_rep):.2f}, {max(per_rep):.2f}] | "
                        f"{by_first['trb']:.2f}x / {by_first['plain']:.2f}x | "
                        f"{length['trb']:.1f} / {length['plain']:.1f} | {longest['trb']:.1f} / {longest['plain']:.1f} |")
         return out
 
+    def off_rows():
+        sl, out = slice(1, steps), []
+        for clock in ("wall", "cpu"):
+            med = {k: statistics.median([t for r in res[k] for t in r[clock][sl]]) for k in ("off", "plain")}
+            per_rep = [statistics.median(o[clock][sl]) / statistics.median(p[clock][sl])
+                       for o, p in zip(res["off"], res["plain"])]
+            out.append(f"| {clock} | {med['off']:.3f} | {med['plain']:.3f} | {med['off'] / med['plain']:.2f}x | "
+                       f"{statistics.median(per_rep):.2f}x [{min(per_rep):.2f}, {max(per_rep):.2f}] |")
+        return out
+
+    same = all(o["loss"] == p["loss"] and o["len"] == p["len"] for o, p in zip(res["off"], res["plain"]))
     head = ("| phase | TRB step (s) | plain step (s) | ratio of medians | per-repeat ratio, median [min, max] | "
-            "per-repeat median, TRB first / plain first | mean completion length TRB / plain | "
+            "per-repeat median, TRB before plain / plain before TRB | mean completion length TRB / plain | "
             "longest completion of the step (= decode steps) TRB / plain |\n"
             "|---|---|---|---|---|---|---|---|")
     proc = [(t, r) for rr in res["trb"] for k, t, r in rr["proc"] if 1 <= k < K]
@@ -150,7 +166,8 @@ def main(argv=None):
         "",
         f"`{cmd}` (written by the script). {a.repeats} repeats, each training a fresh copy of the embedded "
         f"student for 2K = {steps} steps with `TRBDistillationTrainer(trb=TRBConfig(eps0={a.eps0}, "
-        f"warmup_steps={K}))` and with TRL's `DistillationTrainer`, alternating which goes first; "
+        f"warmup_steps={K}))`, with TRL's `DistillationTrainer`, and with `TRBDistillationTrainer` at eps = 0 from "
+        "step 0 (below), in the order trb, plain, eps=0 on even repeats and the reverse on odd ones; "
         f"{a.batch} prompts x up to {a.max_new_tokens} tokens per step, {a.threads} torch thread(s), CPU. "
         "Step time: one optimizer step (generation, loss, backward, optimizer), from a callback; step 0 of each "
         "run is left out. Medians over all repeats' steps of the phase; the per-repeat ratio divides the two "
@@ -165,6 +182,15 @@ def main(argv=None):
         "",
         head,
         *table("cpu"),
+        "",
+        "**Past the warmup, same student and tokens.** `TRBDistillationTrainer` with eps = 0 from step 0 "
+        "(`TRBConfig(eps0, warmup_steps=0)`: what it runs on every step after the warmup) against "
+        f"`DistillationTrainer`, steps 1..2K-1, same repeats. Losses and completion lengths identical in every "
+        f"repeat: {'yes' if same else 'NO'}.",
+        "",
+        "| clock | TRB trainer, eps = 0 (s) | plain step (s) | ratio of medians | per-repeat ratio, median [min, max] |",
+        "|---|---|---|---|---|",
+        *off_rows(),
         "",
         f"Inside a TRB warmup step (medians per step, wall): the teacher's cached forwards in the processor "
         f"{teacher_med:.3f} s and the TRB solver {solver_med:.3f} s, of a {warm_wall:.3f} s step. After the "

@@ -184,6 +184,26 @@ def test_distillation_trainer_three_steps(tmp_path):
     assert student.generate.__func__ is type(student).generate
 
 
+def test_past_the_warmup_is_trls_own_path():
+    """With eps = 0 (every step after the warmup) the TRB trainer trains exactly like DistillationTrainer: same
+    losses and completion lengths, step by step, from the same seed."""
+    from trl import DistillationConfig, DistillationTrainer
+
+    def logs(trainer):
+        trainer.train()
+        return [(h["loss"], h["completions/mean_length"]) for h in trainer.state.log_history if "loss" in h]
+
+    trb = _dist_trainer(TRBConfig(eps0=0.5, warmup_steps=0), steps=2)
+    got = logs(trb)  # each trainer seeds the RNGs in its __init__: build and train one after the other
+    args = DistillationConfig(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=4,
+                              max_completion_length=24, logging_steps=1, report_to=[], learning_rate=1e-3,
+                              save_strategy="no", use_cpu=True, seed=0, bf16=False)
+    plain = DistillationTrainer(model=_model("student"), teacher_model=_model("teacher"), args=args,
+                                train_dataset=Dataset.from_dict({"prompt": TRAIN_PROMPTS}), processing_class=_tok())
+    assert got == logs(plain) and len(got) == 2
+    assert [h["trb/eps"] for h in _trb_logs(trb)] == [0.0, 0.0]
+
+
 def test_accumulation_and_evaluation():
     """gradient_accumulation_steps = 2: one generation and one trb/* entry per optimizer step, eps by
     global_step; evaluation during the warmup takes TRL's own path (no processor, no trb/* metrics)."""
