@@ -47,9 +47,9 @@ def pair():
     return _tok(), _model("student"), _model("teacher")
 
 
-def _gen(tok, T=1.0, n=30, **kw):
+def _gen(tok, T=1.0, n=30, top_k_override=0):
     return GenerationConfig(do_sample=True, max_new_tokens=n, eos_token_id=tok.eos_token_id,
-                            pad_token_id=tok.pad_token_id, top_k=0, top_p=1.0, temperature=T, **kw)
+                            pad_token_id=tok.pad_token_id, top_k=top_k_override, top_p=1.0, temperature=T)
 
 
 # --------------------------------------------------------------------------- the processor
@@ -312,9 +312,8 @@ def test_refuses_different_vocabularies(pair):
         _dist_trainer(TRBConfig(eps0=0.5, warmup_steps=2), teacher=other)
     # the processor checks it too, and generate is restored after the error
     ids, mask = encode_prompts(tok, PROMPTS)
-    with pytest.raises(TRBConfigError, match="share one vocabulary"):
-        with blended_generate(student, other, 0.5):
-            student.generate(input_ids=ids, attention_mask=mask, generation_config=_gen(tok))
+    with pytest.raises(TRBConfigError, match="share one vocabulary"), blended_generate(student, other, 0.5):
+        student.generate(input_ids=ids, attention_mask=mask, generation_config=_gen(tok))
     assert "generate" not in vars(student) and "_get_logits_processor" not in vars(student)
 
 
@@ -332,10 +331,8 @@ def test_runtime_processor_list_check(pair):
         with pytest.raises(TRBConfigError, match="temperature"):
             check_processor_list(procs)
     ids, mask = encode_prompts(tok, PROMPTS)
-    with pytest.raises(TRBConfigError, match="top_k=5"):
-        with blended_generate(student, teacher, 0.5):
-            student.generate(input_ids=ids, attention_mask=mask, generation_config=_gen(tok).__class__(
-                **{**_gen(tok).to_dict(), "top_k": 5}))
+    with pytest.raises(TRBConfigError, match="top_k=5"), blended_generate(student, teacher, 0.5):
+        student.generate(input_ids=ids, attention_mask=mask, generation_config=_gen(tok, top_k_override=5))
 
 
 def test_trb_config():

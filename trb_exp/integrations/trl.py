@@ -38,12 +38,11 @@ the completion tokens, EOS included, across processes) through TRL's metrics, so
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -64,14 +63,13 @@ __all__ = [
     "TRBConfigError",
     "TRBLogitsProcessor",
     "TRBDistillationTrainer",
-    "TRBGKDTrainer",
+    "TRBGKDTrainer",  # noqa: F822 - defined on first access (module __getattr__)
     "blended_generate",
     "check_generation_config",
     "refusals",
 ]
 
 TESTED_TRL = (">=1.16", "<1.17")  # the private override points were read and tested on TRL 1.16.0
-logger = logging.getLogger(__name__)
 
 
 class TRBConfigError(ValueError):
@@ -458,7 +456,7 @@ class _TRBMixin:
 
 
 # --------------------------------------------------------------------------- DistillationTrainer
-from trl import DistillationTrainer  # noqa: E402  (the integration needs TRL: pip install -e ".[trl]")
+from trl import DistillationTrainer  # the integration needs TRL: pip install -e ".[trl]"
 
 
 class TRBDistillationTrainer(_TRBMixin, DistillationTrainer):
