@@ -300,6 +300,12 @@ def test_refuses_sharded_teacher_under_synced_gpus():
         _TRBMixin._trb_refuse(fake, None)
 
 
+def test_refuses_vision_language_models():
+    with pytest.raises(TRBConfigError, match="vision-language"):
+        refusals(multimodal=True, eps_first=0.5)
+    refusals(multimodal=True, eps_first=0.0)
+
+
 def test_refuses_different_vocabularies(pair):
     from trb_exp.data.tokenizer import build_char_tokenizer
     from trb_exp.models import tiny_llama

@@ -300,7 +300,8 @@ def check_processor_list(processors) -> None:
 
 
 def refusals(*, generation=None, use_vllm: bool = False, eps_first: float = 0.0, sharded_teacher: bool = False,
-             num_processes: int = 1, student_vocab: int | None = None, teacher_vocab: int | None = None) -> None:
+             num_processes: int = 1, student_vocab: int | None = None, teacher_vocab: int | None = None,
+             multimodal: bool = False) -> None:
     """Raise ONE ``TRBConfigError`` naming every setting that would silently break the blend (or hang).
 
     ``eps_first``: the budget of the first training step (schedules never increase, so 0 means no blending)."""
@@ -317,6 +318,9 @@ def refusals(*, generation=None, use_vllm: bool = False, eps_first: float = 0.0,
         problems.append(f"a sharded (DeepSpeed ZeRO-3 / FSDP) teacher on {num_processes} processes: generate runs "
                         "with synced_gpus and skips logits processors on finished ranks, so the collective teacher "
                         "forward would hang; keep the teacher unsharded (ZeRO-0/1/2 or a replicated copy)")
+    if multimodal and eps_first > 0:
+        problems.append("a vision-language processing class: the teacher in the decode loop is given token ids "
+                        "only (no pixel values); TRB in TRL supports text-only models")
     if student_vocab is not None and teacher_vocab is not None and student_vocab != teacher_vocab:
         problems.append(f"different vocabularies (student {student_vocab}, teacher {teacher_vocab} output rows): "
                         "the blend compares the two next-token distributions token by token")
@@ -423,7 +427,7 @@ class _TRBMixin:
         refusals(generation=generation, use_vllm=bool(getattr(self.args, "use_vllm", False)),
                  eps_first=self.trb.eps_at(0), sharded_teacher=sharded, num_processes=self.accelerator.num_processes,
                  student_vocab=_output_rows(self.accelerator.unwrap_model(self.model)),
-                 teacher_vocab=_output_rows(self._trb_teacher()))
+                 teacher_vocab=_output_rows(self._trb_teacher()), multimodal=bool(getattr(self, "_is_vlm", False)))
 
     def _trb_early(self, args, kwargs, names=("model", "teacher_model", "args")) -> None:
         """The refusals that can be decided before TRL's own __init__ (which imports vLLM when use_vllm=True and
