@@ -7,7 +7,7 @@ Trains the shipped tiny student against the shipped teacher on the arithmetic ta
 test problems before and after. ``--plain`` runs TRL's own ``DistillationTrainer`` on the same settings.
 
     pip install -e ".[trl]"
-    python scripts/trl_example.py                           # 30 steps, K = 15, eps0 = 0.5 (~1-2 min on a CPU core)
+    python scripts/trl_example.py                           # 30 steps, K = 15, eps0 = 0.5 (29 s on a shared 2-core CPU)
     python scripts/trl_example.py --steps 60 --warmup-steps 30 --schedule cosine
     python scripts/trl_example.py --plain                   # the same run without TRB
 """
