@@ -347,5 +347,5 @@ def test_evaluate_entrypoint_writes_json_and_table(hf, tmp_path):
         assert 0 <= res[f"gsm8k/{k}"] <= 1
     assert json.loads((tmp_path / "results.json").read_text())["results"] == res
     table = (tmp_path / "results.md").read_text()
-    assert "| benchmark | n | problems | pass@1 | pass@2 | pass@4 | mean_length |" in table
+    assert "| benchmark | n | problems | pass@1 | pass@1_se | pass@2 | pass@4 | mean_length |" in table
     assert "| gsm8k | 4 | 2 |" in table and "| **average** |" in table
