@@ -21,6 +21,7 @@ import torch
 from conftest import compose
 
 import trb_exp.train as train_mod
+from cached_task import use_cached_task
 from trb_exp.data.tokenizer import build_char_tokenizer
 from trb_exp.methods import Method
 from trb_exp.models import load_model, tiny_llama
@@ -31,6 +32,11 @@ FAST = ["logger=none", "trainer.max_steps=2", "trainer.eval_every=0", "trainer.e
         "trainer.micro_batch_size=4", "trainer.max_new_tokens=10", "threads=1", "trainer.save_student=false",
         "optim.warmup_steps=0"]
 ROWS, MICRO = 6, 4
+
+
+@pytest.fixture(autouse=True)
+def _cached_task(monkeypatch):
+    use_cached_task(monkeypatch)
 
 
 def _pair(root):
@@ -51,7 +57,7 @@ def eos_pair(tmp_path_factory):
     return root
 
 
-def spy_run(cfg, run_dir, monkeypatch):
+def spy_run(cfg, run_dir):
     """Run the real trainer; record, per micro-batch, the student forward's inputs, what the per-token loss
     receives and returns, and per optimizer step the gradients that reach the clip (= the optimizer)."""
     rec = {"fwd": [], "loss": [], "grads": []}
@@ -71,10 +77,11 @@ def spy_run(cfg, run_dir, monkeypatch):
         rec["grads"].append([None if p.grad is None else p.grad.detach().clone() for p in params])
         return real_clip(params, *a, **kw)
 
-    monkeypatch.setattr(train_mod, "response_logits", rl)
-    monkeypatch.setattr(Method, "per_token_loss", ptl)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
-    train_mod.run(cfg, run_dir)
+    with pytest.MonkeyPatch.context() as mp:  # the spies live for this run only
+        mp.setattr(train_mod, "response_logits", rl)
+        mp.setattr(Method, "per_token_loss", ptl)
+        mp.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+        train_mod.run(cfg, run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rec["rows"] = [r for r in rows if "train/loss" in r]
     return rec
@@ -111,10 +118,10 @@ CASES = [  # (method, overrides, pair, where the trainer takes the teacher log-p
 
 @pytest.mark.parametrize("method, overrides, pair, source", CASES, ids=[f"{c[0]}-{c[2]}-{c[3]}" for c in CASES])
 def test_loss_receives_the_teachers_logprobs_at_the_same_rows_and_positions(
-        method, overrides, pair, source, tiny_pair, eos_pair, tmp_path, monkeypatch):
+        method, overrides, pair, source, tiny_pair, eos_pair, tmp_path):
     root = tiny_pair if pair == "tiny" else eos_pair
     cfg = compose([f"method={method}", *overrides, *FAST, *_pair(root)])
-    rec = spy_run(cfg, tmp_path, monkeypatch)
+    rec = spy_run(cfg, tmp_path)
     teacher = load_model(str(root / "teacher"), device=torch.device("cpu"), train=False)
     eos, unk = 2, 3  # <eos>, <unk> of the char tokenizer
     other = unk if pair == "eos" else None
@@ -139,13 +146,11 @@ def test_loss_receives_the_teachers_logprobs_at_the_same_rows_and_positions(
 
 
 @pytest.mark.parametrize("method", ["opd", "trb"])
-def test_teacher_pass_rollout_and_micro_batch_give_the_same_loss_and_gradient(method, tiny_pair, tmp_path,
-                                                                              monkeypatch):
+def test_teacher_pass_rollout_and_micro_batch_give_the_same_loss_and_gradient(method, tiny_pair, tmp_path):
     recs = {}
     for tp in ("rollout", "micro_batch"):
         cfg = compose([f"method={method}", f"model.teacher_pass={tp}", *FAST, *_pair(tiny_pair)])
-        recs[tp] = spy_run(cfg, tmp_path / tp, monkeypatch)
-        monkeypatch.undo()
+        recs[tp] = spy_run(cfg, tmp_path / tp)
     a, b = recs["rollout"], recs["micro_batch"]
     assert len(a["grads"]) == len(b["grads"]) == 2
     for (ia, _, _), (ib, _, _) in zip(a["fwd"], b["fwd"]):
@@ -159,11 +164,11 @@ def test_teacher_pass_rollout_and_micro_batch_give_the_same_loss_and_gradient(me
     assert max(g.abs().max().item() for g in a["grads"][0] if g is not None) > 1e-4  # not vacuous
 
 
-def test_step_loss_and_gradient_are_the_whole_step_token_mean(tiny_pair, tmp_path, monkeypatch):
+def test_step_loss_and_gradient_are_the_whole_step_token_mean(tiny_pair, tmp_path):
     """One step of opd (full reverse KL) with micro-batches of unequal token counts: the logged loss and the
     gradient reaching the optimizer equal one big-batch token mean computed here from scratch."""
     cfg = compose(["method=opd", "method.estimator=full", *FAST, "trainer.max_steps=1", *_pair(tiny_pair)])
-    rec = spy_run(cfg, tmp_path, monkeypatch)
+    rec = spy_run(cfg, tmp_path)
     cpu = torch.device("cpu")
     student = load_model(str(tiny_pair / "student"), device=cpu, train=True)
     teacher = load_model(str(tiny_pair / "teacher"), device=cpu, train=False)
