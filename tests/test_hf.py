@@ -173,7 +173,7 @@ def test_dataset_errors_are_one_line(hf, tmp_path):
         assert "\n" not in str(e.value)
     # hub, offline, not cached: says what to download and how to use a local copy
     t0 = time.time()
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError, match="hf download --repo-type dataset nobody/no-such-dataset-xyz") as e:
         load_rows(compose(["dataset=math500", "dataset.path=nobody/no-such-dataset-xyz"]).dataset, "dataset")
     assert time.time() - t0 < 10
     msg = str(e.value)
@@ -309,7 +309,7 @@ def _cli(module, *args, env_extra=None):
 
 def test_offline_uncached_preset_fails_fast_with_one_line(tmp_path):
     t0 = time.time()
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError, match=r"model.student='fake-org/not-a-real-model-123' is not in the local Hugging Face cache") as e:
         check_available("fake-org/not-a-real-model-123", "model.student")
     assert time.time() - t0 < 1
     # the paper's preset through the CLI, with an empty Hugging Face cache

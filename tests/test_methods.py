@@ -4,6 +4,7 @@ budget, the sampled estimator's KL estimate; and every method end to end through
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -292,6 +293,6 @@ def test_each_new_method_runs_and_logs_its_diagnostics(method, overrides, keys, 
     ("opd", "+method.eps=0.1", "method.eps=0.1: a constant budget needs rollout: trust_region"),
 ])
 def test_method_config_errors_name_the_field(method, override, message):
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError, match="^" + re.escape(message)) as e:
         _method(f"method={method}", override)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)

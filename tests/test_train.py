@@ -3,6 +3,7 @@ one-line errors."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -63,7 +64,7 @@ def test_training_is_deterministic(tiny_pair, tmp_path):
 ])
 def test_config_errors_name_the_field(override, message, tiny_pair, tmp_path):
     cfg = compose([*FAST, *_pair(tiny_pair), *override.split(",")])  # the override wins
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError, match=re.escape(message)) as e:
         run(cfg, tmp_path)
     assert message in str(e.value) and "\n" not in str(e.value)
 
