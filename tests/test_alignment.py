@@ -106,8 +106,8 @@ def merged_by_hand(lp, keep, other):
 CASES = [  # (method, overrides, pair, where the trainer takes the teacher log-probs from)
     ("opd", [], "tiny", "one batched teacher pass"),
     ("opd", ["model.teacher_pass=micro_batch"], "tiny", "one pass per micro-batch"),
-    ("trb", [], "tiny", "the KV-cached decode"),
-    ("trb", ["model.teacher_pass=micro_batch"], "tiny", "one pass per micro-batch"),
+    ("trb", ["schedule.eps0=0.01"], "tiny", "the KV-cached decode"),
+    ("trb", ["schedule.eps0=0.01", "model.teacher_pass=micro_batch"], "tiny", "one pass per micro-batch"),
     ("skd", ["method.teacher_top_k=3"], "tiny", "the KV-cached decode"),
     ("offline_kd", ["method.loss=forward_kl"], "tiny", "the teacher's own decode"),
     ("veto", ["method.b_start=0.5"], "tiny", "one batched teacher pass"),
@@ -149,7 +149,7 @@ def test_loss_receives_the_teachers_logprobs_at_the_same_rows_and_positions(
 def test_teacher_pass_rollout_and_micro_batch_give_the_same_loss_and_gradient(method, tiny_pair, tmp_path):
     recs = {}
     for tp in ("rollout", "micro_batch"):
-        cfg = compose([f"method={method}", f"model.teacher_pass={tp}", *FAST, *_pair(tiny_pair)])
+        cfg = compose([f"method={method}", f"model.teacher_pass={tp}", "schedule.eps0=0.01", *FAST, *_pair(tiny_pair)])
         recs[tp] = spy_run(cfg, tmp_path / tp)
     a, b = recs["rollout"], recs["micro_batch"]
     assert len(a["grads"]) == len(b["grads"]) == 2
