@@ -159,7 +159,7 @@ def sanity(mutant: Mutant | None, dest: Path) -> None:
                          f"{where} (rc {r.returncode}); expected the mutated copy under {dest}\n{r.stderr[-2000:]}")
 
 
-FAILED_RE = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
+FAILED_RE = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", re.M)  # test ids may hold spaces
 
 
 def run_one(mutant: Mutant | None, tests: list[str], timeout: int) -> dict:
@@ -213,6 +213,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="also write the table, command and wall time here")
     p.add_argument("--timeout", type=int, default=600, help="per-mutant pytest timeout in seconds")
     p.add_argument("--tests", nargs="+", default=FAST_TESTS, help="the test selection (default: FAST_TESTS)")
+    p.add_argument("--append", action="store_true", help="append the table to --out as a new section")
+    p.add_argument("--title", default="Mutation check", help="the heading of the --out section")
     a = p.parse_args(argv)
     names = [CONTROL] + [m.name for m in MUTANTS]
     if a.list:
@@ -225,7 +227,7 @@ def main(argv=None) -> int:
         p.error(f"--only {unknown[0]!r}: not a mutant; --list shows them")
     chosen = [n for n in names if not a.only or n in a.only]
     by_name = {m.name: m for m in MUTANTS}
-    t0 = time.time()
+    t0, load0 = time.time(), os.getloadavg()[0]
     rows = []
     for n in chosen:
         r = run_one(by_name.get(n), a.tests, a.timeout)
@@ -240,17 +242,24 @@ def main(argv=None) -> int:
     if a.out:
         cmd = "python scripts/mutation_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(
+        head = "" if a.append and a.out.exists() else (
             "# Mutation check\n\n"
             "Each mutant is a deliberate bug (an exact source edit, asserted to match once) applied to a temporary "
             "copy of the repository; the fast test selection below runs against the copy (`pytest -x -q -p "
             "no:cacheprovider`, cwd = the copy, whose `trb_exp` is imported: checked before each run). A mutant "
-            "is killed when a test fails; the control row is the unmodified code and must pass.\n\n"
+            "is killed when a test fails; the control row is the unmodified code and must pass.\n\n")
+        section = (
+            f"## {a.title}\n\n"
             f"Command: `{cmd.strip()}`\n\n"
             f"Test selection: {', '.join(f'`{t}`' for t in a.tests)}\n\n"
             f"Measured wall time: {total:.0f} s in total (one mutant at a time, one torch thread, on a shared "
-            f"2-core CPU); {sum(r['status'].startswith('killed') for r in rows)} of "
+            f"2-core CPU, 1-minute load average {load0:.1f} at the start and {os.getloadavg()[0]:.1f} at the end); "
+            f"{sum(r['status'].startswith('killed') for r in rows)} of "
             f"{sum(r['name'] != CONTROL for r in rows)} mutants killed.\n\n" + md + "\n")
+        if a.append and a.out.exists():
+            a.out.write_text(a.out.read_text().rstrip("\n") + "\n\n" + section)
+        else:
+            a.out.write_text(head + section)
         print(f"wrote {a.out}")
     return 0 if ok else 1
 

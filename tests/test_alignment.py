@@ -104,15 +104,15 @@ def merged_by_hand(lp, keep, other):
 
 
 CASES = [  # (method, overrides, pair, where the trainer takes the teacher log-probs from)
-    ("opd", [], "tiny", "one batched teacher pass"),
-    ("opd", ["model.teacher_pass=micro_batch"], "tiny", "one pass per micro-batch"),
-    ("trb", ["schedule.eps0=0.01"], "tiny", "the KV-cached decode"),
-    ("trb", ["schedule.eps0=0.01", "model.teacher_pass=micro_batch"], "tiny", "one pass per micro-batch"),
-    ("skd", ["method.teacher_top_k=3"], "tiny", "the KV-cached decode"),
-    ("offline_kd", ["method.loss=forward_kl"], "tiny", "the teacher's own decode"),
-    ("veto", ["method.b_start=0.5"], "tiny", "one batched teacher pass"),
-    ("opd", [], "eos", "one batched teacher pass, EOS merged"),
-    ("trb", ["schedule.eps0=2.0"], "eos", "the KV-cached decode, EOS merged"),
+    ("opd", [], "tiny", "batched_pass"),
+    ("opd", ["model.teacher_pass=micro_batch"], "tiny", "micro_batch_pass"),
+    ("trb", ["schedule.eps0=0.01"], "tiny", "kv_cached_decode"),
+    ("trb", ["schedule.eps0=0.01", "model.teacher_pass=micro_batch"], "tiny", "micro_batch_pass"),
+    ("skd", ["method.teacher_top_k=3"], "tiny", "kv_cached_decode"),
+    ("offline_kd", ["method.loss=forward_kl"], "tiny", "teacher_decode"),
+    ("veto", ["method.b_start=0.5"], "tiny", "batched_pass"),
+    ("opd", [], "eos", "batched_pass_eos_merged"),
+    ("trb", ["schedule.eps0=2.0"], "eos", "kv_cached_decode_eos_merged"),
 ]
 
 

@@ -180,7 +180,10 @@ def test_trb_rule_budget_follows_the_schedule(schedule):
         else:  # a zero budget is plain student sampling
             assert type(rule) is StudentRule and rule.temperature == 1.0, (schedule, k)
         assert m.diagnostics(k)["trb/eps"] == pytest.approx(want, rel=1e-12)
-    # the default linear schedule, at its YAML values (eps0 = 0.5, K = 50)
+
+
+def test_trb_default_schedule_values():
+    """The default linear schedule at its YAML values (eps0 = 0.5, K = 50)."""
     m = Method.from_cfg(_cfg("trb").method, _cfg("trb").schedule)
     assert [m.rule(k).eps for k in (0, 10, 25, 49)] == pytest.approx([0.5, 0.4, 0.25, 0.01])
     assert type(m.rule(50)) is StudentRule
