@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=600, help="per-mutant pytest timeout in seconds")
     p.add_argument("--tests", nargs="+", default=FAST_TESTS, help="the test selection (default: FAST_TESTS)")
     p.add_argument("--append", action="store_true", help="append the table to --out as a new section")
-    p.add_argument("--title", default="Mutation check", help="the heading of the --out section")
+    p.add_argument("--title", default="The fast selection", help="the heading of the --out section")
     a = p.parse_args(argv)
     names = [CONTROL] + [m.name for m in MUTANTS]
     if a.list:
@@ -240,7 +241,7 @@ def main(argv=None) -> int:
     print(f"\n{sum(r['status'].startswith('killed') for r in rows)}/{sum(r['name'] != CONTROL for r in rows)} "
           f"mutants killed; total wall {total:.0f} s")
     if a.out:
-        cmd = "python scripts/mutation_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = "python scripts/mutation_check.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         a.out.parent.mkdir(parents=True, exist_ok=True)
         head = "" if a.append and a.out.exists() else (
             "# Mutation check\n\n"
