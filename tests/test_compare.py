@@ -26,7 +26,7 @@ def test_mean_ci_by_hand():
     assert half == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-6)  # ≈ 0.2484
     assert half == pytest.approx(4.303 * 0.1 / 1.732, rel=1e-3)
     assert C.mean_ci([0.5]) == (0.5, None, 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mean_ci of no values"):
         C.mean_ci([])
 
 
@@ -219,7 +219,7 @@ def test_label_names_knobs_set_on_the_command_line(tmp_path):
     assert list(groups["opd"]) == ["default"]
 
 
-def test_paper_table_rendered(sweep, tmp_path):
+def test_paper_table_rendered(sweep, tmp_path, capsys):
     paper = json.loads((C.Path(__file__).parents[1] / "docs" / "results" / "paper_table1.json").read_text())
     out = tmp_path / "p"
     C.main([str(sweep), "--out", str(out), "--paper", str(C.Path(__file__).parents[1] / "docs" / "results" /
@@ -229,8 +229,9 @@ def test_paper_table_rendered(sweep, tmp_path):
     assert "| TRB | 33.2 | 69.7 | 34.3 | 44.8 | 10.2 | 6.9 |" in md
     assert "| Vanilla OPD | 44.0 | 69.9 | 53.1 | 21.8 | 31.1 |" in md
     assert paper["source"] in md
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error: exit status 2, message on stderr
         C.main([str(sweep), "--out", str(out), "--ci-seeds", "1,x"])
+    assert "--ci-seeds='1,x': give integers separated by commas" in capsys.readouterr().err
 
 
 def test_report_without_teacher_and_cli(sweep, tmp_path, capsys):
@@ -241,7 +242,7 @@ def test_report_without_teacher_and_cli(sweep, tmp_path, capsys):
     assert "8 runs, 2 method families" in md and "still_running" not in md
     assert "skipping 1 unfinished run(s)" in capsys.readouterr().err
     assert "Skipped: no teacher pass@1 given" in md
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=r"error: no run \(metrics.jsonl \+ .hydra/config.yaml\) under"):
         C.compare([tmp_path / "empty"], tmp_path / "o2")
 
 

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from budget import assert_budget_used
 from conftest import compose
 
 from trb_exp.blending import kl_divergence, merge_eos, trust_region_blend
@@ -150,6 +151,7 @@ def test_trust_region_rule_blends_the_merged_distributions(eos_pair):
     m = ro.response_mask
     d = ro.diagnostics
     assert (d["kl_behavior_student"][m] <= eps + 1e-6).all() and (d["beta"][m] > 0).all()
+    assert assert_budget_used(ro, eps=eps) > 0
 
     # recompute both models' distributions over the finished sequences with full forwards, merge them,
     # and solve again: same beta and realised KL as in the decode loop, and KL(mu||pi_S) <= eps holds

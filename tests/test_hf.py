@@ -17,9 +17,11 @@ import time
 
 import pytest
 import torch
+from budget import assert_budget_used, record_rollouts
 from conftest import CONF_DIR, compose
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
+import trb_exp.train as train_mod
 from trb_exp.config import ConfigError
 from trb_exp.data import encode_prompts, load_benchmarks, load_task, prompt_formatter
 from trb_exp.data.hub import load_rows
@@ -173,7 +175,7 @@ def test_dataset_errors_are_one_line(hf, tmp_path):
         assert "\n" not in str(e.value)
     # hub, offline, not cached: says what to download and how to use a local copy
     t0 = time.time()
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError, match="hf download --repo-type dataset nobody/no-such-dataset-xyz") as e:
         load_rows(compose(["dataset=math500", "dataset.path=nobody/no-such-dataset-xyz"]).dataset, "dataset")
     assert time.time() - t0 < 10
     msg = str(e.value)
@@ -239,13 +241,13 @@ def test_padded_vocab_and_differing_eos(hf):
 
 
 @pytest.mark.parametrize("case", ["qwen_trb_gsm8k", "llama_opd_openthoughts3", "qwen_opd_math_microbatch"])
-def test_train_through_hf_preset(case, hf, tmp_path):
+def test_train_through_hf_preset(case, hf, tmp_path, monkeypatch):
     arch, method, data = case.split("_")[:3]
     over = [f"method={method}", "model=hf", f"model.student={hf[arch + '_student']}",
             f"model.teacher={hf[arch + '_teacher']}", *FAST]
     if data == "gsm8k":
         over += ["dataset=gsm8k_train", f"dataset.data_files={hf['gsm8k']}", f"dataset.test_files={hf['gsm8k']}",
-                 "schedule.eps0=0.5"]
+                 "schedule.eps0=0.005"]  # binds on the tiny random pair (its KL(pi_T||pi_S) <= 0.011)
     elif data == "openthoughts3":
         over += ["dataset=openthoughts3", f"dataset.data_files={hf['openthoughts3']}",
                  f"eval.benchmarks=[{{config:math500,data_files:'{hf['math500']}'}},"
@@ -254,13 +256,16 @@ def test_train_through_hf_preset(case, hf, tmp_path):
         over += ["dataset=math_train", f"dataset.data_files={hf['math']}", "model.teacher_pass=micro_batch",
                  "model.gradient_checkpointing=true", "trainer.micro_batch_size=2", "trainer.rollout_batch_size=3",
                  f"eval.benchmarks=[{{config:amc,data_files:'{hf['amc']}'}}]"]
+    rollouts = record_rollouts(monkeypatch, train_mod)
     summary = run(compose(over), tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2] and all(r["train/loss"] >= 0 for r in train_rows)
     if method == "trb":
-        assert train_rows[0]["trb/eps"] == 0.5 and all(r["trb/kl_behavior_student_max"] <= r["trb/eps"] + 1e-5
+        assert train_rows[0]["trb/eps"] == 0.005 and all(r["trb/kl_behavior_student_max"] <= r["trb/eps"] + 1e-5
                                                        for r in train_rows)
+        eps = [0.005 * (1 - k / compose(over).schedule.warmup_steps) for k in range(2)]
+        assert len(rollouts) == 2 and all(assert_budget_used(ro, eps=e) > 0 for ro, e in zip(rollouts, eps))
     final = summary["final"]
     assert 0 <= final["eval/pass@1"] <= 1
     if data == "openthoughts3":  # per benchmark and the setup average
@@ -309,7 +314,7 @@ def _cli(module, *args, env_extra=None):
 
 def test_offline_uncached_preset_fails_fast_with_one_line(tmp_path):
     t0 = time.time()
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError, match=r"model.student='fake-org/not-a-real-model-123' is not in the local Hugging Face cache") as e:
         check_available("fake-org/not-a-real-model-123", "model.student")
     assert time.time() - t0 < 1
     # the paper's preset through the CLI, with an empty Hugging Face cache

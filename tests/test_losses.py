@@ -200,7 +200,7 @@ def test_generalized_jsd_endpoints_and_continuity():
     torch.testing.assert_close(generalized_jsd(s, t, beta=1.0), rev, atol=0, rtol=0)
     torch.testing.assert_close(generalized_jsd(s, t, beta=1e-5), fwd, rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(generalized_jsd(s, t, beta=1 - 1e-5), rev, rtol=1e-3, atol=1e-6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\], got 1.5"):
         generalized_jsd(s, t, beta=1.5)
 
 
@@ -488,8 +488,8 @@ def test_bf16_inputs_give_float32():
 
 def test_shape_mismatch_raises():
     s, t = rand_inputs()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"student_logits \(2, 3, 7\) and teacher \(2, 3, 5\) must have the same shape"):
         kl_student_teacher_full(s, t[..., :5])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"tokens \(2, 4\) must equal student_logits.shape\[:-1\] \(2, 3\)"):
         kl_student_teacher_sampled(s, t, torch.zeros(2, 4, dtype=torch.long))
     assert L.LOGPROB_FLOOR == LOGPROB_FLOOR < -100

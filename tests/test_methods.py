@@ -4,9 +4,11 @@ budget, the sampled estimator's KL estimate; and every method end to end through
 
 import json
 import random
+import re
 
 import pytest
 import torch
+from budget import assert_budget_used, record_rollouts
 from conftest import compose
 
 import trb_exp.train as train_mod
@@ -251,23 +253,25 @@ def test_sampled_estimator_logs_a_kl_estimate_not_the_surrogate(tiny_pair, tmp_p
 
 # --------------------------------------------------------------------------- end to end
 @pytest.mark.parametrize("method, overrides, keys", [
-    ("fixed_blend", ["method.eps=0.05"], ["trb/eps", "trb/beta_mean", "trb/kl_behavior_student_max"]),
+    ("fixed_blend", ["method.eps=0.01"], ["trb/eps", "trb/beta_mean", "trb/kl_behavior_student_max"]),
     ("skd", ["method.teacher_top_k=3"], ["skd/replaced_frac"]),
     ("veto", ["method.b_start=0.4"], ["veto/b"]),
     ("temp_warmup", ["method.t0=0.8", "method.K=2"], ["rollout/temperature"]),
     ("sft_warmup", ["method.sft_steps=2", "method.sft_samples=2", "method.sft_updates=2"], []),
     ("offline_kd", ["method.loss=forward_kl"], ["rollout/teacher_entropy"]),
 ])
-def test_each_new_method_runs_and_logs_its_diagnostics(method, overrides, keys, tiny_pair, tmp_path):
+def test_each_new_method_runs_and_logs_its_diagnostics(method, overrides, keys, tiny_pair, tmp_path, monkeypatch):
     cfg = compose([f"method={method}", *(f"{o}" for o in overrides), *FAST, *_pair(tiny_pair)])
+    rollouts = record_rollouts(monkeypatch, train_mod)
     summary = run(cfg, tmp_path)
     rows = _rows(tmp_path)
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3] and summary["method"] == method
     assert all(k in r for r in train_rows for k in keys)
     if method == "fixed_blend":
-        assert [r["trb/eps"] for r in train_rows] == [0.05] * 3
-        assert all(r["trb/kl_behavior_student_max"] <= 0.05 + 1e-6 for r in train_rows)
+        assert [r["trb/eps"] for r in train_rows] == [0.01] * 3
+        assert all(r["trb/kl_behavior_student_max"] <= 0.01 + 1e-6 for r in train_rows)
+        assert len(rollouts) == 3 and all(assert_budget_used(ro, eps=0.01) > 0 for ro in rollouts)
     if method == "skd":
         assert all(0 <= r["skd/replaced_frac"] <= 1 for r in train_rows)
         assert any(r["skd/replaced_frac"] > 0 for r in train_rows)
@@ -292,6 +296,6 @@ def test_each_new_method_runs_and_logs_its_diagnostics(method, overrides, keys, 
     ("opd", "+method.eps=0.1", "method.eps=0.1: a constant budget needs rollout: trust_region"),
 ])
 def test_method_config_errors_name_the_field(method, override, message):
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError, match="^" + re.escape(message)) as e:
         _method(f"method={method}", override)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)

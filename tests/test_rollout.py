@@ -1,4 +1,5 @@
 import torch
+from budget import assert_budget_used
 
 from trb_exp.data import encode_prompts
 from trb_exp.models import load_model, load_tokenizer
@@ -65,6 +66,11 @@ def test_trust_region_rule_respects_budget_and_zero_budget_is_student(tiny_pair)
     d, m = ro.diagnostics, ro.response_mask
     assert (d["kl_behavior_student"][m] <= 0.02 + 1e-6).all()
     assert (d["beta"][m] > 0).all()
+    assert assert_budget_used(ro, eps=0.02) == 0  # the tiny pair's KL(pi_T||pi_S) < 0.02: beta = 1 everywhere
+    # a budget that binds on part of the tokens: where beta < 1 the whole budget is spent
+    ro = _sample(tok, student, teacher, ids, mask, TrustRegionRule(eps=0.01))
+    n_below = assert_budget_used(ro, eps=0.01)
+    assert 0 < n_below < int(ro.response_mask.sum())
     # eps = 0 gives exactly the student's samples with the same generator
     a = _sample(tok, student, teacher, ids, mask, TrustRegionRule(eps=0.0), seed=3)
     b = _sample(tok, student, teacher, ids, mask, StudentRule(), seed=3)
@@ -72,3 +78,4 @@ def test_trust_region_rule_respects_budget_and_zero_budget_is_student(tiny_pair)
     # a relative budget is a fraction of KL(pi_T || pi_S) at each prefix
     r = _sample(tok, student, teacher, ids, mask, TrustRegionRule(eps=0.5, budget="relative"))
     assert (r.diagnostics["kl_behavior_student"][r.response_mask] <= r.diagnostics["eps"][r.response_mask] + 1e-6).all()
+    assert assert_budget_used(r) > 0

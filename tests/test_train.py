@@ -3,13 +3,16 @@ one-line errors."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+from budget import assert_budget_used, record_rollouts
 from conftest import compose
 from transformers import AutoModelForCausalLM
 
+import trb_exp.train as train_mod
 from trb_exp.config import ConfigError
 from trb_exp.train import run
 
@@ -22,8 +25,10 @@ def _pair(tiny_pair):
 
 
 @pytest.mark.parametrize("method", ["opd", "trb", "offline_kd"])
-def test_each_method_runs_end_to_end(method, tiny_pair, tmp_path):
-    cfg = compose([f"method={method}", *FAST, *_pair(tiny_pair)])
+def test_each_method_runs_end_to_end(method, tiny_pair, tmp_path, monkeypatch):
+    # trb: eps0 = 0.01 binds on the tiny random pair (its KL(pi_T||pi_S) is 0.006-0.017 nats per token)
+    cfg = compose([f"method={method}", *FAST, *_pair(tiny_pair), *(["schedule.eps0=0.01"] if method == "trb" else [])])
+    rollouts = record_rollouts(monkeypatch, train_mod)
     summary = run(cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/loss" in r]
@@ -34,6 +39,8 @@ def test_each_method_runs_end_to_end(method, tiny_pair, tmp_path):
         eps0, K = cfg.schedule.eps0, cfg.schedule.warmup_steps
         assert [r["trb/eps"] for r in train_rows] == pytest.approx([eps0 * (1 - k / K) for k in range(3)])
         assert all(r["trb/kl_behavior_student_max"] <= r["trb/eps"] + 1e-6 for r in train_rows)
+        assert len(rollouts) == 3  # per token: KL <= eps_k, and KL >= eps_k (1 - 1e-3) wherever beta < 1
+        assert all(assert_budget_used(ro, eps=eps0 * (1 - k / K)) > 0 for k, ro in enumerate(rollouts))
     if method == "offline_kd":  # the student never samples: no student log-probs in the rollout
         assert "rollout/student_logprob" not in train_rows[0]
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
@@ -63,7 +70,7 @@ def test_training_is_deterministic(tiny_pair, tmp_path):
 ])
 def test_config_errors_name_the_field(override, message, tiny_pair, tmp_path):
     cfg = compose([*FAST, *_pair(tiny_pair), *override.split(",")])  # the override wins
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError, match=re.escape(message)) as e:
         run(cfg, tmp_path)
     assert message in str(e.value) and "\n" not in str(e.value)
 
