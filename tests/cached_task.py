@@ -4,9 +4,9 @@ pure function of its config, so every run still gets exactly the data it would b
 
 from omegaconf import OmegaConf
 
-import trb_exp.train as train_mod
+import trb_exp.experiment as experiment_mod
 
-_real_load_task = train_mod.load_task
+_real_load_task = experiment_mod.load_task
 _CACHE = {}
 
 
@@ -18,4 +18,4 @@ def cached_load_task(cfg):
 
 
 def use_cached_task(monkeypatch):
-    monkeypatch.setattr(train_mod, "load_task", cached_load_task)
+    monkeypatch.setattr(experiment_mod, "load_task", cached_load_task)  # setup() builds the task
