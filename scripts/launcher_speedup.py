@@ -1,0 +1,62 @@
+"""Wall time of one 4-job multirun of the embedded default (trainer.max_steps=20) on Hydra's basic
+launcher (one job after another) and on the joblib launcher (n_jobs jobs at a time, one torch thread each).
+
+    python scripts/launcher_speedup.py [--jobs 2] [--out docs/launcher_speedup.md]
+
+Prints a markdown table and writes it to --out. Run it on an otherwise idle machine: it measures how well
+the machine's cores are shared, so anything else running skews it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SWEEP = ["seed=0,1,2,3", "logger=none", "trainer.max_steps=20", "trainer.progress=false"]
+
+
+def timed(launcher: list[str], sweep_dir: Path) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT)}
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "trb_exp.train", "-m", *launcher, *SWEEP, f"hydra.sweep.dir={sweep_dir}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.time() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"error: the {launcher or 'basic'} multirun failed:\n{r.stderr[-2000:]}")
+    done = len(list(sweep_dir.glob("*/summary.json")))
+    if done != 4:
+        raise SystemExit(f"error: {done} of 4 runs finished under {sweep_dir}")
+    return wall
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        basic = timed([], Path(tmp) / "basic")
+        joblib = timed(["hydra/launcher=joblib", f"hydra.launcher.n_jobs={a.jobs}"], Path(tmp) / "joblib")
+    lines = ["| launcher | wall (s) | ratio to basic |", "|---|---|---|",
+             f"| basic (sequential) | {basic:.1f} | 1.00 |",
+             f"| joblib, n_jobs={a.jobs} | {joblib:.1f} | {joblib / basic:.2f} |", "",
+             f"4 jobs of `python -m trb_exp.train -m {' '.join(SWEEP)}` (the embedded default, 20 steps, one torch "
+             f"thread per job). Machine: {os.cpu_count()} cores, {platform.machine()}, load average "
+             f"{load0:.2f} before the runs. Command: `python scripts/launcher_speedup.py --jobs {a.jobs}`.", ""]
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        Path(a.out).write_text("# Parallel sweeps: joblib against the basic launcher\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
