@@ -59,20 +59,22 @@ def steps_to(evals: dict[int, float], target: float = TARGET) -> int | None:
 
 def load_record(run_dir: Path) -> dict | None:
     """A finished run (summary.json present) as {"evals": step -> pass@1, "se": step -> pass@1_se,
-    "train_s": seconds}; None for an unfinished one."""
+    "eps": logged step -> trb/eps, "train_s": seconds}; None for an unfinished one."""
     import json
 
     if not (run_dir / "summary.json").is_file():
         return None
-    evals, se = {}, {}
+    evals, se, eps = {}, {}, {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
+        if "trb/eps" in row and "train/loss" in row:
+            eps[int(row["step"])] = float(row["trb/eps"])
         if "eval/pass@1" in row:
             evals[int(row["step"])] = float(row["eval/pass@1"])
             if "eval/pass@1_se" in row:
                 se[int(row["step"])] = float(row["eval/pass@1_se"])
     train_s = float(json.loads((run_dir / "summary.json").read_text()).get("train_s", float("nan")))
-    return {"evals": evals, "se": se, "train_s": train_s}
+    return {"evals": evals, "se": se, "eps": eps, "train_s": train_s}
 
 
 def collect(root: Path) -> dict[str, dict[str, dict[int, dict]]]:
@@ -350,6 +352,23 @@ def build_report(runs: dict, plan_commit: str, command: str) -> str:
             var = sum((x - mu) ** 2 for x in aucs) / (len(aucs) - 1)
             e = sum(ev) / len(ev)
             L.append(f"| {s} | {arm} | {e:.2e} | {var:.2e} | {e / var:.1%} |" if var > 0 else f"| {s} | {arm} | {e:.2e} | 0 | — |")
+    L += ["", "## What the budgets did", "",
+          "Per TRB arm: the first logged step whose budget `trb/eps` is 0 (the hand-over to plain OPD; logged step k+1 "
+          "is training step k), and the mean budget over the first 50 steps, mean ± 95% CI over the complete seeds.", "",
+          "| setting | arm | hand-over step | mean eps, steps 1–50 | max eps |", "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        seeds = complete_seeds(runs, s)
+        for arm in ("trb", "trb_gap", "trb_reward"):
+            recs = [runs[s][arm][sd] for sd in seeds if runs[s][arm][sd]["eps"]]
+            if not recs:
+                continue
+            hand = [next((st for st in sorted(r["eps"]) if r["eps"][st] == 0), None) for r in recs]
+            early = [sum(r["eps"][st] for st in sorted(r["eps"])[:50]) / min(50, len(r["eps"])) for r in recs]
+            steps = [h for h in hand if h is not None]
+            m, h = mean_ci(steps)[:2] if steps else (None, None)
+            L.append(f"| {s} | {arm} | " + ((f"{m:.1f}" + ("" if h is None else f" ± {h:.1f}")) if steps else "never")
+                     + (f" ({sum(h is None for h in hand)} never)" if None in hand and any(h is not None for h in hand) else "")
+                     + f" | {_ci(*mean_ci(early)[:2])} | {max(max(r['eps'].values()) for r in recs):.3g} |")
     pooled = _pairs(runs, "trb", "opd", "auc")
     per = {s: _pairs(runs, "trb", "opd", "auc", (s,)) for s in SETTINGS}
     L += ["", "## Verdict (the plan's rules, applied mechanically)", "",

@@ -102,3 +102,17 @@ def test_report_is_deterministic_and_states_the_rule(tmp_path):
     ps.cmd_report(args(tmp_path / "r2"))
     assert (tmp_path / "r2" / "README.md").read_text().split("---")[0] == text.split("---")[0]
     assert (tmp_path / "r2" / "differences.png").read_bytes() == png
+
+
+def test_report_states_when_each_budget_handed_over(tmp_path):
+    study(tmp_path / "runs", 2, [0.01, 0.02])
+    for i, handover in enumerate((60, 80)):  # append trb_gap's budget rows: 0.5 until the hand-over, then 0
+        for s in ps.SETTINGS:
+            path = tmp_path / "runs" / s / "trb_gap" / f"seed_{ps.FIRST_SEED + i}" / "metrics.jsonl"
+            rows = [{"step": k, "train/loss": 1.0, "trb/eps": 0.5 if k < handover else 0.0} for k in range(1, 101)]
+            with path.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+    ps.cmd_report(type("A", (), {"runs": str(tmp_path / "runs"), "out": str(tmp_path / "r")})())
+    text = (tmp_path / "r" / "README.md").read_text()
+    # hand-over at 60 and 80: mean 70, half-width t(1) * sd / sqrt(2) = 12.706 * 14.142 / 1.414 = 127.1
+    assert "| mini_a | trb_gap | 70.0 ± 127.1 | 0.500 | 0.5 |" in text
