@@ -115,4 +115,4 @@ def test_report_states_when_each_budget_handed_over(tmp_path):
     ps.cmd_report(type("A", (), {"runs": str(tmp_path / "runs"), "out": str(tmp_path / "r")})())
     text = (tmp_path / "r" / "README.md").read_text()
     # hand-over at 60 and 80: mean 70, half-width t(1) * sd / sqrt(2) = 12.706 * 14.142 / 1.414 = 127.1
-    assert "| mini_a | trb_gap | 70.0 ± 127.1 | 0.500 | 0.5 |" in text
+    assert "| mini_a | trb_gap | 70.0 ± 127.1 | 0.500 ± 0.000 | 0.5 |" in text
