@@ -6,6 +6,7 @@ pass@1 before/after. Writes docs/demo_results.md.
 """
 
 import json
+import shutil
 import resource
 import subprocess
 import sys
@@ -17,6 +18,7 @@ methods = sys.argv[1:] or ["trb", "opd", "offline_kd"]
 rows = []
 for m in methods:
     run_dir = ROOT / "outputs" / "demo_check" / m
+    shutil.rmtree(run_dir, ignore_errors=True)  # this script's own scratch run (a finished run dir is never reused)
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "trb_exp.train", f"method={m}", "logger=none", f"hydra.run.dir={run_dir}"],
                    check=True, cwd=ROOT)

@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 
 from trb_exp.compare import find_run_dirs, group_runs, load_run
 
-_DROP = ("seed=", "sweep=", "hydra.", "logger=", "experiment=")
+_DROP = ("seed=", "sweep=", "hydra.", "logger=", "experiment=", "trainer.resume=", "trainer.progress=",
+         "trainer.checkpoint_every=", "trainer.keep_checkpoints=")
 
 
 def select(root: Path, seed: int = 0) -> dict[str, tuple[str, float, list[str]]]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import platform
 import statistics
 import subprocess
@@ -44,6 +45,7 @@ TOL = 1e-6
 
 
 def run_cli(method: str, overrides: list[str], run_dir: Path) -> float:
+    shutil.rmtree(run_dir, ignore_errors=True)  # this script's own scratch run (a finished run dir is never reused)
     cmd = [sys.executable, "-m", "trb_exp.train", f"method={method}", *overrides, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     print(f"$ {' '.join(cmd[1:])}", flush=True)

@@ -95,3 +95,17 @@ def test_resume_cuts_metrics_back_and_drops_a_torn_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "tr')
     RunLogger(tmp_path, backend="none", resume_step=2).close()
     assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows[:3]
+
+
+def test_a_resubmitted_sweep_skips_its_finished_jobs(tiny_pair, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    job = tmp_path / "sweep" / "job"
+    run(compose(_cmd(tiny_pair)[3:]), job)  # the job the first submission finished (in process: cheaper)
+    before = _snapshot(job)
+    sweep = _cmd(tiny_pair, "seed=0", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.sweep.subdir=job")
+    sweep.insert(3, "-m")  # python -m trb_exp.train -m ...
+    again = subprocess.run(sweep, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"[skip] {job} holds a finished run" in again.stderr, again.stderr
+    after = _snapshot(job)
+    assert after.pop("train.log", None) in (None, hashlib.sha256(b"").hexdigest())  # Hydra's (empty) job log
+    assert after == before

@@ -1,10 +1,14 @@
 """The training entrypoint: ``python -m trb_exp.train method=trb schedule=linear``.
 
-One loop, top to bottom: sample rollouts with the method's behaviour rule for step k, take the
-teacher's log-probs from the rollout (or one batched teacher pass when the teacher did not run
-during decoding), minimise the per-token loss normalised by the response tokens of the whole
-step, log, evaluate every ``trainer.eval_every`` steps, save the student (safetensors). A method's
-warm start (``sft_warmup``, ``warm_start.py``) runs once, after the initial evaluation, before step 0.
+``run(cfg, run_dir)`` builds the experiment once (``experiment.setup``: the pair, prompts, benchmarks,
+method), keeps everything a step changes in a ``state.TrainState`` (restored from the newest
+checkpoint when the run dir holds one), evaluates at step 0, runs the method's warm start
+(``sft_warmup``), then ``train``: per step k, ``rollouts`` (the method's behaviour rule for step k),
+``update`` (the per-token loss normalised by the response tokens of the whole step, one AdamW
+step), log, evaluate every ``trainer.eval_every`` steps, checkpoint every
+``trainer.checkpoint_every`` steps; SIGTERM/SIGUSR1/SIGINT stop it after the step with a checkpoint
+(``preempt.py``). ``main`` is the CLI: the run dir's checks (``rundir.py``), one-line errors
+(exit 2), the documented exit codes of a stopped run.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from tqdm import tqdm
@@ -237,35 +242,36 @@ def train(exp: Experiment, state: TrainState, logger: RunLogger, run_dir: Path, 
     bar = tqdm(total=tr.max_steps, initial=state.step, desc=exp.method.name, unit="step", dynamic_ncols=True,
                disable=not (tr.get("progress", True) and exp.dist.is_main),
                mininterval=0.5 if sys.stderr.isatty() else 30)
-    for step in range(state.step, tr.max_steps):
-        if _stop_requested(exp, stop):  # a signal during setup, the initial evaluation or the warm start
-            raise Stopped(_signame(stop), checkpoint(exp, state, run_dir))
-        t_step = time.time()
-        ro, batch = rollouts(exp, state, step)
-        m = update(exp, state, ro, step)
-        state.step = step + 1
-        log_now = state.step % tr.log_every == 0 or step == 0
-        if log_now or exp.method.schedule.adaptive:  # an adaptive budget reads every step's gap and reward
-            texts = exp.tok.batch_decode(ro.response_ids, skip_special_tokens=True)
-            m = exp.dist.reduce_metrics({**rollout_metrics(ro, texts, [exp.train_answers[i] for i in batch], exp.grade,
-                                                           exp.method, step, tr.temperature),
-                                         **m, "time/step_s": time.time() - t_step})
-            if log_now:
-                logger.log(m, state.step)
-                bar.set_postfix_str(progress_line(m), refresh=False)
-            exp.method.observe(gap=m["train/kl_estimate" if exp.method.logs_kl_estimate else "train/loss"],
-                               reward=m["rollout/reward"])
-        bar.update()
-        if (tr.eval_every and state.step % tr.eval_every == 0) or state.step == tr.max_steps:
-            state.history.append(evaluate_student(exp, state.step, logger, progress=eval_bars(tr)))
-        state.train_s += time.time() - t_step
-        if every and state.step % every == 0:
-            checkpoint(exp, state, run_dir)
-        if _stop_requested(exp, stop) and state.step < tr.max_steps:
-            bar.close()
-            done = run_dir / "checkpoints" / f"step_{state.step}"
-            raise Stopped(_signame(stop), done if every and state.step % every == 0 else checkpoint(exp, state, run_dir))
-    bar.close()
+    with bar:
+        for step in range(state.step, tr.max_steps):
+            if _stop_requested(exp, stop):  # a signal during setup, the initial evaluation or the warm start
+                raise Stopped(_signame(stop), checkpoint(exp, state, run_dir))
+            t_step = time.time()
+            ro, batch = rollouts(exp, state, step)
+            m = update(exp, state, ro, step)
+            state.step = step + 1
+            log_now = state.step % tr.log_every == 0 or step == 0
+            if log_now or exp.method.schedule.adaptive:  # an adaptive budget reads every step's gap and reward
+                texts = exp.tok.batch_decode(ro.response_ids, skip_special_tokens=True)
+                m = exp.dist.reduce_metrics({**rollout_metrics(ro, texts, [exp.train_answers[i] for i in batch],
+                                                               exp.grade, exp.method, step, tr.temperature),
+                                             **m, "time/step_s": time.time() - t_step})
+                if "train/kl_estimate" in m:  # its place in the record: last
+                    m["train/kl_estimate"] = m.pop("train/kl_estimate")
+                if log_now:
+                    logger.log(m, state.step)
+                    bar.set_postfix_str(progress_line(m), refresh=False)
+                exp.method.observe(gap=m["train/kl_estimate" if exp.method.logs_kl_estimate else "train/loss"],
+                                   reward=m["rollout/reward"])
+            bar.update()
+            if (tr.eval_every and state.step % tr.eval_every == 0) or state.step == tr.max_steps:
+                state.history.append(evaluate_student(exp, state.step, logger, progress=eval_bars(tr)))
+            state.train_s += time.time() - t_step
+            if every and state.step % every == 0:
+                checkpoint(exp, state, run_dir)
+            if _stop_requested(exp, stop) and state.step < tr.max_steps:
+                done = run_dir / "checkpoints" / f"step_{state.step}"
+                raise Stopped(_signame(stop), done if every and state.step % every == 0 else checkpoint(exp, state, run_dir))
 
 
 def _stop_requested(exp: Experiment, stop: StopSignals | None) -> bool:
@@ -289,9 +295,10 @@ def progress_line(m: dict) -> str:
 
 def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_accept=None,
         dist: DistContext | None = None) -> dict:
-    """Train (or resume) the run of ``cfg`` in ``run_dir``; returns the summary. ``on_accept()`` is
-    called once the config and the run directory passed their checks, before any model is loaded.
-    ``dist``: this process's rank under torchrun (rank 0 alone checks and writes the run directory)."""
+    """Train (or resume) the run of ``cfg`` in ``run_dir``; returns the summary. ``on_accept(checkpoint)``
+    is called once the config and the run directory passed their checks, before any model is loaded;
+    ``stop`` (a ``StopSignals``) makes the loop checkpoint and raise ``Stopped`` on a signal; ``dist``: this
+    process's rank under torchrun (rank 0 alone checks and writes the run directory)."""
     dist = dist or DistContext()
     validate(cfg)
     run_dir = Path(run_dir)
@@ -302,10 +309,12 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
             ckpt = resume_from(cfg, run_dir)
             Method.from_cfg(cfg.method, cfg.schedule)  # method and schedule errors before any model is loaded
         except ConfigError as e:
-            err = str(e)
-    ckpt, err = dist.broadcast((ckpt, err))  # every rank stops, or resumes from the same checkpoint
+            err = e
+    ckpt, message = dist.broadcast((ckpt, None if err is None else str(err)))  # every rank stops, or resumes alike
     if err is not None:
-        raise ConfigError(err)
+        raise err  # as raised (a FinishedRun stays one: a re-submitted sweep skips the job)
+    if message is not None:
+        raise ConfigError(message)
     if on_accept is not None:
         on_accept(ckpt)
     exp = setup(cfg)
@@ -377,6 +386,10 @@ def check_strategy(cfg, dist: DistContext) -> None:
     dist.shard(list(range(int(cfg.trainer.prompts_per_step))))  # every rank gets the same number of prompts
 
 
+class FinishedRun(ConfigError):
+    """The run dir holds a finished run: one line for a single run; a re-submitted sweep skips the job."""
+
+
 # keys a resumed run may change: how long it runs, how it checkpoints, logs and shows progress, where
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.resume", "trainer.checkpoint_every", "trainer.keep_checkpoints",
                      "trainer.progress", "trainer.eval_every", "trainer.save_student", "logger.", "device", "threads")
@@ -401,7 +414,7 @@ def resume_from(cfg: DictConfig, run_dir: Path) -> Path | None:
     holds no other run: a finished run, or (trainer.resume=never) an unfinished one, is one line."""
     how = str(cfg.trainer.get("resume", "auto"))
     if (run_dir / "summary.json").exists():
-        raise ConfigError(f"run dir {run_dir} holds a finished run (summary.json); leave it alone and give this "
+        raise FinishedRun(f"run dir {run_dir} holds a finished run (summary.json); leave it alone and give this "
                           "run a new hydra.run.dir (or none: each run gets its own)")
     own = list_checkpoints(run_dir / "checkpoints")
     started = bool(own) or (run_dir / "metrics.jsonl").exists()
@@ -480,6 +493,12 @@ def main(cfg: DictConfig) -> float | None:
             except ConfigError:
                 rd.reject()  # leave no trace: a new directory goes, an existing one is as it was
                 raise
+    except FinishedRun as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # a re-submitted sweep: keep the finished job, go on
+            print(f"[skip] {run_dir} holds a finished run (summary.json)", file=sys.stderr)
+            return json.loads((run_dir / "summary.json").read_text())["final"].get("eval/pass@1")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except ConfigError as e:
         if dist is None or dist.is_main:  # every rank raises the same error: one line (init errors: each rank's)
             print(f"error: {e}", file=sys.stderr)

@@ -21,7 +21,8 @@ DIAGNOSTICS = ("trb/eps", "trb/beta_mean", "trb/kl_behavior_student_mean", "roll
 # settings that never define a configuration (seed, where/how a run executed, its logging)
 _IGNORED = ("seed", "device", "threads", "logger", "hydra", "trainer.save_student", "trainer.log_every",
             "eval.batch_size", "trainer.rollout_batch_size", "trainer.micro_batch_size", "model.teacher_pass",
-            "model.teacher_device")
+            "model.teacher_device", "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.resume",
+            "trainer.progress", "trainer.strategy")
 _TRB_SCHEDULE_KNOBS = ("schedule.name", "schedule.eps0", "schedule.warmup_steps", "schedule.budget")
 
 
