@@ -37,7 +37,8 @@ from trb_exp.logger import RunLogger
 from trb_exp.methods import Method
 from trb_exp.models import (check_available, check_pair, embedded_pair_dir, load_model, load_tokenizer,
                             pair_eos_ids, pick_device, set_vocab_size)
-from trb_exp.rollout import concat_rollouts, response_logits, sample, teacher_logprobs
+from trb_exp.rollout import (concat_rollouts, response_logits, sample, sample_kwargs, teacher_logprobs,
+                             teacher_logprobs_at)
 from trb_exp.warm_start import sft_warm_start
 
 
@@ -77,6 +78,9 @@ def rollout_metrics(ro, texts, answers, grade, method: Method, step: int, temper
     }
     if ro.token_logprobs_student is not None:
         m["rollout/student_logprob"] = (ro.token_logprobs_student * mask).sum().item() / n_tok.item()
+    if ro.teacher_logprobs is None and ro.teacher_token_logprobs is not None:  # rollout.teacher_stats=topk
+        m["rollout/teacher_entropy"] = (ro.teacher_entropy * mask).sum().item() / n_tok.item()
+        m["rollout/teacher_logprob"] = (ro.teacher_token_logprobs * mask).sum().item() / n_tok.item()
     if ro.teacher_logprobs is not None:
         t = ro.teacher_logprobs
         ent = -(t.exp() * t.clamp_min(-1e4)).sum(-1)
@@ -120,6 +124,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     teacher_pass = str(mc.get("teacher_pass", "rollout"))
     if teacher_pass not in ("rollout", "micro_batch"):
         raise ConfigError(f"model.teacher_pass={teacher_pass!r}: use rollout or micro_batch")
+    rkw = sample_kwargs(cfg, method.topk)  # rollout.engine and its knobs, rollout.teacher_stats
+    sparse = rkw["teacher_stats"] == "topk" and method.needs_teacher_logprobs
+    if sparse and not method.sparse_teacher_ok:
+        raise ConfigError(f"rollout.teacher_stats=topk: method {method.name} needs the full teacher distribution "
+                          "(topk needs loss=reverse_kl, estimator topk or sampled, b_start=1); use rollout.teacher_stats=full")
     # a hub id that cannot be loaded (offline, not cached) stops the run here, in milliseconds
     check_available(str(mc.student), "model.student")
     check_available(str(mc.teacher), "model.teacher")
@@ -197,8 +206,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         chunk = tr.get("rollout_batch_size") or len(batch)  # decode in row chunks: one chunk's KV caches at a time
         parts = [sample(student, teacher, ids[c : c + chunk], mask[c : c + chunk], rule,
                         max_new_tokens=tr.max_new_tokens, eos_id=eos_id, pad_id=tok.pad_token_id,
-                        generator=gen, eos_ids=eos_ids,
-                        keep_teacher_logprobs=method.needs_teacher_logprobs and teacher_pass == "rollout")
+                        generator=gen, eos_ids=eos_ids, **rkw,
+                        keep_teacher_logprobs=method.needs_teacher_logprobs and (teacher_pass == "rollout" or sparse))
                  for c in range(0, len(batch), chunk)]
         ro = parts[0] if len(parts) == 1 else concat_rollouts(parts, tok.pad_token_id)
         student.train()
@@ -206,7 +215,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         # 3. teacher statistics: reuse the rollout's, else one batched pass (teacher_pass=micro_batch:
         #    one teacher pass per micro-batch inside step 4, so [B, T, V] never exists for the whole step)
         t_lp = ro.teacher_logprobs
-        if t_lp is None and method.needs_teacher_logprobs and teacher_pass == "rollout":
+        if t_lp is None and method.needs_teacher_logprobs and teacher_pass == "rollout" and not sparse:
             t_lp = teacher_logprobs(teacher, ro)
         if t_lp is not None:  # one merged EOS event (idempotent; a no-op for a single EOS id)
             t_lp = merge_eos(t_lp, eos_ids, eos_id)
@@ -220,14 +229,27 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             logits = response_logits(student, ro.input_ids[sl], ro.attention_mask[sl], ro.prompt_len)
             logits = merge_eos(logits, eos_ids, eos_id)  # the loss sees the merged EOS event too
             t_sl = None if t_lp is None else t_lp[sl]
-            if t_sl is None and method.needs_teacher_logprobs:  # teacher_pass=micro_batch
+            if sparse:  # rollout.teacher_stats=topk: O(k) teacher statistics, from the rollout or one gathered pass
+                ids_k = ro.topk_ids[sl] if ro.topk_ids is not None else logits.detach().topk(
+                    min(method.topk, logits.shape[-1]), dim=-1).indices
+                t_k, t_tok = ro.teacher_topk_logprobs, ro.teacher_token_logprobs
+                if t_tok is None or (t_k is None and method.estimator == "topk"):
+                    both = teacher_logprobs_at(teacher, ro, torch.cat([ids_k, ro.response_ids[sl, :, None]], -1), sl,
+                                               merge=lambda x: merge_eos(x, eos_ids, eos_id))
+                    t_k, t_tok = both[..., :-1], both[..., -1]
+                else:
+                    t_k, t_tok = (None if t_k is None else t_k[sl]), t_tok[sl]
+                per_tok = method.per_token_loss_sparse(logits, ids_k, t_k, ro.response_ids[sl], t_tok)
+            elif t_sl is None and method.needs_teacher_logprobs:  # teacher_pass=micro_batch
                 t_sl = merge_eos(teacher_logprobs(teacher, ro, sl), eos_ids, eos_id)
-            per_tok = method.per_token_loss(logits, t_sl, ro.response_ids[sl], step)
+            if not sparse:
+                per_tok = method.per_token_loss(logits, t_sl, ro.response_ids[sl], step)
             loss = losses.masked_token_mean(per_tok, ro.response_mask[sl], n_tokens)
             loss.backward()
             total += loss.item()
             if method.logs_kl_estimate:  # the sampled loss is a surrogate: log a real KL estimate
-                est = method.kl_estimate(logits, t_sl, ro.response_ids[sl], step)
+                est = (losses.sampled_kl_estimate_gathered(logits, ro.response_ids[sl], t_tok) if sparse
+                       else method.kl_estimate(logits, t_sl, ro.response_ids[sl], step))
                 kl_est += losses.masked_token_mean(est, ro.response_mask[sl], n_tokens).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
         opt.step()
