@@ -271,3 +271,24 @@ def test_topk_rollout_never_allocates_B_T_V(embedded, engine):
                                                                      ro.teacher_token_logprobs, ro.teacher_entropy))
     assert kept[2048, 4] == kept[8192, 4] and kept[2048, 16] == kept[8192, 16]
     assert kept[2048, 16] > 2 * kept[2048, 4]
+
+
+def test_static_buffers_are_reused_across_calls(qwen3):
+    """The StaticLM (buffers, views, captured graphs) is kept per model and reset between calls: a rollout
+    after a compacted one of another batch is still the eager rollout."""
+    from trb_exp.engine import _LMS
+
+    tok, student, teacher = qwen3
+    ids, mask = encode_prompts(tok, PROMPTS)
+    kw = dict(max_new_tokens=20, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    sample(student, teacher, ids[:5], mask[:5], TrustRegionRule(eps=0.3), engine="static",
+           generator=torch.Generator().manual_seed(9), **kw)
+    first = _LMS[student][1]
+    runs = [sample(student, teacher, ids, mask, TrustRegionRule(eps=0.3), engine=e,
+                   generator=torch.Generator().manual_seed(4), **kw) for e in ("static", "static", "eager")]
+    assert _LMS[student][1] is not first  # a new shape replaced it ...
+    again = _LMS[student][1]
+    sample(student, teacher, ids, mask, StudentRule(), engine="static", generator=torch.Generator().manual_seed(1), **kw)
+    assert _LMS[student][1] is again  # ... the same shape reuses it
+    for r in runs[:2]:
+        assert torch.equal(r.input_ids, runs[2].input_ids)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -76,7 +77,7 @@ class StaticLM:
 
     def __init__(self, model, batch: int, max_len: int, *, compile: bool = False):
         _check_supported(model)
-        self.model = model
+        self.lm_head = model.lm_head  # not the model itself: static_lm caches by a weak reference to it
         self.inner = model.model
         cfg = model.config
         p = next(model.parameters())
@@ -88,10 +89,12 @@ class StaticLM:
         self.scaling = self.layers[0].self_attn.scaling
         self.vocab = getattr(model, "trb_vocab_size", None)
         self.max_len = max_len
+        self.batch = batch
         shape = (batch, self.n_kv, max_len, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
+        self.k_full = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v_full = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.key_valid_full = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
+        self._views: dict = {}  # n rows -> the first n rows of every buffer (fixed objects and addresses)
         dummy = torch.zeros(1, dtype=self.dtype, device=self.device)
         cos, sin = self.inner.rotary_emb(dummy, torch.arange(max_len, device=self.device)[None])
         d = self.head_dim // 2
@@ -100,8 +103,26 @@ class StaticLM:
         self.w = [self._layer_weights(layer) for layer in self.layers]
         self.compiled = compile and self.device.type == "cuda"
         self._decode = self._decode_impl
+        self.reset()
         if self.compiled:
             self._decode = torch.compile(self._decode_impl, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+    def _set_rows(self, n: int) -> None:
+        """Decode the first ``n`` rows of the buffers from now on (views created once per n, so a captured
+        step sees the same tensors, at the same addresses, every time)."""
+        if n not in self._views:
+            views = ([x[:n] for x in self.k_full], [x[:n] for x in self.v_full], self.key_valid_full[:n])
+            mark = getattr(torch._dynamo, "mark_static_address", None) if self.compiled else None
+            if mark is not None:  # updated in place inside the captured step
+                for x in (*views[0], *views[1], views[2], self.cos, self.sin):
+                    mark(x)
+            self._views[n] = views
+        self.k, self.v, self.key_valid = self._views[n]
+
+    def reset(self) -> None:
+        """Ready for a new batch: all rows, no valid key (stale K/V behind a False mask weigh exactly 0)."""
+        self._set_rows(self.batch)
+        self.key_valid.zero_()
 
     @staticmethod
     def _layer_weights(layer):
@@ -156,7 +177,7 @@ class StaticLM:
         return h + F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
 
     def _logits(self, h: Tensor) -> Tensor:
-        logits = self.model.lm_head(_rms(h, self.inner.norm))
+        logits = self.lm_head(_rms(h, self.inner.norm))
         if self.vocab is not None:
             logits = logits[..., : self.vocab]
         return logits
@@ -204,11 +225,32 @@ class StaticLM:
         return self._decode(tok, pos, col_t, alive, col + 1)
 
     def compact(self, rows: Tensor) -> None:
-        """Keep only ``rows`` (indices into the current batch) of every cache."""
+        """Keep only ``rows`` (ascending indices into the current batch): they move to the front of every
+        buffer, in place (a captured step gets one graph per row count: powers of two, see ``_bucket``)."""
         rows = rows.to(self.device)
-        self.k = [x.index_select(0, rows) for x in self.k]
-        self.v = [x.index_select(0, rows) for x in self.v]
-        self.key_valid = self.key_valid.index_select(0, rows)
+        n = rows.numel()
+        for x in (*self.k, *self.v, self.key_valid):
+            x[:n] = x.index_select(0, rows)
+        self._set_rows(n)
+
+
+_LMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def static_lm(model, batch: int, max_len: int, *, compile: bool = False) -> StaticLM:
+    """The model's ``StaticLM`` for this shape, reused across calls (buffers, views and captured graphs);
+    one per model: a new shape replaces the old one. Captured, the length is rounded up to a multiple of 256
+    so that prompts of varying length share graphs."""
+    if compile and next(model.parameters()).device.type == "cuda":
+        max_len = -(-max_len // 256) * 256
+    key = (batch, max_len, bool(compile))
+    lm = _LMS.get(model)
+    if lm is None or lm[0] != key:
+        lm = _LMS[model] = (key, None)  # drop the old buffers first
+        lm = _LMS[model] = (key, StaticLM(model, batch, max_len, compile=compile))
+    else:
+        lm[1].reset()
+    return lm[1]
 
 
 def _bucket(n: int, compiled: bool) -> int:
@@ -276,9 +318,9 @@ def sample_static(
     max_len = P + max_new_tokens
     models = {}
     if rule.needs_student:
-        models["student"] = StaticLM(student, B, max_len, compile=compile)
+        models["student"] = static_lm(student, B, max_len, compile=compile)
     if rule.needs_teacher:
-        models["teacher"] = StaticLM(teacher, B, max_len, compile=compile)
+        models["teacher"] = static_lm(teacher, B, max_len, compile=compile)
     compiled = any(m.compiled for m in models.values())
     other_eos = [int(i) for i in dict.fromkeys(eos_ids) if int(i) != int(eos_id)]
     all_eos = [int(eos_id), *other_eos]
