@@ -60,7 +60,8 @@ def validate(cfg) -> None:
     si = ro.get("solver_iters")
     _require(si is None or (isinstance(si, int) and si >= 1), "rollout.solver_iters", si,
              "must be null (stop at convergence) or an integer >= 1")
-    _require(ro.get("teacher_stats", "full") in ("full", "topk"), "rollout.teacher_stats", ro.get("teacher_stats"),
-             "use full ([B, T, V] teacher log-probs) or topk (O(B*T*k))")
+    _require(ro.get("teacher_stats", "full") in ("full", "topk", "auto"), "rollout.teacher_stats",
+             ro.get("teacher_stats"), "use full ([B, T, V] teacher log-probs), topk (O(B*T*k)) or auto (topk where "
+             "the method's loss allows it)")
     _require(cfg.logger.backend in ("wandb", "none"), "logger.backend", cfg.logger.backend,
              "use logger=wandb or logger=none")

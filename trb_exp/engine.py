@@ -224,13 +224,17 @@ class StaticLM:
             return self._decode(tok, pos, col_t, alive).clone()
         return self._decode(tok, pos, col_t, alive, col + 1)
 
-    def compact(self, rows: Tensor) -> None:
+    def compact(self, rows: Tensor, upto: int | None = None) -> None:
         """Keep only ``rows`` (ascending indices into the current batch): they move to the front of every
-        buffer, in place (a captured step gets one graph per row count: powers of two, see ``_bucket``)."""
+        buffer, in place (a captured step gets one graph per row count: powers of two, see ``_bucket``).
+        ``upto``: only the first ``upto`` cache columns hold anything yet (uncaptured: copy just those)."""
         rows = rows.to(self.device)
         n = rows.numel()
-        for x in (*self.k, *self.v, self.key_valid):
-            x[:n] = x.index_select(0, rows)
+        for x in (*self.k, *self.v):
+            x[:n, :, :upto] = x[:, :, :upto].index_select(0, rows)
+        if upto is not None and not self.compiled:
+            self.key_valid[:, upto:] = False
+        self.key_valid[:n] = self.key_valid.index_select(0, rows)
         self._set_rows(n)
 
 
@@ -402,16 +406,16 @@ def sample_static(
             n_alive = int(alive.sum())
             if n_alive == 0:
                 break
-            # uncaptured (CPU): drop finished rows once a quarter of the batch has finished (an index_select
-            # per cache); captured: only when the batch halves (a new graph per power-of-two size)
-            if compact and (_bucket(n_alive, compiled) <= n_rows // 2 if compiled else 4 * n_alive <= 3 * n_rows):
+            # uncaptured (CPU): drop finished rows as soon as there are any (a copy of the filled part of
+            # each cache); captured: only when the batch halves (a new graph per power-of-two size)
+            if compact and (_bucket(n_alive, compiled) <= n_rows // 2 if compiled else n_alive < n_rows):
                 keep_local = alive.index_select(0, rows).nonzero().squeeze(-1)
                 n_new = _bucket(n_alive, compiled)
                 if n_new > keep_local.numel():  # pad the bucket with finished rows
                     dead = (~alive.index_select(0, rows)).nonzero().squeeze(-1)[: n_new - keep_local.numel()]
                     keep_local = torch.cat([keep_local, dead]).sort().values
                 for m in models.values():
-                    m.compact(keep_local)
+                    m.compact(keep_local, None if m.compiled else P + t + 1)
                 logits = {k: v.index_select(0, keep_local) for k, v in logits.items()}
                 rows = rows.index_select(0, keep_local)
                 n_rows = rows.numel()

@@ -125,6 +125,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if teacher_pass not in ("rollout", "micro_batch"):
         raise ConfigError(f"model.teacher_pass={teacher_pass!r}: use rollout or micro_batch")
     rkw = sample_kwargs(cfg, method.topk)  # rollout.engine and its knobs, rollout.teacher_stats
+    if rkw["teacher_stats"] == "auto":  # topk where the method's loss allows it (the paper presets), else full
+        rkw["teacher_stats"] = "topk" if method.sparse_teacher_ok else "full"
     sparse = rkw["teacher_stats"] == "topk" and method.needs_teacher_logprobs
     if sparse and not method.sparse_teacher_ok:
         raise ConfigError(f"rollout.teacher_stats=topk: method {method.name} needs the full teacher distribution "
