@@ -632,9 +632,15 @@ def trust_region_blend_device(
     xs, xt = torch.broadcast_tensors(student_logits.to(dtype), teacher_logits.to(dtype))
     batch_shape = xs.shape[:-1]
     V = xs.shape[-1]
-    xs, ls = _sanitize_logits_device(xs.reshape(-1, V))
-    xt, lt = _sanitize_logits_device(xt.reshape(-1, V))
+    xs, xt = xs.reshape(-1, V), xt.reshape(-1, V)
     device = xs.device
+    host_free = device.type == "cpu" and not fixed_iters  # reading a CPU tensor costs no device sync
+    finite = host_free and bool(torch.isfinite(xs).all() & torch.isfinite(xt).all())  # skip the repairs
+    if finite:
+        ls, lt = torch.log_softmax(xs, dim=-1), torch.log_softmax(xt, dim=-1)
+    else:
+        xs, ls = _sanitize_logits_device(xs)
+        xt, lt = _sanitize_logits_device(xt)
     eps_f = torch.broadcast_to(torch.as_tensor(eps, dtype=dtype, device=device), batch_shape).reshape(-1)
 
     dl = torch.sub(lt, ls).nan_to_num_(nan=0.0, posinf=inf, neginf=-inf)
@@ -644,17 +650,22 @@ def trust_region_blend_device(
     s_only = dl_min == -inf
     identical = (dl_max == 0) & (dl_min == 0)
     inf_eps = torch.isinf(eps_f)
-    logq = torch.mul(lt, 0.0).add_(ls).nan_to_num_(nan=-inf, posinf=inf, neginf=-inf)
-    has_joint = logq.amax(dim=-1) > -inf
-    # jump0 = -log pi_S(J) on rows where pi_S has mass outside the teacher's support, else 0
-    ps = ls.exp()
-    outside = torch.mul(lt, 0.0).nan_to_num_(nan=1.0).mul_(ps)
-    p_out = outside.sum(dim=-1)
-    p_in = ps.sub_(outside).sum(dim=-1)
-    j = torch.where(p_out < 0.5, -torch.log1p(-p_out.clamp(max=0.5)), -torch.log(p_in))
-    jump0 = torch.where(s_only & has_joint, j, 0.0)
-    logq = logq.add_(jump0.unsqueeze(-1))
-    jump0 = torch.where(has_joint, jump0, inf)
+    if finite:  # every token in both supports: J = V, q = pi_S, jump0 = 0 (what the general branch gives)
+        logq = ls.clone()
+        has_joint = torch.ones_like(s_only)
+        jump0 = torch.zeros_like(dl_max)
+    else:
+        logq = torch.mul(lt, 0.0).add_(ls).nan_to_num_(nan=-inf, posinf=inf, neginf=-inf)
+        has_joint = logq.amax(dim=-1) > -inf
+        # jump0 = -log pi_S(J) on rows where pi_S has mass outside the teacher's support, else 0
+        ps = ls.exp()
+        outside = torch.mul(lt, 0.0).nan_to_num_(nan=1.0).mul_(ps)
+        p_out = outside.sum(dim=-1)
+        p_in = ps.sub_(outside).sum(dim=-1)
+        j = torch.where(p_out < 0.5, -torch.log1p(-p_out.clamp(max=0.5)), -torch.log(p_in))
+        jump0 = torch.where(s_only & has_joint, j, 0.0)
+        logq = logq.add_(jump0.unsqueeze(-1))
+        jump0 = torch.where(has_joint, jump0, inf)
 
     one = identical | inf_eps
     kl_all = torch.where(one & ~identical, inf, 0.0).to(dtype)
@@ -689,7 +700,6 @@ def trust_region_blend_device(
     logmu_res = torch.zeros_like(out)
     rgap = 2e-4
     check = 1 if device.type == "cpu" else 4
-    host_free = device.type == "cpu" and not fixed_iters  # reading a CPU tensor costs no device sync
     if host_free and not bool(c_solve.any()):
         max_iter = 0
     for it in range(max_iter):
