@@ -292,3 +292,32 @@ def test_static_buffers_are_reused_across_calls(qwen3):
     assert _LMS[student][1] is again  # ... the same shape reuses it
     for r in runs[:2]:
         assert torch.equal(r.input_ids, runs[2].input_ids)
+
+
+@pytest.mark.parametrize("name", ["paper_0.6b_4b", "paper_1.7b_8b"])
+def test_paper_presets_use_the_static_engine(name):
+    from conftest import compose
+    from trb_exp.config import validate
+    from trb_exp.methods import Method
+    from trb_exp.rollout import sample_kwargs
+
+    cfg = compose([f"experiment={name}"])
+    validate(cfg)
+    assert cfg.rollout.engine == "static" and cfg.rollout.compile and cfg.rollout.teacher_stats == "auto"
+    assert 64 * 4 % cfg.trainer.rollout_batch_size == 0  # every chunk reuses the same buffers and graphs
+    kw = sample_kwargs(cfg, 16)
+    assert kw["engine"] == "static" and kw["compile"] and kw["sync_every"] == 16
+    assert Method.from_cfg(cfg.method, cfg.schedule).sparse_teacher_ok  # trb: topk statistics apply
+
+
+@pytest.mark.parametrize("override, field", [("rollout.engine=fast", "rollout.engine"),
+                                             ("rollout.sync_every=0", "rollout.sync_every"),
+                                             ("rollout.teacher_stats=some", "rollout.teacher_stats"),
+                                             ("rollout.solver_iters=0", "rollout.solver_iters")])
+def test_rollout_config_errors_are_one_line(override, field):
+    from conftest import compose
+    from trb_exp.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=field) as e:
+        validate(compose([override]))
+    assert "\n" not in str(e.value)
