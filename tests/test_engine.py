@@ -306,7 +306,7 @@ def test_paper_presets_use_the_static_engine(name):
     assert cfg.rollout.engine == "static" and cfg.rollout.compile and cfg.rollout.teacher_stats == "auto"
     assert 64 * 4 % cfg.trainer.rollout_batch_size == 0  # every chunk reuses the same buffers and graphs
     kw = sample_kwargs(cfg, 16)
-    assert kw["engine"] == "static" and kw["compile"] and kw["sync_every"] == 16
+    assert kw["engine"] == "static" and kw["compile"] and kw["sync_every"] == 16 and kw["solver_iters"] == 12
     assert Method.from_cfg(cfg.method, cfg.schedule).sparse_teacher_ok  # trb: topk statistics apply
 
 

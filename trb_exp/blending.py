@@ -699,6 +699,8 @@ def trust_region_blend_device(
     iters = torch.zeros(b.shape, dtype=torch.int64, device=device)
     logmu_res = torch.zeros_like(out)
     rgap = 2e-4
+    se, rgap_e = epsp.sqrt(), rgap * epsp  # loop invariants
+    margin_num, margin_cap = 0.25 * rgap * epsp, torch.full_like(b, 0.25 * tol)
     check = 1 if device.type == "cpu" else 4
     if host_free and not bool(c_solve.any()):
         max_iter = 0
@@ -711,16 +713,17 @@ def trust_region_blend_device(
         feas = kl <= epsp
         lo_r = torch.where(feas, b, lo)
         hi_r = torch.where(feas, hi, b)
-        sk, se = kl.sqrt(), epsp.sqrt()
-        step = -2.0 * sk * (sk - se) / (b * var)
-        conv = feas & (((step <= tol) & (epsp - kl <= rgap * epsp)) | (kl == epsp))
+        sk = kl.sqrt()
+        bvar = b * var
+        step = -2.0 * sk * (sk - se) / bvar
+        conv = feas & (((step <= tol) & (epsp - kl <= rgap_e)) | (kl == epsp))
         collapsed = (hi_r - lo_r) <= 4.0 * ulp * hi_r
-        margin = torch.minimum(0.25 * rgap * epsp / (b * var), torch.full_like(b, 0.25 * tol))
+        margin = torch.minimum(margin_num / bvar, margin_cap)
         bn = b + step - torch.where(feas, 0.0, margin)
         bad = ~torch.isfinite(bn) | (bn <= lo_r) | (bn >= hi_r)
         bn = torch.where(bad, 0.5 * (lo_r + hi_r), bn)
         b = torch.where(run, torch.where(conv, b, torch.where(collapsed, lo_r, bn)), b)
-        lo, hi = torch.where(run, lo_r, lo), torch.where(run, hi_r, hi)
+        lo, hi = lo_r, hi_r  # a finished row's bracket is never read again (its b is frozen above)
         newly = run & conv
         kl_res = torch.where(newly, kl, kl_res)
         conv_any = conv_any | newly
