@@ -321,3 +321,45 @@ def test_rollout_config_errors_are_one_line(override, field):
     with pytest.raises(ConfigError, match=field) as e:
         validate(compose([override]))
     assert "\n" not in str(e.value)
+
+
+FAST = ["logger=none", "trainer.max_steps=3", "trainer.eval_every=0", "trainer.eval_size=8", "trainer.eval_samples=2",
+        "trainer.prompts_per_step=4", "trainer.max_new_tokens=12", "threads=1", "trainer.save_student=false"]
+
+
+def _train_rows(overrides, tiny_pair, path):
+    import json
+
+    from conftest import compose
+    from trb_exp.train import run
+
+    cfg = compose([*FAST, f"model.student={tiny_pair / 'student'}", f"model.teacher={tiny_pair / 'teacher'}",
+                   *overrides])
+    run(cfg, path)
+    rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "train/loss" in r]
+
+
+@pytest.mark.parametrize("method", ["opd", "trb", "skd"])
+def test_training_with_the_static_engine_matches_eager(method, tiny_pair, tmp_path):
+    """Whole training steps: same rollouts, same losses and gradient norms (to float round-off) with
+    rollout.engine=static, and with rollout.teacher_stats=topk (the loss from O(k) statistics)."""
+    eager = _train_rows([f"method={method}"], tiny_pair, tmp_path / "e")
+    for extra in (["rollout.engine=static"], ["rollout.engine=static", "rollout.teacher_stats=topk"],
+                  ["rollout.teacher_stats=topk"]):
+        other = _train_rows([f"method={method}", *extra], tiny_pair, tmp_path / "_".join(extra))
+        for a, b in zip(eager, other):
+            assert a["rollout/mean_length"] == b["rollout/mean_length"] and a["rollout/reward"] == b["rollout/reward"]
+            assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5, abs=1e-6), extra
+            assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4), extra
+            if "rollout/teacher_logprob" in a:
+                assert a["rollout/teacher_logprob"] == pytest.approx(b["rollout/teacher_logprob"], rel=1e-5)
+
+
+def test_topk_stats_refuse_a_full_vocabulary_loss(tiny_pair, tmp_path):
+    from trb_exp.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout.teacher_stats=topk"):
+        _train_rows(["method=opd", "method.estimator=full", "rollout.teacher_stats=topk"], tiny_pair, tmp_path)
+    rows = _train_rows(["method=veto", "rollout.teacher_stats=auto"], tiny_pair, tmp_path / "auto")  # -> full
+    assert len(rows) == 3
