@@ -16,8 +16,10 @@ of pytorch-labs/gpt-fast:
   one-hot on the pad id instead of a Python branch. "Have all rows finished?" is read back every
   ``sync_every`` tokens (on a CPU reading it is free, so ``sync_every=None`` means every token there).
 * The TRB solver runs sync-free on the device (``blending.trust_region_blend_device``).
-* At every check, when at most half the rows are still running, the batch is compacted: caches, masks and
-  positions keep only the running rows, so the decode cost follows the live rows, not batch x longest.
+* At every check the batch is compacted: caches, masks and positions keep only the running rows (moved to
+  the front of the same buffers), so the decode cost follows the live rows, not batch x longest.
+  Uncaptured (CPU) as soon as a row has finished; captured, when the live rows fit half the batch
+  (row counts are powers of two, one graph each).
 """
 
 from __future__ import annotations
