@@ -363,3 +363,41 @@ def test_topk_stats_refuse_a_full_vocabulary_loss(tiny_pair, tmp_path):
         _train_rows(["method=opd", "method.estimator=full", "rollout.teacher_stats=topk"], tiny_pair, tmp_path)
     rows = _train_rows(["method=veto", "rollout.teacher_stats=auto"], tiny_pair, tmp_path / "auto")  # -> full
     assert len(rows) == 3
+
+
+def test_decode_step_traces_as_one_graph(qwen3):
+    """The captured path's decode step (whole cache, masked; the column as a tensor) traces with
+    ``fullgraph=True`` (no graph break), one graph per batch size across a compaction, and gives the
+    uncaptured step's logits. Dynamo's eager backend on the CPU: CUDA graphs / inductor are not run here."""
+    import torch._dynamo.testing
+
+    from trb_exp.engine import StaticLM
+    from trb_exp.rollout import positions_from_mask
+
+    tok, student, _ = qwen3
+    ids, mask = encode_prompts(tok, PROMPTS[:4])
+    pos = positions_from_mask(mask)
+    B, P = ids.shape
+    counter = torch._dynamo.testing.CompileCounter()
+    out = []
+    for captured in (False, True):
+        lm = StaticLM(student, B, P + 12)
+        if captured:
+            lm.compiled = True
+            lm._views.clear()
+            lm.reset()
+            lm._decode = torch.compile(lm._decode_impl, backend=counter, fullgraph=True, dynamic=False)
+        lg, seq = lm.prefill(ids, mask, pos), []
+        t, p, alive = lg.argmax(-1), pos[:, -1] + 1, torch.ones(B, dtype=torch.bool)
+        for s in range(10):
+            lg = lm.decode(t, p, P + s, alive)
+            seq.append(lg)
+            t, p = lg.argmax(-1), p + 1
+            if s == 4:  # drop row 2
+                keep = torch.tensor([0, 1, 3])
+                lm.compact(keep, None if captured else P + s + 1)
+                t, p, alive = t[keep], p[keep], alive[keep]
+        out.append(seq)
+    assert counter.frame_count == 2  # batch 4, then 3
+    for a, b in zip(*out):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)

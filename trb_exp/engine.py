@@ -112,7 +112,11 @@ class StaticLM:
         step sees the same tensors, at the same addresses, every time)."""
         if n not in self._views:
             views = ([x[:n] for x in self.k_full], [x[:n] for x in self.v_full], self.key_valid_full[:n])
-            mark = getattr(torch._dynamo, "mark_static_address", None) if self.compiled else None
+            mark = None
+            if self.compiled:
+                import torch._dynamo
+
+                mark = getattr(torch._dynamo, "mark_static_address", None)
             if mark is not None:  # updated in place inside the captured step
                 for x in (*views[0], *views[1], views[2], self.cos, self.sin):
                     mark(x)
