@@ -125,6 +125,19 @@ def validate(cfg) -> None:
     pair = cfg.model.get("embedded_pair", "a")
     _require(pair in ("a", "b"), "model.embedded_pair", pair,
              "use a (the default tiny pair) or b (the larger one, model=embedded_b)")
+    ro = cfg.get("rollout") or {}
+    _require(ro.get("engine", "eager") in ("eager", "static"), "rollout.engine", ro.get("engine"), "use eager or static")
+    _require(isinstance(ro.get("compile", False), bool), "rollout.compile", ro.get("compile"), "use true or false")
+    _require(isinstance(ro.get("compact", True), bool), "rollout.compact", ro.get("compact"), "use true or false")
+    se = ro.get("sync_every")
+    _require(se is None or (isinstance(se, int) and se >= 1), "rollout.sync_every", se,
+             "must be null (1 on CPU, 16 on GPU) or an integer >= 1")
+    si = ro.get("solver_iters")
+    _require(si is None or (isinstance(si, int) and si >= 1), "rollout.solver_iters", si,
+             "must be null (stop at convergence) or an integer >= 1")
+    _require(ro.get("teacher_stats", "full") in ("full", "topk", "auto"), "rollout.teacher_stats",
+             ro.get("teacher_stats"), "use full ([B, T, V] teacher log-probs), topk (O(B*T*k)) or auto (topk where "
+             "the method's loss allows it)")
     _require(cfg.logger.backend in ("wandb", "none"), "logger.backend", cfg.logger.backend,
              "use logger=wandb or logger=none")
 

@@ -22,6 +22,7 @@ from trb_exp.config import ConfigError, check_ks, validate_eval
 from trb_exp.distributed import DistContext
 from trb_exp.data import Benchmark, check_prompts, load_benchmark, load_benchmarks, load_task, prompt_formatter
 from trb_exp.methods import Method
+from trb_exp.rollout import sample_kwargs
 from trb_exp.models import (check_available, check_pair, embedded_pair_dir, eos_ids, load_model, load_tokenizer,
                             max_positions, pair_eos_ids, pick_device, set_vocab_size)
 
@@ -41,6 +42,8 @@ class Experiment:
     train_answers: list[str] = field(default_factory=list)
     grade: Callable[[str, str], bool] | None = None
     teacher_pass: str = "rollout"
+    rollout_kw: dict = field(default_factory=dict)  # rollout.* as keyword arguments of rollout.sample
+    sparse_teacher: bool = False  # rollout.teacher_stats=topk: the loss gets the teacher on the top-k ids only
     dist: DistContext = field(default_factory=DistContext)  # this process's rank under torchrun
     train_student: torch.nn.Module | None = None  # the student as the loss sees it (DDP-wrapped under torchrun)
     # objects that change while training and must survive a resume (a budget controller, say): each has
@@ -73,6 +76,13 @@ def setup(cfg) -> Experiment:
     teacher_pass = str(mc.get("teacher_pass", "rollout"))
     if teacher_pass not in ("rollout", "micro_batch"):
         raise ConfigError(f"model.teacher_pass={teacher_pass!r}: use rollout or micro_batch")
+    rollout_kw = sample_kwargs(cfg, method.topk)  # rollout.engine and its knobs, rollout.teacher_stats
+    if rollout_kw["teacher_stats"] == "auto":  # topk where the method's loss allows it (the paper presets), else full
+        rollout_kw["teacher_stats"] = "topk" if method.sparse_teacher_ok else "full"
+    sparse = rollout_kw["teacher_stats"] == "topk" and method.needs_teacher_logprobs
+    if sparse and not method.sparse_teacher_ok:
+        raise ConfigError(f"rollout.teacher_stats=topk: method {method.name} needs the full teacher distribution "
+                          "(topk needs loss=reverse_kl, estimator topk or sampled, b_start=1); use rollout.teacher_stats=full")
     # a hub id that cannot be loaded (offline, not cached) stops the run here, in milliseconds
     check_available(str(mc.student), "model.student")
     check_available(str(mc.teacher), "model.teacher")
@@ -115,7 +125,7 @@ def setup(cfg) -> Experiment:
     return Experiment(cfg=cfg, device=device, tok=tok, student=student, benchmarks=benchmarks, eos_id=eos_id,
                       eos_ids=all_eos, method=method, teacher=teacher,
                       train_prompts=train_prompts, train_answers=list(task.train_answers),
-                      grade=task.grade, teacher_pass=teacher_pass,
+                      grade=task.grade, teacher_pass=teacher_pass, rollout_kw=rollout_kw, sparse_teacher=sparse,
                       stateful={"budget": method.schedule.controller} if method.schedule.controller else {})
 
 

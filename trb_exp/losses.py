@@ -45,6 +45,8 @@ __all__ = [
     "kl_student_teacher_topk",
     "kl_student_teacher_topk_gathered",
     "kl_student_teacher_sampled",
+    "kl_student_teacher_sampled_gathered",
+    "sampled_kl_estimate_gathered",
     "sampled_kl_estimate",
     "kl_teacher_student_full",
     "generalized_jsd",
@@ -209,6 +211,17 @@ def kl_student_teacher_sampled(student_logits: Tensor, teacher_logprobs: Tensor,
     return torch.where(valid, loss, torch.zeros_like(loss))
 
 
+def kl_student_teacher_sampled_gathered(student_logits: Tensor, tokens: Tensor, teacher_token_logprobs: Tensor) -> Tensor:
+    """:func:`kl_student_teacher_sampled` when only ``log pT(tokens)`` ``[...]`` is kept (O(1) per position):
+    the same value and gradient, ``sg(log pS(y) - log pT(y)) * log pS(y)``."""
+    _check_token_shape(student_logits, tokens, "tokens")
+    dtype = _compute_dtype(student_logits, teacher_token_logprobs)
+    lps, valid = _gathered_logprob(student_logits, tokens, dtype)
+    lpt = _sanitize(teacher_token_logprobs.detach(), dtype).clamp(min=LOGPROB_FLOOR)
+    loss = (lps - lpt).detach() * lps
+    return torch.where(valid, loss, torch.zeros_like(loss))
+
+
 def sampled_kl_estimate(student_logits: Tensor, teacher_logprobs: Tensor, tokens: Tensor) -> Tensor:
     """``log pS(y) - log pT(y)`` on the sampled tokens (no gradient), shape ``[...]``, for logging.
 
@@ -222,6 +235,15 @@ def sampled_kl_estimate(student_logits: Tensor, teacher_logprobs: Tensor, tokens
         lps, valid = _gathered_logprob(student_logits.detach(), tokens, dtype)
         lpt, _ = _gathered_logprob(teacher_logprobs.detach(), tokens, dtype)
         est = lps - lpt
+        return torch.where(valid, est, torch.zeros_like(est))
+
+
+def sampled_kl_estimate_gathered(student_logits: Tensor, tokens: Tensor, teacher_token_logprobs: Tensor) -> Tensor:
+    """:func:`sampled_kl_estimate` from ``log pT(tokens)`` alone."""
+    with torch.no_grad():
+        dtype = _compute_dtype(student_logits, teacher_token_logprobs)
+        lps, valid = _gathered_logprob(student_logits.detach(), tokens, dtype)
+        est = lps - _sanitize(teacher_token_logprobs, dtype).clamp(min=LOGPROB_FLOOR)
         return torch.where(valid, est, torch.zeros_like(est))
 
 

@@ -254,6 +254,21 @@ class Method:
         return losses.kl_student_teacher_sampled(student_logits, target, tokens)
 
     @property
+    def sparse_teacher_ok(self) -> bool:
+        """Whether the loss needs the teacher only on the student's top-k support and the sampled token
+        (``rollout.teacher_stats=topk``): reverse KL with the topk or sampled estimator and no bridge."""
+        return self.loss == "reverse_kl" and self.estimator in ("topk", "sampled") and self.b_start >= 1.0
+
+    def per_token_loss_sparse(self, student_logits: Tensor, topk_ids: Tensor | None, teacher_on_ids: Tensor | None,
+                              tokens: Tensor, teacher_on_tokens: Tensor | None) -> Tensor:
+        """[B, T] per-token loss from O(k) teacher statistics (``sparse_teacher_ok``): the top-k reverse KL on
+        the given support, or the sampled estimator on the sampled tokens; same values and gradients as
+        :meth:`per_token_loss` with the full teacher log-probs on the same support."""
+        if self.estimator == "topk":
+            return losses.kl_student_teacher_topk_gathered(student_logits, topk_ids, teacher_on_ids)
+        return losses.kl_student_teacher_sampled_gathered(student_logits, tokens, teacher_on_tokens)
+
+    @property
     def logs_kl_estimate(self) -> bool:
         """The sampled estimator's loss value is a policy-gradient surrogate, not a KL: log the
         single-sample estimate ``log pS(y) - log q(y)`` instead (``train/kl_estimate``)."""

@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from trb_exp.blending import kl_divergence, merge_eos, trust_region_blend
+from trb_exp.blending import kl_divergence, merge_eos, trust_region_blend, trust_region_blend_device
+
+ENGINES = ("eager", "static")
+TEACHER_STATS = ("full", "topk")
 
 
 # --------------------------------------------------------------------------- behaviour rules
@@ -68,6 +71,9 @@ class TrustRegionRule:
     budget: str = "absolute"
     temperature: float = 1.0
     tol: float = 1e-6
+    solver: str = "exact"  # exact: blending.trust_region_blend; device: its sync-free twin (static engine)
+    max_iter: int = 30
+    fixed_iters: bool = False  # device solver: exactly max_iter iterations (no host read at all)
     needs_student: bool = True
     needs_teacher: bool = True
 
@@ -78,8 +84,12 @@ class TrustRegionRule:
             gap = kl_divergence(torch.log_softmax(t, -1), torch.log_softmax(s, -1))
             eps = self.eps * torch.nan_to_num(gap, posinf=1e4)
         else:
-            eps = torch.full(s.shape[:-1], float(self.eps))
-        res = trust_region_blend(s, t, eps, tol=self.tol)
+            eps = torch.full(s.shape[:-1], float(self.eps), device=s.device)
+        if self.solver == "device":
+            res = trust_region_blend_device(s, t, eps, tol=self.tol, max_iter=self.max_iter,
+                                            fixed_iters=self.fixed_iters)
+        else:
+            res = trust_region_blend(s, t, eps, tol=self.tol, max_iter=self.max_iter)
         diag = {
             "eps": eps,
             "beta": res.beta,
@@ -132,6 +142,12 @@ class Rollout:
     teacher_logprobs [B, T, V] teacher log-probs (temperature 1) predicting each response token,
                                when the teacher ran during decoding, else None
     diagnostics      name -> [B, T] per-token values of the behaviour rule
+
+    With ``teacher_stats="topk"`` the [B, T, V] tensor is never built; instead (O(B*T*k)):
+    topk_ids              [B, T, k] the rollout student's top-k token ids (by logit) at each position
+    teacher_topk_logprobs [B, T, k] the teacher's log-probs at those ids (teacher ran during decoding)
+    teacher_token_logprobs [B, T]   the teacher's log-prob of the sampled token
+    teacher_entropy       [B, T]    the teacher's entropy (for the logs)
     """
 
     input_ids: Tensor
@@ -144,6 +160,10 @@ class Rollout:
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
     decode_s: float = 0.0  # wall time of the decode loop
     rule_s: float = 0.0  # of which spent inside the behaviour rule (the TRB solver)
+    topk_ids: Tensor | None = None
+    teacher_topk_logprobs: Tensor | None = None
+    teacher_token_logprobs: Tensor | None = None
+    teacher_entropy: Tensor | None = None
 
     @property
     def response_ids(self) -> Tensor:
@@ -191,6 +211,10 @@ def sample(
     generator: torch.Generator | None = None,
     keep_teacher_logprobs: bool = True,
     eos_ids: Sequence[int] = (),
+    engine: str = "eager",
+    teacher_stats: str = "full",
+    topk: int = 16,
+    **static_kw,
 ) -> Rollout:
     """Decode ``max_new_tokens`` at most from left-padded prompts [B, P] under ``rule``.
 
@@ -201,7 +225,27 @@ def sample(
     so every rule (the TRB solver and its KL budget included) works on the merged distributions, the
     sampled event is emitted as ``eos_id``, and the stored teacher log-probs are merged too. With no
     other id this costs nothing.
+
+    ``engine``: ``eager`` (this loop: one Hugging Face forward per model and token) or ``static``
+    (``engine.sample_static``: preallocated KV caches, fixed-shape steps, no per-token host sync; its
+    extra knobs ``sync_every``, ``compile``, ``compact``, ``solver_iters`` pass through ``static_kw``).
+    ``teacher_stats``: ``full`` keeps the teacher's [B, T, V] log-probs when it ran; ``topk`` keeps only
+    the student's top-``topk`` ids and the teacher's log-probs there, at the sampled token and its entropy
+    (O(B*T*k), ``Rollout`` docstring).
     """
+    if engine not in ENGINES:
+        raise ValueError(f"rollout.engine={engine!r}: use eager or static")
+    if teacher_stats not in TEACHER_STATS:
+        raise ValueError(f"rollout.teacher_stats={teacher_stats!r}: use full or topk")
+    if engine == "static":
+        from trb_exp.engine import sample_static
+
+        return sample_static(student, teacher, prompt_ids, prompt_mask, rule, max_new_tokens=max_new_tokens,
+                             eos_id=eos_id, pad_id=pad_id, generator=generator,
+                             keep_teacher_logprobs=keep_teacher_logprobs, eos_ids=eos_ids,
+                             teacher_stats=teacher_stats, topk=topk, **static_kw)
+    if static_kw:
+        raise TypeError(f"sample(engine='eager') got static-engine arguments {sorted(static_kw)}")
     B, P = prompt_ids.shape
     device = prompt_ids.device
     mask = prompt_mask.long()
@@ -217,6 +261,9 @@ def sample(
     next_pos = pos[:, -1:] + 1
 
     tokens, t_logprobs, s_token_logprobs = [], [], []
+    topk_rec: dict[str, list[Tensor]] = {}
+    keep_full = keep_teacher_logprobs and teacher_stats == "full"
+    rec_topk = teacher_stats == "topk" and (rule.needs_student or keep_teacher_logprobs)
     diags: dict[str, list[Tensor]] = {}
     alive = torch.ones(B, dtype=torch.bool, device=device)
     alive_hist = []
@@ -237,8 +284,17 @@ def sample(
         tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
         tokens.append(tok)
         alive_hist.append(alive.clone())
-        if "teacher" in logits and keep_teacher_logprobs:
+        if "teacher" in logits and keep_full:
             t_logprobs.append(torch.log_softmax(logits["teacher"].float(), -1))
+        if rec_topk:
+            from trb_exp.engine import topk_stats
+
+            stats = topk_stats(logits.get("student"), logits.get("teacher") if keep_teacher_logprobs else None,
+                               tok, topk)
+            for name, val in zip(("topk_ids", "teacher_topk_logprobs", "teacher_token_logprobs", "teacher_entropy"),
+                                 stats):
+                if val is not None:
+                    topk_rec.setdefault(name, []).append(val)
         if "student" in logits:
             s_lp = torch.log_softmax(logits["student"].float(), -1)
             s_token_logprobs.append(s_lp.gather(-1, tok[:, None]).squeeze(-1))
@@ -265,6 +321,7 @@ def sample(
         diagnostics={k: torch.stack(v, 1) for k, v in diags.items()},
         decode_s=time.perf_counter() - t0,
         rule_s=rule_s,
+        **{k: torch.stack(v, 1) for k, v in topk_rec.items()},
     )
     return out
 
@@ -299,6 +356,8 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         diagnostics={k: torch.cat([pad(r.diagnostics[k], 0.0) for r in parts]) for k in parts[0].diagnostics},
         decode_s=sum(r.decode_s for r in parts),
         rule_s=sum(r.rule_s for r in parts),
+        **{k: None if getattr(parts[0], k) is None else torch.cat([pad(getattr(r, k), 0) for r in parts])
+           for k in ("topk_ids", "teacher_topk_logprobs", "teacher_token_logprobs", "teacher_entropy")},
     )
 
 
@@ -314,3 +373,44 @@ def teacher_logprobs(teacher, rollout: Rollout, rows: slice = slice(None)) -> Te
     rollout's ``rows``)."""
     logits = response_logits(teacher, rollout.input_ids[rows], rollout.attention_mask[rows], rollout.prompt_len)
     return torch.log_softmax(logits.float(), -1)
+
+
+def sample_kwargs(cfg, topk: int = 16) -> dict:
+    """The ``rollout`` config group as keyword arguments of :func:`sample` (engine, its knobs, teacher_stats)."""
+    rc = cfg.get("rollout") or {}
+    kw = {"engine": str(rc.get("engine", "eager")), "teacher_stats": str(rc.get("teacher_stats", "full")),
+          "topk": int(topk)}
+    if kw["engine"] == "static":
+        kw.update(sync_every=rc.get("sync_every"), compile=bool(rc.get("compile", False)),
+                  compact=bool(rc.get("compact", True)), solver_iters=rc.get("solver_iters"))
+    return kw
+
+
+def _base_model(model):
+    return getattr(model, getattr(model, "base_model_prefix", "model"))
+
+
+@torch.no_grad()
+def teacher_logprobs_at(teacher, rollout: Rollout, ids: Tensor, rows: slice = slice(None), *, chunk: int = 256,
+                        merge=None) -> Tensor:
+    """The teacher's log-probs (temperature 1) at ``ids`` [b, T, m] for the rollout's ``rows``, from one batched
+    teacher pass whose LM head runs ``chunk`` positions at a time: the peak is [b, chunk, V], never [b, T, V].
+    ``merge``: a function applied to the logits before the log-softmax (the EOS merge)."""
+    input_ids, attn = rollout.input_ids[rows], rollout.attention_mask[rows]
+    home = input_ids.device
+    dev = getattr(teacher, "device", home)
+    P = rollout.prompt_len
+    pos = positions_from_mask(attn)
+    hidden = _base_model(teacher)(input_ids=input_ids.to(dev), attention_mask=attn.to(dev),
+                                  position_ids=pos.to(dev), use_cache=False).last_hidden_state[:, P - 1 : -1]
+    vocab = getattr(teacher, "trb_vocab_size", None)
+    ids = ids.to(dev)
+    out = []
+    for c in range(0, hidden.shape[1], chunk):
+        logits = teacher.lm_head(hidden[:, c : c + chunk])
+        if vocab is not None:
+            logits = logits[..., :vocab]
+        if merge is not None:
+            logits = merge(logits)
+        out.append(torch.log_softmax(logits.float(), -1).gather(-1, ids[:, c : c + chunk]))
+    return torch.cat(out, 1).to(home)

@@ -44,7 +44,7 @@ from trb_exp.experiment import Experiment, setup
 from trb_exp.logger import NullLogger, RunLogger, read_rows
 from trb_exp.methods import Method
 from trb_exp.preempt import EXIT_INTERRUPTED, Stopped, StopSignals
-from trb_exp.rollout import concat_rollouts, response_logits, sample, teacher_logprobs
+from trb_exp.rollout import concat_rollouts, response_logits, sample, teacher_logprobs, teacher_logprobs_at
 from trb_exp.rundir import RunDir
 from trb_exp.state import (STATE_FILE, TrainState, list_checkpoints, load_checkpoint, prune_checkpoints, rng_state,
                            save_checkpoint, set_rng_state)
@@ -87,6 +87,9 @@ def rollout_metrics(ro, texts, answers, grade, method: Method, step: int, temper
     }
     if ro.token_logprobs_student is not None:
         m["rollout/student_logprob"] = (ro.token_logprobs_student * mask).sum().item() / n_tok.item()
+    if ro.teacher_logprobs is None and ro.teacher_token_logprobs is not None:  # rollout.teacher_stats=topk
+        m["rollout/teacher_entropy"] = (ro.teacher_entropy * mask).sum().item() / n_tok.item()
+        m["rollout/teacher_logprob"] = (ro.teacher_token_logprobs * mask).sum().item() / n_tok.item()
     if ro.teacher_logprobs is not None:
         t = ro.teacher_logprobs
         ent = -(t.exp() * t.clamp_min(-1e4)).sum(-1)
@@ -128,10 +131,10 @@ def rollouts(exp: Experiment, state: TrainState, step: int):
     exp.student.eval()
     rule = exp.method.rule(step, tr.temperature, generator=state.generator)
     chunk = tr.get("rollout_batch_size") or len(batch)  # decode in row chunks: one chunk's KV caches at a time
-    keep = exp.method.needs_teacher_logprobs and exp.teacher_pass == "rollout"
+    keep = exp.method.needs_teacher_logprobs and (exp.teacher_pass == "rollout" or exp.sparse_teacher)
     parts = [sample(exp.student, exp.teacher, ids[c : c + chunk], mask[c : c + chunk], rule,
                     max_new_tokens=tr.max_new_tokens, eos_id=exp.eos_id, pad_id=tok.pad_token_id,
-                    generator=state.generator, eos_ids=exp.eos_ids, keep_teacher_logprobs=keep)
+                    generator=state.generator, eos_ids=exp.eos_ids, keep_teacher_logprobs=keep, **exp.rollout_kw)
              for c in range(0, len(batch), chunk)]
     exp.student.train()
     return (parts[0] if len(parts) == 1 else concat_rollouts(parts, tok.pad_token_id)), batch
@@ -143,7 +146,7 @@ def update(exp: Experiment, state: TrainState, ro, step: int) -> dict:
     (teacher_pass=micro_batch: one teacher pass per micro-batch, so [B, T, V] never exists for the step)."""
     tr, method, eos_ids, eos_id = exp.cfg.trainer, exp.method, exp.eos_ids, exp.eos_id
     t_lp = ro.teacher_logprobs
-    if t_lp is None and method.needs_teacher_logprobs and exp.teacher_pass == "rollout":
+    if t_lp is None and method.needs_teacher_logprobs and exp.teacher_pass == "rollout" and not exp.sparse_teacher:
         t_lp = teacher_logprobs(exp.teacher, ro)
     if t_lp is not None:  # one merged EOS event (idempotent; a no-op for a single EOS id)
         t_lp = merge_eos(t_lp, eos_ids, eos_id)
@@ -156,11 +159,10 @@ def update(exp: Experiment, state: TrainState, ro, step: int) -> dict:
     for s in range(0, rows, tr.micro_batch_size):
         sl = slice(s, s + tr.micro_batch_size)
         with grad_sync(model, enabled=s + tr.micro_batch_size >= rows):
-            logits, loss, t_sl = _micro_batch_loss(exp, ro, t_lp, sl, n_tokens, step, model)
+            loss, est = _micro_batch_loss(exp, ro, t_lp, sl, n_tokens, step, model)
             loss.backward()
         total += loss.item()
-        if method.logs_kl_estimate:  # the sampled loss is a surrogate: log a real KL estimate
-            est = method.kl_estimate(logits, t_sl, ro.response_ids[sl], step)
+        if est is not None:  # the sampled loss is a surrogate: log a real KL estimate
             kl_est += losses.masked_token_mean(est, ro.response_mask[sl], n_tokens).item()
     if dist.active:  # each rank's share of the token mean (over N/W): the step's mean over all ranks
         total, kl_est = dist.all_sum(total) / dist.world, dist.all_sum(kl_est) / dist.world
@@ -174,16 +176,30 @@ def update(exp: Experiment, state: TrainState, ro, step: int) -> dict:
 
 
 def _micro_batch_loss(exp: Experiment, ro, t_lp, sl: slice, n_tokens, step: int, model):
-    """The student's logits, the loss (its share of the step's token mean) and the teacher's log-probs
-    of micro-batch ``sl``."""
+    """The loss of micro-batch ``sl`` (its share of the step's token mean) and, for the sampled estimator,
+    the per-token KL estimate ``log pS(y) - log q(y)`` that is logged in its place (else None)."""
     method, eos_ids, eos_id = exp.method, exp.eos_ids, exp.eos_id
     logits = response_logits(model, ro.input_ids[sl], ro.attention_mask[sl], ro.prompt_len)
     logits = merge_eos(logits, eos_ids, eos_id)  # the loss sees the merged EOS event too
-    t_sl = None if t_lp is None else t_lp[sl]
-    if t_sl is None and method.needs_teacher_logprobs:  # teacher_pass=micro_batch
-        t_sl = merge_eos(teacher_logprobs(exp.teacher, ro, sl), eos_ids, eos_id)
-    per_tok = method.per_token_loss(logits, t_sl, ro.response_ids[sl], step)
-    return logits, losses.masked_token_mean(per_tok, ro.response_mask[sl], n_tokens), t_sl
+    if exp.sparse_teacher:  # rollout.teacher_stats=topk: O(k) teacher statistics, from the rollout or one gathered pass
+        ids_k = ro.topk_ids[sl] if ro.topk_ids is not None else logits.detach().topk(
+            min(method.topk, logits.shape[-1]), dim=-1).indices
+        t_k, t_tok = ro.teacher_topk_logprobs, ro.teacher_token_logprobs
+        if t_tok is None or (t_k is None and method.estimator == "topk"):
+            both = teacher_logprobs_at(exp.teacher, ro, torch.cat([ids_k, ro.response_ids[sl, :, None]], -1), sl,
+                                       merge=lambda x: merge_eos(x, eos_ids, eos_id))
+            t_k, t_tok = both[..., :-1], both[..., -1]
+        else:
+            t_k, t_tok = (None if t_k is None else t_k[sl]), t_tok[sl]
+        per_tok = method.per_token_loss_sparse(logits, ids_k, t_k, ro.response_ids[sl], t_tok)
+        est = losses.sampled_kl_estimate_gathered(logits, ro.response_ids[sl], t_tok) if method.logs_kl_estimate else None
+    else:
+        t_sl = None if t_lp is None else t_lp[sl]
+        if t_sl is None and method.needs_teacher_logprobs:  # teacher_pass=micro_batch
+            t_sl = merge_eos(teacher_logprobs(exp.teacher, ro, sl), eos_ids, eos_id)
+        per_tok = method.per_token_loss(logits, t_sl, ro.response_ids[sl], step)
+        est = method.kl_estimate(logits, t_sl, ro.response_ids[sl], step) if method.logs_kl_estimate else None
+    return losses.masked_token_mean(per_tok, ro.response_mask[sl], n_tokens), est
 
 
 def evaluate_student(exp: Experiment, step: int, logger: RunLogger, progress: bool = False) -> dict:

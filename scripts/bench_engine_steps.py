@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Paired, in-process version of ``bench_engine_cpu.py``: OPD steps and TRB warmup steps, eager vs static
+engine, on the embedded default, alternating at the level of single training steps.
+
+On a shared machine the load changes from second to second, so whole runs compared one after the other
+differ by more than the effect measured. Here the four configurations (OPD eager, OPD static, TRB eager,
+TRB static) each get their own copy of the student, optimizer and generator, and advance one training step
+each in turn, in a rotating order, for ``--steps`` rounds: step k of every configuration ran within the
+same few seconds. The step is the trainer's (same functions, same order as ``train.py``): the rollout
+(``rollout.sample`` with the method's rule), the teacher statistics (from the rollout, else one batched
+teacher pass), the micro-batch loss and backward, clip, AdamW. Reported: medians of the step time and of
+``decode_s`` per configuration, and the medians of the per-round paired ratios.
+
+    python scripts/bench_engine_steps.py --steps 40 --out docs/engine_cpu_steps.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trb_exp import losses  # noqa: E402
+from trb_exp.data import encode_prompts, load_task, prompt_formatter  # noqa: E402
+from trb_exp.methods import Method  # noqa: E402
+from trb_exp.models import embedded_pair_dir, load_model, load_tokenizer  # noqa: E402
+from trb_exp.rollout import response_logits, sample, teacher_logprobs  # noqa: E402
+from trb_exp.train import prompt_batch  # noqa: E402
+
+CONFIGS = [("opd", "eager"), ("opd", "static"), ("trb", "eager"), ("trb", "static")]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--skip", type=int, default=2, help="first steps left out (allocation, warm caches)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["logger=none"])
+    task = load_task(cfg.dataset)
+    emb = embedded_pair_dir(task.spec, "a")
+    tok = load_tokenizer(cfg.model.student, embedded_dir=emb)
+    cpu = torch.device("cpu")
+    base = load_model(cfg.model.student, device=cpu, train=True, embedded_dir=emb)
+    teacher = load_model(cfg.model.teacher, device=cpu, train=False, embedded_dir=emb)
+    fmt = prompt_formatter(tok, cfg.model)
+    prompts = [fmt(p) for p in task.train_prompts]
+    tr = cfg.trainer
+    methods = {}
+    for m in ("opd", "trb"):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            c = compose("config", overrides=[f"method={m}", "schedule.eps0=0.5", "schedule.warmup_steps=100000"])
+        methods[m] = Method.from_cfg(c.method, c.schedule)
+    state = {}
+    for key in CONFIGS:
+        s = copy.deepcopy(base)
+        state[key] = dict(student=s, gen=torch.Generator().manual_seed(0),
+                          opt=torch.optim.AdamW(s.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                                weight_decay=cfg.optim.weight_decay),
+                          step_s=[], decode_s=[], rule_s=[])
+
+    def one_step(key, step):
+        method, engine = methods[key[0]], key[1]
+        st = state[key]
+        student, opt = st["student"], st["opt"]
+        t0 = time.perf_counter()
+        batch = [i for i in prompt_batch(0, step, len(prompts), tr.prompts_per_step) for _ in range(tr.rollouts_per_prompt)]
+        ids, mask = encode_prompts(tok, [prompts[i] for i in batch], cpu)
+        student.eval()
+        ro = sample(student, teacher, ids, mask, method.rule(step, tr.temperature, generator=st["gen"]),
+                    max_new_tokens=tr.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                    generator=st["gen"], keep_teacher_logprobs=True, engine=engine)
+        student.train()
+        t_lp = ro.teacher_logprobs if ro.teacher_logprobs is not None else teacher_logprobs(teacher, ro)
+        n_tokens = ro.response_mask.sum()
+        opt.zero_grad(set_to_none=True)
+        for s0 in range(0, len(batch), tr.micro_batch_size):
+            sl = slice(s0, s0 + tr.micro_batch_size)
+            logits = response_logits(student, ro.input_ids[sl], ro.attention_mask[sl], ro.prompt_len)
+            per_tok = method.per_token_loss(logits, t_lp[sl], ro.response_ids[sl], step)
+            losses.masked_token_mean(per_tok, ro.response_mask[sl], n_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        # what train.py's logging reads back (texts for the reward, a few .item()s)
+        tok.batch_decode(ro.response_ids, skip_special_tokens=True)
+        st["step_s"].append(time.perf_counter() - t0)
+        st["decode_s"].append(ro.decode_s)
+        st["rule_s"].append(ro.rule_s)
+
+    load = []
+    t_all = time.time()
+    for step in range(a.steps):
+        order = CONFIGS[step % 4:] + CONFIGS[: step % 4]
+        for key in order:
+            one_step(key, step)
+        if step % 10 == 0:
+            load.append(os.getloadavg()[0])
+            print(f"step {step}: " + "  ".join(f"{k[0]}/{k[1]} {state[k]['step_s'][-1]:.3f}" for k in CONFIGS), flush=True)
+    sk = a.skip
+    med = {k: {m: statistics.median(state[k][m][sk:]) for m in ("step_s", "decode_s", "rule_s")} for k in CONFIGS}
+
+    def paired(a_, b_, m):
+        return statistics.median(x / y for x, y in zip(state[a_][m][sk:], state[b_][m][sk:]))
+
+    res = {
+        "median": {f"{k[0]}/{k[1]}": v for k, v in med.items()},
+        "opd_decode_static_over_eager": paired(("opd", "static"), ("opd", "eager"), "decode_s"),
+        "trb_decode_static_over_eager": paired(("trb", "static"), ("trb", "eager"), "decode_s"),
+        "trb_over_opd_step": {e: paired(("trb", e), ("opd", e), "step_s") for e in ("eager", "static")},
+        "load_1min": load, "steps": a.steps, "skip": sk, "wall_s": time.time() - t_all,
+    }
+    f3 = "{:.3f}".format
+    n = a.steps - sk
+    lines = [
+        "# rollout.engine on CPU: paired training steps (embedded default)",
+        "",
+        f"Generated by `scripts/bench_engine_steps.py --steps {a.steps}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
+        f"({platform.machine()}, {os.cpu_count()} CPUs, torch threads = 1; a shared machine: 1-minute load average "
+        f"{min(load):.1f}–{max(load):.1f} during the run). Wall time {res['wall_s']:.0f} s.",
+        "",
+        "Four configurations, each with its own student copy, optimizer and generator, one training step each in "
+        "turn (rotating order), so step k of all four ran within seconds of each other; 64 rollouts per step "
+        "(32 prompts × 2), `trainer.max_new_tokens=40`, TRB with `schedule.eps0=0.5` (every step a warmup step), "
+        f"loss top-16 reverse KL; medians over steps {sk}–{a.steps - 1} (n = {n}).",
+        "",
+        "| method | engine | step s | decode s | of which rule (solver) s | rest of the step s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k in CONFIGS:
+        lines.append(f"| {k[0]} | {k[1]} | {f3(med[k]['step_s'])} | {f3(med[k]['decode_s'])} | {f3(med[k]['rule_s'])} | "
+                     f"{f3(med[k]['step_s'] - med[k]['decode_s'])} |")
+    lines += [
+        "",
+        f"- OPD decode time, static / eager (median of paired ratios): **{res['opd_decode_static_over_eager']:.2f}**, "
+        f"i.e. {100 * (1 - res['opd_decode_static_over_eager']):.0f}% lower (goal: at least 40% lower).",
+        f"- TRB decode time, static / eager: **{res['trb_decode_static_over_eager']:.2f}**.",
+        f"- TRB warmup step / OPD step (paired): eager **{res['trb_over_opd_step']['eager']:.2f}**, static "
+        f"**{res['trb_over_opd_step']['static']:.2f}** (goal: <= 1.4 with the new engine).",
+    ]
+    md = "\n".join(lines) + "\n"
+    print(md)
+    if a.out:
+        Path(a.out).write_text(md)
+        Path(a.out).with_suffix(".json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
