@@ -68,7 +68,7 @@ def _worker(rank, world, port, strategy, out):
     loss, grads = _loss_and_grads(ctx, strategy)
     if ctx.is_main:
         torch.save({"loss": loss, "grads": grads}, out)
-    torch.distributed.destroy_process_group()
+    ctx.close()
 
 
 def _free_port():
@@ -159,7 +159,7 @@ def _update_worker(rank, world, port, out):
     m, weights = _trainer_update(ctx, micro=2)
     if ctx.is_main:
         torch.save({"loss": m["train/loss"], "grad_norm": m["train/grad_norm"], "weights": weights}, out)
-    torch.distributed.destroy_process_group()
+    ctx.close()
 
 
 def test_trainer_update_on_two_processes_equals_one(tmp_path):

@@ -108,6 +108,13 @@ class DistContext:
         if self.active:
             dist.barrier()
 
+    def close(self) -> None:
+        """The end of a run: every rank is done communicating, then the process group goes (a process that
+        exits with gloo threads still connected can abort at interpreter exit)."""
+        if self.active and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 def init_distributed(device: str = "auto") -> DistContext:
     """The process group of a ``torchrun`` launch (NCCL on CUDA, gloo on CPU), or a single-process context."""

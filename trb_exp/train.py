@@ -501,6 +501,7 @@ def main(cfg: DictConfig) -> float | None:
         if not dist.is_main:
             with StopSignals() as stop:
                 summary = run(cfg, run_dir, stop, dist=dist)
+            dist.close()
             return None
         with RunDir(run_dir) as rd, StopSignals() as stop:
             try:
@@ -509,6 +510,7 @@ def main(cfg: DictConfig) -> float | None:
             except ConfigError:
                 rd.reject()  # leave no trace: a new directory goes, an existing one is as it was
                 raise
+        dist.close()
     except FinishedRun as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # a re-submitted sweep: keep the finished job, go on
             print(f"[skip] {run_dir} holds a finished run (summary.json)", file=sys.stderr)
