@@ -2,7 +2,9 @@
 settings, paired by seed, seeds added in order until the stopping rule says enough.
 
     python scripts/powered_study.py run [--out outputs/powered] [--lanes 2] [--max-seeds N]
-        runs the next seeds the stopping rule asks for (finished runs are skipped, so it resumes);
+        runs the next seeds the stopping rule asks for (runs finished in --out or committed under --committed
+        are skipped, so it resumes); then ``python scripts/collect_runs.py outputs/powered docs/results/powered/runs``
+        copies the new ones next to the committed ones;
     python scripts/powered_study.py status [ROOT]
         per setting: completed seeds, the primary paired difference TRB - OPD and its CI half-width;
     python scripts/powered_study.py report [--runs docs/results/powered/runs] [--out docs/results/powered]
@@ -152,10 +154,20 @@ def run_jobs(jobs: list[tuple[str, str, int]], out: Path, lanes: int) -> None:
                       f"in {time.time() - t0:.0f} s", flush=True)
 
 
+def collect_all(*roots: Path) -> dict:
+    """``collect`` over several roots (the committed runs and a scratch output dir): a run in any counts."""
+    out: dict = {s: {a: {} for a in ARMS} for s in SETTINGS}
+    for root in roots:
+        for s, arms in collect(root).items():
+            for a, seeds in arms.items():
+                out[s][a].update(seeds)
+    return out
+
+
 def cmd_run(args) -> None:
     out = Path(args.out)
     for _ in range(args.max_seeds):
-        runs = collect(out)
+        runs = collect_all(Path(args.committed), out)  # resumes where the committed runs stop
         jobs = []
         for s in SETTINGS:
             stop, why = stopped(runs, s)
@@ -407,6 +419,7 @@ def main(argv=None) -> None:
     r.add_argument("--out", default="outputs/powered")
     r.add_argument("--lanes", type=int, default=2)
     r.add_argument("--max-seeds", type=int, default=MAX_SEEDS, help="seed rounds to run now (the study resumes)")
+    r.add_argument("--committed", default="docs/results/powered/runs", help="finished runs already committed")
     st = sub.add_parser("status")
     st.add_argument("root", nargs="?", default="docs/results/powered/runs")
     rp = sub.add_parser("report")

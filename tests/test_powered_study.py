@@ -116,3 +116,13 @@ def test_report_states_when_each_budget_handed_over(tmp_path):
     text = (tmp_path / "r" / "README.md").read_text()
     # hand-over at 60 and 80: mean 70, half-width t(1) * sd / sqrt(2) = 12.706 * 14.142 / 1.414 = 127.1
     assert "| mini_a | trb_gap | 70.0 ± 127.1 | 0.500 ± 0.000 | 0.5 |" in text
+
+
+def test_runner_resumes_from_committed_and_scratch_runs(tmp_path):
+    committed, scratch = tmp_path / "committed", tmp_path / "scratch"
+    for arm in ps.ARMS:
+        write_run(committed, "mini_a", arm, 100, flat(0.2))
+    for arm in list(ps.ARMS)[:2]:
+        write_run(scratch, "mini_a", arm, 101, flat(0.2))
+    runs = ps.collect_all(committed, scratch)
+    assert ps.complete_seeds(runs, "mini_a") == [100] and set(runs["mini_a"]["opd"]) == {100, 101}
