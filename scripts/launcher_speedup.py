@@ -19,14 +19,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SWEEP = ["seed=0,1,2,3", "logger=none", "trainer.max_steps=20", "trainer.progress=false"]
+def sweep(steps: int) -> list[str]:
+    return ["seed=0,1,2,3", "logger=none", f"trainer.max_steps={steps}", "trainer.progress=false"]
 
 
-def timed(launcher: list[str], sweep_dir: Path) -> float:
+def timed(launcher: list[str], sweep_dir: Path, steps: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT)}
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "trb_exp.train", "-m", *launcher, *SWEEP, f"hydra.sweep.dir={sweep_dir}"],
+    r = subprocess.run([sys.executable, "-m", "trb_exp.train", "-m", *launcher, *sweep(steps), f"hydra.sweep.dir={sweep_dir}"],
                        cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.time() - t0
     if r.returncode != 0:
@@ -40,18 +41,21 @@ def timed(launcher: list[str], sweep_dir: Path) -> float:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--steps", type=int, nargs="+", default=[20], help="trainer.max_steps of the jobs (one row pair each)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     load0 = os.getloadavg()[0]
+    lines = ["| steps per job | basic launcher (s) | joblib, n_jobs=%d (s) | ratio |" % a.jobs, "|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
-        basic = timed([], Path(tmp) / "basic")
-        joblib = timed(["hydra/launcher=joblib", f"hydra.launcher.n_jobs={a.jobs}"], Path(tmp) / "joblib")
-    lines = ["| launcher | wall (s) | ratio to basic |", "|---|---|---|",
-             f"| basic (sequential) | {basic:.1f} | 1.00 |",
-             f"| joblib, n_jobs={a.jobs} | {joblib:.1f} | {joblib / basic:.2f} |", "",
-             f"4 jobs of `python -m trb_exp.train -m {' '.join(SWEEP)}` (the embedded default, 20 steps, one torch "
-             f"thread per job). Machine: {os.cpu_count()} cores, {platform.machine()}, load average "
-             f"{load0:.2f} before the runs. Command: `python scripts/launcher_speedup.py --jobs {a.jobs}`.", ""]
+        for steps in a.steps:
+            basic = timed([], Path(tmp) / f"basic{steps}", steps)
+            joblib = timed(["hydra/launcher=joblib", f"hydra.launcher.n_jobs={a.jobs}"], Path(tmp) / f"joblib{steps}", steps)
+            lines.append(f"| {steps} | {basic:.1f} | {joblib:.1f} | {joblib / basic:.2f} |")
+    lines += ["", f"4 jobs of `python -m trb_exp.train -m {' '.join(sweep(0)).replace('max_steps=0', 'max_steps=<steps>')}` "
+              f"(the embedded default, one torch thread per job), first on Hydra's basic launcher (one job after another), "
+              f"then on the joblib launcher. Machine: {os.cpu_count()} cores, {platform.machine()}, load average "
+              f"{load0:.2f} before the runs. Command: `python scripts/launcher_speedup.py --jobs {a.jobs} --steps "
+              f"{' '.join(map(str, a.steps))}`.", ""]
     text = "\n".join(lines)
     print(text)
     if a.out:
