@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark the TRB solver (safeguarded Newton) against plain bisection on beta, on one CPU thread.
 
-Both methods share everything except the root finder: the same preprocessing / exact-case resolution
-(trb_exp.blending._prepare), the same accurate K(b) evaluation (trb_exp.blending._evaluate) and the same
-output assembly.  Bisection runs on [0, 1] until the bracket is narrower than `tol` (the same tolerance
+Both methods share everything except the root finder (``blending.trust_region_blend_bisection`` is the public
+bisection reference): the same preprocessing / exact-case resolution, the same accurate K(b) evaluation and
+the same output assembly.  Bisection runs on [0, 1] until the bracket is narrower than `tol` (the same tolerance
 on beta that the Newton solver uses) and returns the feasible end.
 
     python scripts/bench_solver.py                # prints the table, writes docs/solver_benchmark.md
@@ -33,41 +33,6 @@ CONFIGS = [  # (V, rows): rows chosen so that every cell takes ~0.1-1 s
     (151_936, 12),
 ]
 EPS = [1e-3, 1e-2, 0.1, 1.0]
-
-
-def bisection_blend(student_logits, teacher_logits, eps, *, tol=1e-6, dtype=torch.float32) -> B.BlendResult:
-    """Baseline: identical to trust_region_blend except that the root is found by bisection."""
-    ws: dict = {}  # same scratch-buffer reuse as trust_region_blend
-    prep = B._prepare(student_logits, teacher_logits, eps, dtype, ws)
-    M = prep.idx.numel()
-    beta_m = torch.zeros(M, dtype=dtype)
-    iters_m = torch.zeros(M, dtype=torch.int64)
-    if M:
-        one = torch.ones((), dtype=dtype)
-        beta_m[~prep.is_solve] = torch.nextafter(one, torch.zeros_like(one))
-        s = prep.is_solve.nonzero().squeeze(-1)
-        if s.numel():
-            logq, q, dc, epsp = prep.logq[s], prep.q[s], prep.dc[s], prep.epsp[s]
-            lo = torch.zeros_like(epsp)
-            hi = torch.ones_like(epsp)
-            its = torch.zeros(s.numel(), dtype=torch.int64)
-            while True:
-                active = (hi - lo) > tol
-                if not bool(active.any()):
-                    break
-                a = active.nonzero().squeeze(-1)
-                mid = 0.5 * (lo[a] + hi[a])
-                if a.numel() < lo.numel():
-                    k, _, _ = B._evaluate(logq[a], q[a], dc[a], mid, need_var=False, ws=ws)
-                else:
-                    k, _, _ = B._evaluate(logq, q, dc, mid, need_var=False, ws=ws)
-                ok = k <= epsp[a]
-                lo[a] = torch.where(ok, mid, lo[a])
-                hi[a] = torch.where(ok, hi[a], mid)
-                its[a] += 1
-            beta_m[s] = lo
-            iters_m[s] = its
-    return B._finalize(prep, beta_m, iters_m)
 
 
 def make_logits(V: int, n: int, seed: int):
@@ -121,7 +86,7 @@ def main() -> None:
         xs, xt = make_logits(V, n, seed=V)
         for eps in EPS:
             t_n, r_n = timed(lambda: B.trust_region_blend(xs, xt, eps, tol=args.tol), args.repeats)
-            t_b, r_b = timed(lambda: bisection_blend(xs, xt, eps, tol=args.tol), args.repeats)
+            t_b, r_b = timed(lambda: B.trust_region_blend_bisection(xs, xt, eps, tol=args.tol), args.repeats)
             solved = r_n.iters > 0
             it_n = r_n.iters[solved].double()
             it_b = r_b.iters[r_b.iters > 0].double()

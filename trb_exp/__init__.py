@@ -10,3 +10,6 @@ def conf_dir() -> str:
     here = Path(__file__).resolve().parent
     packaged = here / "conf"
     return str(packaged if (packaged / "config.yaml").is_file() else here.parent / "conf")
+
+
+CONF_DIR = conf_dir()  # the one config tree every entrypoint composes from

@@ -30,6 +30,7 @@ from torch import Tensor
 __all__ = [
     "BlendResult",
     "trust_region_blend",
+    "trust_region_blend_bisection",
     "trust_region_blend_device",
     "geometric_mixture",
     "kl_divergence",
@@ -197,7 +198,7 @@ def merge_eos(x: Tensor, eos_ids, keep_id: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# solver internals (private; scripts/bench_solver.py reuses them for its bisection baseline)
+# solver internals (private; trust_region_blend_bisection reuses them)
 # --------------------------------------------------------------------------------------------------
 
 # phi(v) = 1 + (v - 1) e^v = sum_{k>=2} (k-1)/k! v^k ; Horner coefficients for k = 8, 7, ..., 2
@@ -595,6 +596,46 @@ def _sanitize_logits_device(x: Tensor) -> Tuple[Tensor, Tensor]:
     xb = torch.where(pos.any(dim=-1, keepdim=True), torch.where(pos, 0.0, -inf), xb)
     xb = torch.where(torch.isneginf(xb).all(dim=-1, keepdim=True), 0.0, xb)
     return xb, torch.log_softmax(xb, dim=-1)
+
+
+def trust_region_blend_bisection(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    eps: Union[float, Tensor],
+    *,
+    tol: float = 1e-6,
+    dtype: torch.dtype = torch.float32,
+) -> BlendResult:
+    """The reference solver: :func:`trust_region_blend` with its root found by plain bisection on beta
+    (the same preparation, exact cases and final recomputation; ~20 iterations where Newton takes 2-4).
+    Slower and simpler: the baseline of ``scripts/bench_solver.py`` and a cross-check of the Newton solver."""
+    ws: dict = {}
+    prep = _prepare(student_logits, teacher_logits, eps, dtype, ws)
+    M = prep.idx.numel()
+    beta_m = torch.zeros(M, dtype=dtype)
+    iters_m = torch.zeros(M, dtype=torch.int64)
+    if M:
+        one = torch.ones((), dtype=dtype)
+        beta_m[~prep.is_solve] = torch.nextafter(one, torch.zeros_like(one))
+        s = prep.is_solve.nonzero().squeeze(-1)
+        if s.numel():
+            logq, q, dc, epsp = prep.logq[s], prep.q[s], prep.dc[s], prep.epsp[s]
+            lo, hi = torch.zeros_like(epsp), torch.ones_like(epsp)
+            its = torch.zeros(s.numel(), dtype=torch.int64)
+            while True:
+                active = (hi - lo) > tol
+                if not bool(active.any()):
+                    break
+                a = active.nonzero().squeeze(-1)
+                mid = 0.5 * (lo[a] + hi[a])
+                k, _, _ = _evaluate(logq[a], q[a], dc[a], mid, need_var=False, ws=ws)
+                ok = k <= epsp[a]
+                lo[a] = torch.where(ok, mid, lo[a])
+                hi[a] = torch.where(ok, hi[a], mid)
+                its[a] += 1
+            beta_m[s] = lo
+            iters_m[s] = its
+    return _finalize(prep, beta_m, iters_m)
 
 
 @torch.no_grad()

@@ -24,12 +24,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from trb_exp import conf_dir, rundir  # noqa: F401  (the ${run_uid:} resolver of hydra.run.dir)
+from trb_exp import CONF_DIR, rundir  # noqa: F401  (the ${run_uid:} resolver of hydra.run.dir)
 from trb_exp.config import ConfigError
 from trb_exp.evaluation import evaluate_benchmarks
 from trb_exp.experiment import setup_eval
-
-CONF_DIR = conf_dir()
 
 
 def markdown_table(results: dict, names: list[str]) -> str:

@@ -14,10 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from trb_exp import conf_dir
+from trb_exp import CONF_DIR
 from trb_exp.config import ConfigError
-
-CONF_DIR = conf_dir()
 
 
 def hub_offline() -> bool:

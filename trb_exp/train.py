@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tqdm import tqdm
 
-from trb_exp import conf_dir, losses
+from trb_exp import CONF_DIR, losses
 from trb_exp.blending import merge_eos
 from trb_exp.config import ConfigError, validate
 from trb_exp.data import encode_prompts
@@ -477,9 +477,6 @@ def peak_rss_mb() -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-CONF_DIR = conf_dir()
 
 
 def resume_command(run_dir: Path) -> str:

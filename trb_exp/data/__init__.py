@@ -33,7 +33,7 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
-from trb_exp import conf_dir  # noqa: E402
+from trb_exp import CONF_DIR as _CONF  # noqa: E402
 from trb_exp.config import ConfigError  # noqa: E402
 
 
@@ -105,7 +105,7 @@ def load_task(cfg) -> Task:
     raise ConfigError(f"dataset.name={cfg.name!r}: choose arithmetic, local or hf")
 
 
-CONF_DIR = Path(conf_dir())
+CONF_DIR = Path(_CONF)
 
 
 def benchmark_config(entry, where: str):
