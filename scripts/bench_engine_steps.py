@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 from trb_exp import losses  # noqa: E402
 from trb_exp.data import encode_prompts, load_task, prompt_formatter  # noqa: E402
 from trb_exp.methods import Method  # noqa: E402
-from trb_exp.models import embedded_pair_dir, load_model, load_tokenizer  # noqa: E402
+from trb_exp.models import load_model, load_tokenizer  # noqa: E402
+from trb_exp.prepare import embedded_pair_dir  # noqa: E402
 from trb_exp.rollout import response_logits, sample, teacher_logprobs  # noqa: E402
 from trb_exp.train import prompt_batch  # noqa: E402
 

@@ -314,7 +314,7 @@ def _cli(module, *args, env_extra=None):
 
 def test_offline_uncached_preset_fails_fast_with_one_line(tmp_path):
     t0 = time.time()
-    with pytest.raises(ConfigError, match=r"model.student='fake-org/not-a-real-model-123' is not in the local Hugging Face cache") as e:
+    with pytest.raises(ConfigError, match=r"model.student='fake-org/not-a-real-model-123' is not in the local Hugging Face cache"):
         check_available("fake-org/not-a-real-model-123", "model.student")
     assert time.time() - t0 < 1
     # the paper's preset through the CLI, with an empty Hugging Face cache

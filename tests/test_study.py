@@ -138,7 +138,8 @@ def test_pair_b_loads_and_decodes():
     import torch
 
     from trb_exp.data import encode_prompts
-    from trb_exp.models import embedded_pair_dir, load_model, load_tokenizer, resolve
+    from trb_exp.models import load_model, load_tokenizer, resolve
+    from trb_exp.prepare import embedded_pair_dir
     from trb_exp.prepare import pair_spec
 
     d = embedded_pair_dir(pair_spec("b").task, "b")

@@ -22,8 +22,9 @@ from trb_exp.config import ConfigError, check_ks, validate_eval
 from trb_exp.distributed import DistContext
 from trb_exp.data import Benchmark, check_prompts, load_benchmark, load_benchmarks, load_task, prompt_formatter
 from trb_exp.methods import Method
+from trb_exp.prepare import embedded_pair_dir
 from trb_exp.rollout import sample_kwargs
-from trb_exp.models import (check_available, check_pair, embedded_pair_dir, eos_ids, load_model, load_tokenizer,
+from trb_exp.models import (check_available, check_pair, eos_ids, load_model, load_tokenizer,
                             max_positions, pair_eos_ids, pick_device, set_vocab_size)
 
 

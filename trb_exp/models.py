@@ -8,8 +8,6 @@ and ``AutoTokenizer.from_pretrained``; ``trust_remote_code`` stays off unless th
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -54,22 +52,6 @@ def resolve(name: str, embedded_dir: Path | None = None) -> str:
 def embedded_dir_of(pair: str) -> Path:
     """Where the named embedded pair is shipped: ``assets/embedded`` for "a", ``assets/embedded_<pair>`` else."""
     return EMBEDDED if pair == "a" else ASSETS / f"embedded_{pair}"
-
-
-def embedded_pair_dir(task_spec, pair: str = "a") -> Path:
-    """The named embedded pair trained for ``task_spec``: the shipped one when the task is the default,
-    else a pair prepared once (a few minutes, progress bar) and cached under ``~/.cache/trb_exp``."""
-    from trb_exp.prepare import pair_spec, prepare_pair
-
-    spec = pair_spec(pair, task_spec)
-    shipped = embedded_dir_of(pair) / "prepare.json"
-    if shipped.exists() and json.loads(shipped.read_text()).get("key") == spec.key():
-        return shipped.parent
-    cache = Path(os.environ.get("TRB_EXP_CACHE", Path.home() / ".cache" / "trb_exp")) / f"embedded-{spec.key()}"
-    if not (cache / "prepare.json").exists():
-        print(f"[prepare] no embedded pair for this task yet: training one into {cache} (one time, a few minutes)")
-        prepare_pair(spec, cache)
-    return cache
 
 
 def pick_device(device: str) -> torch.device:

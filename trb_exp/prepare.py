@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import random
 import time
@@ -190,6 +191,21 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     report = prepare_pair(pair_spec(args.pair), args.out or embedded_dir_of(args.pair))
     print(json.dumps({k: report[k] for k in ("key", "seconds")}))
+
+
+def embedded_pair_dir(task_spec, pair: str = "a") -> Path:
+    """The named embedded pair trained for ``task_spec``: the shipped one when the task is the default,
+    else a pair prepared once (a few minutes, progress bar) and cached under ``~/.cache/trb_exp``."""
+    spec = pair_spec(pair, task_spec)
+    shipped = embedded_dir_of(pair) / "prepare.json"
+    if shipped.exists() and json.loads(shipped.read_text()).get("key") == spec.key():
+        return shipped.parent
+    cache = Path(os.environ.get("TRB_EXP_CACHE", Path.home() / ".cache" / "trb_exp")) / f"embedded-{spec.key()}"
+    if not (cache / "prepare.json").exists():
+        print(f"[prepare] no embedded pair for this task yet: training one into {cache} (one time, a few minutes)")
+        prepare_pair(spec, cache)
+    return cache
+
 
 
 if __name__ == "__main__":
