@@ -34,6 +34,7 @@ from trb_exp.data.tokenizer import build_char_tokenizer
 from trb_exp.evaluation import evaluate
 from trb_exp.losses import cross_entropy, masked_token_mean
 from trb_exp.models import embedded_dir_of, tiny_llama
+from trb_exp.optim import adamw
 from trb_exp.rollout import positions_from_mask
 
 
@@ -86,9 +87,7 @@ def pair_spec(pair: str, task: ArithmeticSpec | None = None) -> PairSpec:
 def _sft(model, tokenizer, rows, *, steps, batch_size, lr, seed, desc, prompt_loss, eval_fn=None, eval_every=250, target=None):
     """Plain SFT: cross-entropy on (prompt, target) rows; the prompt is masked unless prompt_loss."""
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * max(0.1, 1 - s / steps))
+    opt, sched = adamw(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01, warmup_steps=100, decay_steps=steps)
     model.train()
     history = []
     bar = tqdm(range(steps), desc=desc)

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from trb_exp.config import ConfigError
+from trb_exp.optim import adamw_from_config
 
 STATE_FILE = "state.pt"
 FORMAT = 1
@@ -77,10 +78,7 @@ class TrainState:
 
     @classmethod
     def create(cls, student, cfg, device) -> "TrainState":
-        op = cfg.optim
-        opt = torch.optim.AdamW(student.parameters(), lr=op.lr, betas=tuple(op.betas), weight_decay=op.weight_decay)
-        warmup = max(1, int(op.warmup_steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        opt, sched = adamw_from_config(student.parameters(), cfg.optim)
         gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
         return cls(student=student, optimizer=opt, lr_schedule=sched, generator=gen)
 

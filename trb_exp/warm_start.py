@@ -17,6 +17,7 @@ import torch
 from trb_exp import losses
 from trb_exp.blending import merge_eos
 from trb_exp.data import encode_prompts, pad_right
+from trb_exp.optim import adamw_from_config
 from trb_exp.rollout import TeacherRule, response_logits, sample
 
 
@@ -51,8 +52,7 @@ def sft_warm_start(student, teacher, tok, prompts: list[str], answers: list[str]
     teacher_reward = reward / len(rows)
 
     # 2. M cross-entropy updates: one shuffled pass, split into M mini-batches (cycling if M > rows)
-    opt = torch.optim.AdamW(student.parameters(), lr=op.lr, betas=tuple(op.betas), weight_decay=op.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: min(1.0, (u + 1) / max(1, op.warmup_steps)))
+    opt, sched = adamw_from_config(student.parameters(), op)
     order = list(range(len(rows)))
     random.Random(cfg.seed).shuffle(order)
     per_update = math.ceil(len(rows) / updates)
