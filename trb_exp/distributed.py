@@ -32,6 +32,12 @@ class DistContext:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    backend: str = ""  # nccl (GPUs) or gloo (CPUs) under torchrun
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Where a collective's tensors must live: the rank's GPU for NCCL, the CPU for gloo."""
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -72,9 +78,9 @@ class DistContext:
         """Sum of a number or tensor over ranks (a float in, a float out)."""
         if not self.active:
             return x
-        t = x.detach().clone() if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float64)
+        t = (x.detach().clone() if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float64)).to(self.comm_device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t if torch.is_tensor(x) else t.item()
+        return t.to(x.device) if torch.is_tensor(x) else t.item()
 
     def gather(self, obj) -> list:
         """``obj`` of every rank, in rank order (any picklable object)."""
@@ -128,9 +134,10 @@ def init_distributed(device: str = "auto") -> DistContext:
             raise ConfigError(f"device={device!r}: local rank {local_rank} needs GPU {local_rank}, but this node "
                               f"has {torch.cuda.device_count()}: lower --nproc_per_node")
         torch.cuda.set_device(local_rank)
+    backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return DistContext(rank=rank, world=world, local_rank=local_rank)
+        dist.init_process_group(backend=backend)
+    return DistContext(rank=rank, world=world, local_rank=local_rank, backend=dist.get_backend())
 
 
 def rank_device(device: str, ctx: DistContext) -> str:
