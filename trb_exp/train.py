@@ -8,7 +8,8 @@ checkpoint when the run dir holds one), evaluates at step 0, runs the method's w
 step), log, evaluate every ``trainer.eval_every`` steps, checkpoint every
 ``trainer.checkpoint_every`` steps; SIGTERM/SIGUSR1/SIGINT stop it after the step with a checkpoint
 (``preempt.py``). ``main`` is the CLI: the run dir's checks (``rundir.py``), one-line errors
-(exit 2), the documented exit codes of a stopped run.
+(exit 2), the documented exit codes of a stopped run. Under ``torchrun`` every rank runs the same loop on
+its share of the prompts (``distributed.py``); rank 0 alone checks and writes the run directory.
 """
 
 from __future__ import annotations
