@@ -126,3 +126,11 @@ def test_runner_resumes_from_committed_and_scratch_runs(tmp_path):
         write_run(scratch, "mini_a", arm, 101, flat(0.2))
     runs = ps.collect_all(committed, scratch)
     assert ps.complete_seeds(runs, "mini_a") == [100] and set(runs["mini_a"]["opd"]) == {100, 101}
+
+
+def test_committed_report_re_renders_byte_for_byte(tmp_path):
+    root = Path(__file__).resolve().parents[1] / "docs" / "results" / "powered"
+    ps.cmd_report(type("A", (), {"runs": str(root / "runs"), "out": str(tmp_path)})())
+    body = lambda text: text.rsplit("\n---\n", 1)[0]  # the footer names the output directory
+    assert body((tmp_path / "README.md").read_text()) == body((root / "README.md").read_text())
+    assert (tmp_path / "curves.png").read_bytes() == (root / "curves.png").read_bytes()
