@@ -37,7 +37,7 @@ from trb_exp.methods import Method  # noqa: E402
 from trb_exp.models import load_model, load_tokenizer  # noqa: E402
 from trb_exp.prepare import embedded_pair_dir  # noqa: E402
 from trb_exp.rollout import response_logits, sample, teacher_logprobs  # noqa: E402
-from trb_exp.train import prompt_batch  # noqa: E402
+from trb_exp.trainer import prompt_batch  # noqa: E402
 
 CONFIGS = [("opd", "eager"), ("opd", "static"), ("trb", "eager"), ("trb", "static")]
 

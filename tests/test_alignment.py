@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import compose
 
-import trb_exp.train as train_mod
+import trb_exp.trainer as train_mod
 from cached_task import use_cached_task
 from trb_exp.data.tokenizer import build_char_tokenizer
 from trb_exp.methods import Method

@@ -14,7 +14,7 @@ from conftest import compose
 
 from trb_exp import compare, experiment
 from trb_exp.config import ConfigError
-from trb_exp.train import run
+from trb_exp.trainer import run
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["logger=none", "trainer.max_steps=1", "trainer.eval_size=4", "trainer.eval_samples=1",

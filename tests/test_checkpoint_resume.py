@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from trb_exp.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Stopped, StopSignals
 from trb_exp.state import list_checkpoints
-from trb_exp.train import run
+from trb_exp.trainer import run
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["logger=none", "method=trb", "trainer.max_steps=12", "trainer.eval_every=4", "trainer.eval_size=8",
@@ -195,7 +195,7 @@ class Counter:
 
 
 def test_extras_and_resume_from_another_runs_checkpoint(tiny_pair, tmp_path, monkeypatch):
-    import trb_exp.train as train_mod
+    import trb_exp.trainer as train_mod
 
     made = []
 

@@ -254,7 +254,7 @@ FAST = ["logger=none", "trainer.max_steps=2", "trainer.eval_every=1", "trainer.e
 
 
 def test_end_to_end_two_real_runs(tiny_pair, tmp_path):
-    from trb_exp.train import run
+    from trb_exp.trainer import run
 
     pair = [f"model.student={tiny_pair / 'student'}", f"model.teacher={tiny_pair / 'teacher'}"]
     for method in ("opd", "trb"):

@@ -11,7 +11,7 @@ from cached_task import use_cached_task
 from conftest import compose
 from safetensors.torch import load_file
 
-from trb_exp.train import run
+from trb_exp.trainer import run
 
 METHODS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "method").glob("*.yaml"))
 FAST = ["logger=none", "trainer.max_steps=2", "trainer.eval_every=0", "trainer.eval_size=1",

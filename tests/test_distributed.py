@@ -130,7 +130,7 @@ def _trainer_update(ctx: DistContext, micro: int):
     from trb_exp.methods import Method
     from trb_exp.rollout import Rollout
     from trb_exp.state import TrainState
-    from trb_exp.train import update
+    from trb_exp.trainer import update
 
     cfg = compose(["method=opd", f"trainer.micro_batch_size={micro}", "optim.warmup_steps=0"])
     tok = build_char_tokenizer()

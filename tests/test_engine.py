@@ -331,7 +331,7 @@ def _train_rows(overrides, tiny_pair, path):
     import json
 
     from conftest import compose
-    from trb_exp.train import run
+    from trb_exp.trainer import run
 
     cfg = compose([*FAST, f"model.student={tiny_pair / 'student'}", f"model.teacher={tiny_pair / 'teacher'}",
                    *overrides])

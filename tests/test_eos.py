@@ -186,7 +186,7 @@ def test_a_single_eos_id_changes_nothing(eos_pair):
 def test_training_loss_sees_merged_distributions(method, eos_pair, tmp_path, monkeypatch):
     """OPD takes the teacher from one batched pass after decoding, TRB from the decode loop: in both
     the loss receives student logits and teacher log-probs with the EOS event merged at <eos>."""
-    from trb_exp.train import run
+    from trb_exp.trainer import run
 
     s_tok = load_tokenizer(str(eos_pair / "student"))
     eos, unk = s_tok.convert_tokens_to_ids(["<eos>", "<unk>"])

@@ -21,13 +21,13 @@ from budget import assert_budget_used, record_rollouts
 from conftest import CONF_DIR, compose
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
-import trb_exp.train as train_mod
+import trb_exp.trainer as train_mod
 from trb_exp.config import ConfigError
 from trb_exp.data import encode_prompts, load_benchmarks, load_task, prompt_formatter
 from trb_exp.data.hub import load_rows
 from trb_exp.models import check_available, check_pair, load_model, load_tokenizer, pair_eos_ids, set_vocab_size
 from trb_exp.rollout import StudentRule, TrustRegionRule, response_logits, sample
-from trb_exp.train import run
+from trb_exp.trainer import run
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -11,7 +11,7 @@ import torch
 from budget import assert_budget_used, record_rollouts
 from conftest import compose
 
-import trb_exp.train as train_mod
+import trb_exp.trainer as train_mod
 import trb_exp.warm_start as warm_mod
 from trb_exp import losses
 from trb_exp.config import ConfigError
@@ -19,7 +19,7 @@ from trb_exp.data import encode_prompts
 from trb_exp.methods import Method
 from trb_exp.models import load_model, load_tokenizer
 from trb_exp.rollout import SKDRule, StudentRule, TeacherRule, TrustRegionRule, sample
-from trb_exp.train import prompt_batch, run
+from trb_exp.trainer import prompt_batch, run
 
 FAST = ["logger=none", "trainer.max_steps=3", "trainer.eval_every=0", "trainer.eval_size=4",
         "trainer.eval_samples=1", "trainer.prompts_per_step=4", "trainer.max_new_tokens=12", "threads=1",

@@ -4,7 +4,7 @@ import json
 
 from conftest import compose
 
-from trb_exp.train import run
+from trb_exp.trainer import run
 
 
 def test_eval_samples_null_uses_each_benchmarks_own_n(tiny_pair, tmp_path):

@@ -12,9 +12,9 @@ from budget import assert_budget_used, record_rollouts
 from conftest import compose
 from transformers import AutoModelForCausalLM
 
-import trb_exp.train as train_mod
+import trb_exp.trainer as train_mod
 from trb_exp.config import ConfigError
-from trb_exp.train import run
+from trb_exp.trainer import run
 
 FAST = ["logger=none", "trainer.max_steps=3", "trainer.eval_every=2", "trainer.eval_size=8",
         "trainer.eval_samples=2", "trainer.prompts_per_step=4", "trainer.max_new_tokens=12", "threads=1"]

@@ -18,7 +18,7 @@ from cached_task import use_cached_task
 from conftest import compose
 from safetensors.torch import load_file
 
-import trb_exp.train as train_mod
+import trb_exp.trainer as train_mod
 from trb_exp.data import encode_prompts, load_task
 from trb_exp.models import EMBEDDED, load_model, load_tokenizer
 from trb_exp.rollout import StudentRule, sample

@@ -22,6 +22,11 @@ from omegaconf import OmegaConf
 
 from trb_exp.config import ConfigError
 
+
+class FinishedRun(ConfigError):
+    """The run dir holds a finished run: one line for a single run; a re-submitted sweep skips the job."""
+
+
 _UID = f"{os.getpid()}{secrets.token_hex(2)}"
 if not OmegaConf.has_resolver("run_uid"):
     OmegaConf.register_new_resolver("run_uid", lambda: _UID)

@@ -1,0 +1,86 @@
+"""Which checkpoint a run continues from, and whether its run directory may hold it.
+
+``resume_from(cfg, run_dir)``: ``trainer.resume=auto`` (the newest checkpoint of this run dir),
+``never`` (a fresh start in an empty run dir) or a path (a checkpoint or a run dir holding one: a fork).
+A finished run's directory is refused (``rundir.FinishedRun``), and so is a checkpoint written with
+another config, except for ``RESUMABLE_CHANGES`` (how long the run goes on, how it checkpoints and logs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from trb_exp.config import ConfigError
+from trb_exp.logger import read_rows
+from trb_exp.rundir import FinishedRun
+from trb_exp.state import STATE_FILE, list_checkpoints
+
+# keys a resumed run may change: how long it runs, how it checkpoints, logs and shows progress, where
+RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.resume", "trainer.checkpoint_every", "trainer.keep_checkpoints",
+                     "trainer.progress", "trainer.eval_every", "trainer.save_student", "logger.", "device", "threads")
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two config containers, except ``RESUMABLE_CHANGES``."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(old), flat(new)
+    return sorted(k for k in set(a) | set(b)
+                  if a.get(k) != b.get(k) and not any(k == r or (r.endswith(".") and k.startswith(r))
+                                                      for r in RESUMABLE_CHANGES))
+
+
+def resume_from(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint this run continues from (None: a fresh start), after checking that ``run_dir``
+    holds no other run: a finished run, or (trainer.resume=never) an unfinished one, is one line."""
+    how = str(cfg.trainer.get("resume", "auto"))
+    if (run_dir / "summary.json").exists():
+        raise FinishedRun(f"run dir {run_dir} holds a finished run (summary.json); leave it alone and give this "
+                          "run a new hydra.run.dir (or none: each run gets its own)")
+    own = list_checkpoints(run_dir / "checkpoints")
+    started = bool(own) or (run_dir / "metrics.jsonl").exists()
+    if how == "never":
+        if started:
+            raise ConfigError(f"trainer.resume=never: run dir {run_dir} already holds a run; resume it with "
+                              "trainer.resume=auto, or give a new hydra.run.dir")
+        return None
+    if how == "auto":
+        ckpt = own[-1] if own else None
+    else:
+        p = Path(how).expanduser()
+        found = [p] if (p / STATE_FILE).is_file() else list_checkpoints(p / "checkpoints") or list_checkpoints(p)
+        if not found:
+            raise ConfigError(f"trainer.resume={how!r}: no checkpoint there; give a checkpoints/step_<k> directory, "
+                              "a run directory holding one, auto (the default) or never")
+        ckpt = found[-1]
+        if started and ckpt.parent.parent.resolve() != run_dir.resolve():
+            raise ConfigError(f"trainer.resume={how!r}: run dir {run_dir} already holds another run; "
+                              "resume into a new hydra.run.dir")
+    new = OmegaConf.to_container(cfg, resolve=True)
+    if ckpt is not None:
+        old = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True).get("meta", {}).get("config")
+        what = f"checkpoint {ckpt}"
+    elif started and (run_dir / ".hydra" / "config.yaml").is_file():
+        old, what = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=False), f"run dir {run_dir}"
+    else:
+        return None
+    changed = config_changes(old or {}, new)
+    if changed:
+        raise ConfigError(f"{what} was written with another config ({', '.join(changed[:4])} differ); resume with "
+                          "the same command, or give a new hydra.run.dir (trainer.resume=never)")
+    return ckpt
+
+
+def seed_metrics(src: Path, dst: Path, step: int) -> None:
+    """A run resumed from another run's checkpoint starts its record with that run's rows up to ``step``."""
+    if src.is_file() and not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in read_rows(src) if r.get("step", 0) <= step))

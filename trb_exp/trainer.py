@@ -1,0 +1,417 @@
+"""The training loop, top to bottom (the CLI around it is ``trb_exp/train.py``).
+
+``run(cfg, run_dir)`` builds the experiment once (``experiment.setup``: the pair, prompts, benchmarks,
+method), keeps everything a step changes in a ``state.TrainState`` (restored from the newest
+checkpoint when the run dir holds one, ``resume.py``), evaluates at step 0, runs the method's warm start
+(``sft_warmup``), then ``train``: per step k, ``rollouts`` (the method's behaviour rule for step k),
+``update`` (the per-token loss normalised by the response tokens of the whole step, one AdamW
+step), log, evaluate every ``trainer.eval_every`` steps, checkpoint every
+``trainer.checkpoint_every`` steps; SIGTERM/SIGUSR1/SIGINT stop it after the step with a checkpoint
+(``preempt.py``). Under ``torchrun`` every rank runs the same loop on its share of the prompts
+(``distributed.py``); rank 0 alone checks and writes the run directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from trb_exp import losses
+from trb_exp.blending import merge_eos
+from trb_exp.config import ConfigError, validate
+from trb_exp.data import encode_prompts
+from trb_exp.distributed import (
+    STRATEGIES,
+    DistContext,
+    grad_sync,
+    rank_seed,
+    sharded_evaluate,
+    wrap_student,
+)
+from trb_exp.evaluation import evaluate, evaluate_benchmarks
+from trb_exp.experiment import Experiment, setup
+from trb_exp.logger import NullLogger, RunLogger
+from trb_exp.methods import Method
+from trb_exp.preempt import Stopped, StopSignals
+from trb_exp.resume import resume_from, seed_metrics
+from trb_exp.rollout import (
+    concat_rollouts,
+    response_logits,
+    sample,
+    teacher_logprobs,
+    teacher_logprobs_at,
+)
+from trb_exp.state import (
+    TrainState,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from trb_exp.warm_start import sft_warm_start
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, n_prompts: int, epoch: int) -> list[int]:
+    rng = random.Random(seed)
+    for _ in range(epoch + 1):  # epoch e is the (e+1)-th shuffle of one seeded stream
+        order = list(range(n_prompts))
+        rng.shuffle(order)
+    return order[::-1]
+
+
+def prompt_batch(seed: int, step: int, n_prompts: int, per_step: int) -> list[int]:
+    """The training prompts (indices) of step ``step``: consecutive slices of a seeded shuffle of the
+    training split, reshuffled every epoch. A pure function of (seed, step), so a warm start can
+    look ahead at the prompts of the first N steps without changing what the steps draw."""
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, i = divmod(pos, n_prompts)
+        out.append(_epoch_order(seed, n_prompts, epoch)[i])
+    return out
+
+
+def rollout_metrics(ro, texts, answers, grade, method: Method, step: int, temperature: float = 1.0) -> dict:
+    """Per-step diagnostics of the training rollouts, the method's knobs at this step, and those of
+    its behaviour rule (TRB's blending, SKD's replacements)."""
+    mask = ro.response_mask
+    n_tok = mask.sum().clamp_min(1)
+    lengths = mask.sum(1).float()
+    m = {
+        "rollout/reward": sum(grade(t, a) for t, a in zip(texts, answers)) / len(texts),
+        "rollout/mean_length": lengths.mean().item(),
+        "rollout/eos_rate": ro.finished.float().mean().item(),
+        "rollout/decode_s": ro.decode_s,
+        "rollout/decode_steps": int(ro.response_mask.shape[1]),  # loop iterations (longest response)
+        **method.diagnostics(step, temperature),
+    }
+    if ro.token_logprobs_student is not None:
+        m["rollout/student_logprob"] = (ro.token_logprobs_student * mask).sum().item() / n_tok.item()
+    if ro.teacher_logprobs is None and ro.teacher_token_logprobs is not None:  # rollout.teacher_stats=topk
+        m["rollout/teacher_entropy"] = (ro.teacher_entropy * mask).sum().item() / n_tok.item()
+        m["rollout/teacher_logprob"] = (ro.teacher_token_logprobs * mask).sum().item() / n_tok.item()
+    if ro.teacher_logprobs is not None:
+        t = ro.teacher_logprobs
+        ent = -(t.exp() * t.clamp_min(-1e4)).sum(-1)
+        tok_lp = t.gather(-1, ro.response_ids.clamp_min(0)[..., None]).squeeze(-1)
+        m["rollout/teacher_entropy"] = (ent * mask).sum().item() / n_tok.item()
+        m["rollout/teacher_logprob"] = (tok_lp * mask).sum().item() / n_tok.item()
+    d = ro.diagnostics
+    if "replaced" in d:
+        m["skd/replaced_frac"] = d["replaced"][mask].mean().item()
+    if "beta" in d:
+        beta, kl = d["beta"][mask], d["kl_behavior_student"][mask]
+        m.update({
+            "trb/eps_mean": d["eps"][mask].mean().item(),
+            "trb/beta_mean": beta.mean().item(),
+            "trb/frac_beta_pos": (beta > 0).float().mean().item(),
+            "trb/frac_beta_one": (beta >= 1).float().mean().item(),
+            "trb/kl_behavior_student_mean": kl.mean().item(),
+            "trb/kl_behavior_student_max": kl.max().item(),
+            "trb/kl_behavior_student_seq_sum": (d["kl_behavior_student"] * mask).sum(1).mean().item(),
+            "trb/kl_excess_max": (kl - d["eps"][mask]).max().item(),
+            "trb/solver_iters_mean": d["solver_iters"][mask].mean().item(),
+            "trb/solver_iters_max": d["solver_iters"][mask].max().item(),
+            "trb/solver_share": ro.rule_s / max(ro.decode_s, 1e-9),
+        })
+    elif method.rollout == "trust_region":
+        m.update({"trb/beta_mean": 0.0, "trb/frac_beta_pos": 0.0, "trb/kl_behavior_student_mean": 0.0})
+    return m
+
+
+# --------------------------------------------------------------------------- one step, in parts
+def rollouts(exp: Experiment, state: TrainState, step: int):
+    """The rollouts of step ``step``: its prompts (each repeated rollouts_per_prompt times) sampled
+    with the method's behaviour rule at this step (under torchrun: this rank's contiguous share of the
+    step's prompts). Returns (rollout, prompt indices)."""
+    tr, tok = exp.cfg.trainer, exp.tok
+    prompts = exp.dist.shard(prompt_batch(int(exp.cfg.seed), step, len(exp.train_prompts), tr.prompts_per_step))
+    batch = [i for i in prompts for _ in range(tr.rollouts_per_prompt)]  # this rank's share of the step
+    ids, mask = encode_prompts(tok, [exp.train_prompts[i] for i in batch], exp.device)
+    exp.student.eval()
+    rule = exp.method.rule(step, tr.temperature, generator=state.generator)
+    chunk = tr.get("rollout_batch_size") or len(batch)  # decode in row chunks: one chunk's KV caches at a time
+    keep = exp.method.needs_teacher_logprobs and (exp.teacher_pass == "rollout" or exp.sparse_teacher)
+    parts = [sample(exp.student, exp.teacher, ids[c : c + chunk], mask[c : c + chunk], rule,
+                    max_new_tokens=tr.max_new_tokens, eos_id=exp.eos_id, pad_id=tok.pad_token_id,
+                    generator=state.generator, eos_ids=exp.eos_ids, keep_teacher_logprobs=keep, **exp.rollout_kw)
+             for c in range(0, len(batch), chunk)]
+    exp.student.train()
+    return (parts[0] if len(parts) == 1 else concat_rollouts(parts, tok.pad_token_id)), batch
+
+
+def update(exp: Experiment, state: TrainState, ro, step: int) -> dict:
+    """One optimizer step on the rollouts: the loss over micro-batches, normalised by the response
+    tokens of the whole step. Teacher statistics come from the rollout, else one batched pass
+    (teacher_pass=micro_batch: one teacher pass per micro-batch, so [B, T, V] never exists for the step)."""
+    tr, method, eos_ids, eos_id = exp.cfg.trainer, exp.method, exp.eos_ids, exp.eos_id
+    t_lp = ro.teacher_logprobs
+    if t_lp is None and method.needs_teacher_logprobs and exp.teacher_pass == "rollout" and not exp.sparse_teacher:
+        t_lp = teacher_logprobs(exp.teacher, ro)
+    if t_lp is not None:  # one merged EOS event (idempotent; a no-op for a single EOS id)
+        t_lp = merge_eos(t_lp, eos_ids, eos_id)
+    n_tokens, dist, model = ro.response_mask.sum(), exp.dist, exp.train_student or exp.student
+    if dist.active:  # the step's tokens on every rank, over the ranks DDP averages gradients across
+        n_tokens = dist.all_sum(n_tokens) / dist.world
+    state.optimizer.zero_grad(set_to_none=True)
+    total, kl_est = 0.0, 0.0
+    rows = ro.input_ids.shape[0]
+    for s in range(0, rows, tr.micro_batch_size):
+        sl = slice(s, s + tr.micro_batch_size)
+        with grad_sync(model, enabled=s + tr.micro_batch_size >= rows):
+            loss, est = _micro_batch_loss(exp, ro, t_lp, sl, n_tokens, step, model)
+            loss.backward()
+        total += loss.item()
+        if est is not None:  # the sampled loss is a surrogate: log a real KL estimate
+            kl_est += losses.masked_token_mean(est, ro.response_mask[sl], n_tokens).item()
+    if dist.active:  # each rank's share of the token mean (over N/W): the step's mean over all ranks
+        total, kl_est = dist.all_sum(total) / dist.world, dist.all_sum(kl_est) / dist.world
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), exp.cfg.optim.grad_clip)
+    state.optimizer.step()
+    state.lr_schedule.step()
+    out = {"train/loss": total, "train/grad_norm": grad_norm.item(), "train/lr": state.lr_schedule.get_last_lr()[0]}
+    if method.logs_kl_estimate:
+        out["train/kl_estimate"] = kl_est
+    return out
+
+
+def _micro_batch_loss(exp: Experiment, ro, t_lp, sl: slice, n_tokens, step: int, model):
+    """The loss of micro-batch ``sl`` (its share of the step's token mean) and, for the sampled estimator,
+    the per-token KL estimate ``log pS(y) - log q(y)`` that is logged in its place (else None)."""
+    method, eos_ids, eos_id = exp.method, exp.eos_ids, exp.eos_id
+    logits = response_logits(model, ro.input_ids[sl], ro.attention_mask[sl], ro.prompt_len)
+    logits = merge_eos(logits, eos_ids, eos_id)  # the loss sees the merged EOS event too
+    if exp.sparse_teacher:  # rollout.teacher_stats=topk: O(k) teacher statistics, from the rollout or one gathered pass
+        ids_k = ro.topk_ids[sl] if ro.topk_ids is not None else logits.detach().topk(
+            min(method.topk, logits.shape[-1]), dim=-1).indices
+        t_k, t_tok = ro.teacher_topk_logprobs, ro.teacher_token_logprobs
+        if t_tok is None or (t_k is None and method.estimator == "topk"):
+            both = teacher_logprobs_at(exp.teacher, ro, torch.cat([ids_k, ro.response_ids[sl, :, None]], -1), sl,
+                                       merge=lambda x: merge_eos(x, eos_ids, eos_id))
+            t_k, t_tok = both[..., :-1], both[..., -1]
+        else:
+            t_k, t_tok = (None if t_k is None else t_k[sl]), t_tok[sl]
+        per_tok = method.per_token_loss_sparse(logits, ids_k, t_k, ro.response_ids[sl], t_tok)
+        est = losses.sampled_kl_estimate_gathered(logits, ro.response_ids[sl], t_tok) if method.logs_kl_estimate else None
+    else:
+        t_sl = None if t_lp is None else t_lp[sl]
+        if t_sl is None and method.needs_teacher_logprobs:  # teacher_pass=micro_batch
+            t_sl = merge_eos(teacher_logprobs(exp.teacher, ro, sl), eos_ids, eos_id)
+        per_tok = method.per_token_loss(logits, t_sl, ro.response_ids[sl], step)
+        est = method.kl_estimate(logits, t_sl, ro.response_ids[sl], step) if method.logs_kl_estimate else None
+    return losses.masked_token_mean(per_tok, ro.response_mask[sl], n_tokens), est
+
+
+def evaluate_student(exp: Experiment, step: int, logger: RunLogger, progress: bool = False) -> dict:
+    """Score the student on the benchmarks (its own seeded generator: no training stream is touched).
+    Under torchrun every rank scores its block of each benchmark's problems, gathered into one result."""
+    tr, ev = exp.cfg.trainer, exp.cfg.get("eval") or {}
+    kw = dict(n_samples=tr.eval_samples, temperature=1.0, max_new_tokens=tr.max_new_tokens, seed=exp.cfg.seed + 1,
+              eos_ids=exp.eos_ids, batch_size=int(ev.get("batch_size") or 512),
+              progress=progress and exp.dist.is_main)
+    scorer = sharded_evaluate(exp.dist, evaluate)
+    if len(exp.benchmarks) == 1:  # one test set (the embedded default): eval/<metric>
+        b = exp.benchmarks[0]
+        r = scorer(exp.student, exp.tok, b.prompts, b.answers, b.grade,
+                   **{**kw, "n_samples": kw["n_samples"] or b.n_samples})
+    else:  # eval/<benchmark>/<metric> and the setup average eval/<metric>
+        r = evaluate_benchmarks(exp.student, exp.tok, exp.benchmarks, evaluate_fn=scorer, **kw)
+    r = {f"eval/{k}": v for k, v in r.items()}
+    logger.log(r, step)
+    if exp.dist.is_main:
+        tqdm.write(f"[eval] step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items()))
+    sys.stdout.flush()
+    return {"step": step, **r}
+
+
+def warm_start(exp: Experiment, state: TrainState, logger: RunLogger) -> None:
+    """sft_warmup: SFT on teacher samples for exactly the prompts of the first N steps, before step 0."""
+    m, cfg = exp.method, exp.cfg
+    first = [i for s in range(m.sft_steps)
+             for i in prompt_batch(int(cfg.seed), s, len(exp.train_prompts), cfg.trainer.prompts_per_step)]
+    sft_warm_start(exp.student, exp.teacher, exp.tok, [exp.train_prompts[i] for i in first],
+                   [exp.train_answers[i] for i in first], exp.grade, n_samples=m.sft_samples,
+                   updates=m.sft_updates, cfg=cfg, logger=logger, generator=state.generator,
+                   eos_id=exp.eos_id, eos_ids=exp.eos_ids)
+
+
+def checkpoint(exp: Experiment, state: TrainState, run_dir: Path) -> Path:
+    """Every rank takes part (its sampling stream is saved too); rank 0 writes the checkpoint."""
+    tr, dist = exp.cfg.trainer, exp.dist
+    root = run_dir / "checkpoints"
+    meta = {"config": OmegaConf.to_container(exp.cfg, resolve=True)}
+    if dist.active:
+        meta["rng_ranks"] = dist.gather(rng_state(state.generator))
+    path = root / f"step_{state.step}"
+    if dist.is_main:
+        path = save_checkpoint(state, root, exp.tok, meta)
+        prune_checkpoints(root, tr.get("keep_checkpoints"))
+    dist.barrier()
+    return path
+
+
+# --------------------------------------------------------------------------- the loop
+def train(exp: Experiment, state: TrainState, logger: RunLogger, run_dir: Path, stop: StopSignals | None = None) -> None:
+    """Steps ``state.step`` .. ``max_steps - 1``; raises ``Stopped`` after checkpointing on a signal."""
+    tr = exp.cfg.trainer
+    every = int(tr.get("checkpoint_every") or 0)
+    bar = tqdm(total=tr.max_steps, initial=state.step, desc=exp.method.name, unit="step", dynamic_ncols=True,
+               disable=not (tr.get("progress", True) and exp.dist.is_main),
+               mininterval=0.5 if sys.stderr.isatty() else 30)
+    with bar:
+        for step in range(state.step, tr.max_steps):
+            if _stop_requested(exp, stop):  # a signal during setup, the initial evaluation or the warm start
+                raise Stopped(_signame(stop), checkpoint(exp, state, run_dir))
+            t_step = time.time()
+            ro, batch = rollouts(exp, state, step)
+            m = update(exp, state, ro, step)
+            state.step = step + 1
+            log_now = state.step % tr.log_every == 0 or step == 0
+            if log_now or exp.method.schedule.adaptive:  # an adaptive budget reads every step's gap and reward
+                texts = exp.tok.batch_decode(ro.response_ids, skip_special_tokens=True)
+                m = exp.dist.reduce_metrics({**rollout_metrics(ro, texts, [exp.train_answers[i] for i in batch],
+                                                               exp.grade, exp.method, step, tr.temperature),
+                                             **m, "time/step_s": time.time() - t_step})
+                if "train/kl_estimate" in m:  # its place in the record: last
+                    m["train/kl_estimate"] = m.pop("train/kl_estimate")
+                if log_now:
+                    logger.log(m, state.step)
+                    bar.set_postfix_str(progress_line(m), refresh=False)
+                exp.method.observe(gap=m["train/kl_estimate" if exp.method.logs_kl_estimate else "train/loss"],
+                                   reward=m["rollout/reward"])
+            bar.update()
+            if (tr.eval_every and state.step % tr.eval_every == 0) or state.step == tr.max_steps:
+                state.history.append(evaluate_student(exp, state.step, logger, progress=eval_bars(tr)))
+            state.train_s += time.time() - t_step
+            if every and state.step % every == 0:
+                checkpoint(exp, state, run_dir)
+            if _stop_requested(exp, stop) and state.step < tr.max_steps:
+                done = run_dir / "checkpoints" / f"step_{state.step}"
+                raise Stopped(_signame(stop), done if every and state.step % every == 0 else checkpoint(exp, state, run_dir))
+
+
+def _stop_requested(exp: Experiment, stop: StopSignals | None) -> bool:
+    """A stop signal on any rank (torchrun forwards signals to every rank, not at the same instant)."""
+    return exp.dist.any(stop is not None and stop.requested is not None)
+
+
+def _signame(stop: StopSignals | None) -> str:
+    return (stop.requested if stop is not None else None) or "SIGTERM"
+
+
+def eval_bars(tr) -> bool:
+    """The evaluation's own progress bars: on a terminal only (in a log file they would be noise)."""
+    return bool(tr.get("progress", True)) and sys.stderr.isatty()
+
+
+def progress_line(m: dict) -> str:
+    keys = (("loss", "train/loss"), ("eps", "trb/eps"), ("beta", "trb/beta_mean"), ("reward", "rollout/reward"))
+    return " ".join(f"{name}={m[k]:.3g}" for name, k in keys if isinstance(m.get(k), (int, float)))
+
+
+def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_accept=None,
+        dist: DistContext | None = None) -> dict:
+    """Train (or resume) the run of ``cfg`` in ``run_dir``; returns the summary. ``on_accept(checkpoint)``
+    is called once the config and the run directory passed their checks, before any model is loaded;
+    ``stop`` (a ``StopSignals``) makes the loop checkpoint and raise ``Stopped`` on a signal; ``dist``: this
+    process's rank under torchrun (rank 0 alone checks and writes the run directory)."""
+    dist = dist or DistContext()
+    validate(cfg)
+    run_dir = Path(run_dir)
+    check_strategy(cfg, dist)
+    ckpt, err = None, None
+    if dist.is_main:
+        try:
+            ckpt = resume_from(cfg, run_dir)
+            Method.from_cfg(cfg.method, cfg.schedule)  # method and schedule errors before any model is loaded
+        except ConfigError as e:
+            err = e
+    ckpt, message = dist.broadcast((ckpt, None if err is None else str(err)))  # every rank stops, or resumes alike
+    if err is not None:
+        raise err  # as raised (a FinishedRun stays one: a re-submitted sweep skips the job)
+    if message is not None:
+        raise ConfigError(message)
+    if on_accept is not None:
+        on_accept(ckpt)
+    exp = setup(cfg)
+    exp.dist = dist
+    exp.train_student = wrap_student(exp.student, dist, str(cfg.trainer.get("strategy", "auto")))
+    tr = cfg.trainer
+    state = TrainState.create(exp.student, cfg, exp.device)
+    if dist.active:  # a sampling stream per rank
+        state.generator.manual_seed(rank_seed(int(cfg.seed), dist.rank))
+    state.extras.update(exp.stateful)  # e.g. an adaptive budget: checkpointed and restored by name
+    resume_step = None
+    if ckpt is not None:
+        payload = load_checkpoint(state, ckpt)
+        if dist.active:
+            rngs = payload.get("meta", {}).get("rng_ranks") or []
+            if len(rngs) != dist.world:
+                raise ConfigError(f"trainer.resume: {ckpt} was written by {len(rngs) or 1} process(es); resume it "
+                                  f"with the same --nproc_per_node (here {dist.world})")
+            set_rng_state(rngs[dist.rank], state.generator)
+        resume_step = state.step
+        if ckpt.parent.parent.resolve() != run_dir.resolve():  # a checkpoint of another run: a fork
+            seed_metrics(ckpt.parent.parent / "metrics.jsonl", run_dir / "metrics.jsonl", state.step)
+            state.run_id = None
+        print(f"[resume] {ckpt} (step {state.step} of {tr.max_steps})", flush=True)
+    elif (run_dir / "metrics.jsonl").exists():  # the same run, stopped before its first checkpoint
+        resume_step = -1
+    logger = NullLogger() if not dist.is_main else RunLogger(
+        run_dir, backend=cfg.logger.backend, project=cfg.logger.project, name=f"{exp.method.name}-s{cfg.seed}",
+        mode=cfg.logger.mode, config=OmegaConf.to_container(cfg, resolve=True), run_id=state.run_id,
+        resume_step=resume_step)
+    state.run_id = logger.run_id
+    if ckpt is None:
+        state.history = [evaluate_student(exp, 0, logger, progress=eval_bars(tr))]
+        t0 = time.time()
+        if exp.method.sft_updates:
+            warm_start(exp, state, logger)
+        state.train_s += time.time() - t0
+    try:
+        train(exp, state, logger, run_dir, stop)
+    finally:
+        logger.close()
+    summary = {
+        "method": exp.method.name, "seed": int(cfg.seed), "steps": int(tr.max_steps),
+        "train_s": round(state.train_s, 2), "initial": state.history[0], "final": state.history[-1],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if dist.is_main:
+        if tr.save_student:
+            exp.student.save_pretrained(run_dir / "student")  # safetensors
+            exp.tok.save_pretrained(run_dir / "student")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    dist.barrier()
+    return summary
+
+
+def check_strategy(cfg, dist: DistContext) -> None:
+    """What the trainer runs under torchrun, checked before any model is loaded."""
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"trainer.strategy={strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if not dist.active:
+        return
+    if strategy == "fsdp":
+        raise ConfigError("trainer.strategy=fsdp: FSDP2 is tested for the loss and gradients (tests/test_distributed.py) "
+                          "but the trainer does not save or checkpoint sharded states yet; use trainer.strategy=ddp")
+    if cfg.method.get("sft_updates"):
+        raise ConfigError(f"method.sft_updates={cfg.method.sft_updates}: the SFT warm start runs in one process only; "
+                          "run sft_warmup without torchrun")
+    dist.shard(list(range(int(cfg.trainer.prompts_per_step))))  # every rank gets the same number of prompts
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
