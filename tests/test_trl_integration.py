@@ -13,13 +13,13 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from trb_exp.blending import kl_teacher_student, trust_region_blend
 from trb_exp.data import encode_prompts
+from trb_exp.integrations.generate import check_processor_list
 from trb_exp.integrations.trl import (
     TRBConfig,
     TRBConfigError,
     TRBDistillationTrainer,
     TRBLogitsProcessor,
     blended_generate,
-    check_processor_list,
     refusals,
 )
 from trb_exp.models import EMBEDDED
