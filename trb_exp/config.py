@@ -74,8 +74,21 @@ def check_device(value, field: str = "device") -> None:
 
 
 def validate(cfg) -> None:
+    """The training config, before any model is loaded: one ``ConfigError`` line naming the field and the fix."""
     check_missing(cfg)
-    tr, op = cfg.trainer, cfg.optim
+    _validate_trainer(cfg.trainer)
+    _validate_optim(cfg.optim)
+    _require(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool), "seed", cfg.seed, "must be an integer")
+    th = cfg.get("threads")
+    _require(th is None or (isinstance(th, int) and not isinstance(th, bool) and th >= 0), "threads", th,
+             "must be an integer >= 0 (0 = torch's default)")
+    _validate_model(cfg)
+    _validate_rollout(cfg.get("rollout") or {})
+    _require(cfg.logger.backend in ("wandb", "none"), "logger.backend", cfg.logger.backend,
+             "use logger=wandb or logger=none")
+
+
+def _validate_trainer(tr) -> None:
     for name in ("max_steps", "eval_every"):
         v = tr[name]
         _require(isinstance(v, int) and v >= 0, f"trainer.{name}", v, "must be an integer >= 0")
@@ -98,6 +111,9 @@ def validate(cfg) -> None:
              "trainer.eval_size", tr.eval_size, "must be null (whole test split) or an integer >= 1")
     _require(is_number(tr.temperature) and tr.temperature > 0, "trainer.temperature",
              tr.temperature, "sampling temperature must be a finite number > 0")
+
+
+def _validate_optim(op) -> None:
     _require(is_number(op.lr) and op.lr > 0, "optim.lr", op.lr, "must be a finite number > 0")
     _require(is_number(op.grad_clip) and op.grad_clip > 0, "optim.grad_clip", op.grad_clip, "must be a finite number > 0")
     _require(is_number(op.weight_decay) and op.weight_decay >= 0, "optim.weight_decay", op.weight_decay,
@@ -107,10 +123,9 @@ def validate(cfg) -> None:
              "give two values in [0, 1), e.g. optim.betas=[0.9,0.999]")
     _require(isinstance(op.warmup_steps, int) and op.warmup_steps >= 0, "optim.warmup_steps",
              op.warmup_steps, "must be an integer >= 0")
-    _require(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool), "seed", cfg.seed, "must be an integer")
-    th = cfg.get("threads")
-    _require(th is None or (isinstance(th, int) and not isinstance(th, bool) and th >= 0), "threads", th,
-             "must be an integer >= 0 (0 = torch's default)")
+
+
+def _validate_model(cfg) -> None:
     check_device(cfg.device)
     if cfg.model.get("teacher_device"):
         check_device(cfg.model.teacher_device, "model.teacher_device")
@@ -125,7 +140,9 @@ def validate(cfg) -> None:
     pair = cfg.model.get("embedded_pair", "a")
     _require(pair in ("a", "b"), "model.embedded_pair", pair,
              "use a (the default tiny pair) or b (the larger one, model=embedded_b)")
-    ro = cfg.get("rollout") or {}
+
+
+def _validate_rollout(ro) -> None:
     _require(ro.get("engine", "eager") in ("eager", "static"), "rollout.engine", ro.get("engine"), "use eager or static")
     _require(isinstance(ro.get("compile", False), bool), "rollout.compile", ro.get("compile"), "use true or false")
     _require(isinstance(ro.get("compact", True), bool), "rollout.compact", ro.get("compact"), "use true or false")
@@ -138,8 +155,6 @@ def validate(cfg) -> None:
     _require(ro.get("teacher_stats", "full") in ("full", "topk", "auto"), "rollout.teacher_stats",
              ro.get("teacher_stats"), "use full ([B, T, V] teacher log-probs), topk (O(B*T*k)) or auto (topk where "
              "the method's loss allows it)")
-    _require(cfg.logger.backend in ("wandb", "none"), "logger.backend", cfg.logger.backend,
-             "use logger=wandb or logger=none")
 
 
 def validate_eval(cfg) -> None:
