@@ -89,6 +89,14 @@ class _TRBMixin:
 
     trb: TRBConfig
 
+    def __init__(self, *args, trb: TRBConfig, **kwargs):
+        """The trainer's own arguments plus ``trb``: refused settings fail before (and after) TRL's __init__."""
+        _check_trl_version()
+        self._trb_setup(trb)
+        self._trb_early(args, kwargs)
+        super().__init__(*args, **kwargs)
+        self._trb_refuse(self.generation_config)
+
     def _trb_setup(self, trb: TRBConfig) -> None:
         if not isinstance(trb, TRBConfig):
             raise TRBConfigError(f"trb={trb!r}: pass trb=TRBConfig(eps0=..., warmup_steps=...)")
@@ -153,13 +161,6 @@ class TRBDistillationTrainer(_TRBMixin, DistillationTrainer):
     budget="absolute")``. Overrides ``_generate`` (the step's budget, the metrics) and ``_generate_single_turn``
     (the blended ``generate``): TRL's private methods, tested with trl 1.16."""
 
-    def __init__(self, *args, trb: TRBConfig, **kwargs):
-        _check_trl_version()
-        self._trb_setup(trb)
-        self._trb_early(args, kwargs)
-        super().__init__(*args, **kwargs)
-        self._trb_refuse(self.generation_config)
-
     def _generate(self, prompts):
         """Once per generation batch on every process: fixes the step's budget for the single turns below
         (one, or one per tool-calling turn) and logs the step's trb/* metrics (a collective) afterwards."""
@@ -192,13 +193,6 @@ def _make_gkd_trainer():
         """``trl.experimental.gkd.GKDTrainer`` whose on-policy student generations (the ``lmbda`` fraction)
         come from TRB's blend while ``eps_k > 0``; sequence-level KD (teacher generations) and the loss are
         unchanged. Takes ``trb=TRBConfig(...)``; overrides ``generate_on_policy_outputs``."""
-
-        def __init__(self, *args, trb: TRBConfig, **kwargs):
-            _check_trl_version()
-            self._trb_setup(trb)
-            self._trb_early(args, kwargs)
-            super().__init__(*args, **kwargs)
-            self._trb_refuse(self.generation_config)
 
         def generate_on_policy_outputs(self, model, inputs, generation_config):
             parent = GKDTrainer.generate_on_policy_outputs
