@@ -109,3 +109,14 @@ def test_submitit_job_of_two_tasks_trains_distributed_and_requeues_after_its_che
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "train/loss" in row] == list(range(1, steps + 1))
     assert json.loads((run / "summary.json").read_text())["steps"] == steps and k < steps
+
+
+def test_slurm_8gpu_preset_runs_one_8_process_job_per_point():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=["hydra/launcher=slurm_8gpu"], return_hydra_config=True)
+    la = cfg.hydra.launcher
+    assert la._target_.endswith("SlurmLauncher")
+    assert (la.gpus_per_node, la.tasks_per_node, la.nodes, la.max_num_timeout, la.signal_delay_s) == (8, 8, 1, 10, 300)
