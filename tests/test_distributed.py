@@ -205,3 +205,87 @@ def test_torchrun_two_processes_train_end_to_end(method, tmp_path):
 
     AutoModelForCausalLM.from_pretrained(run / "student")
     assert r.stdout.count("[done]") == 1  # one process reports
+
+
+# ------------------------------------------------------------------ FSDP2 in the trainer; the SFT warm start
+def _torchrun(cwd, *args, nproc=2, timeout=240):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                           "-m", "trb_exp.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(run_dir):
+    """metrics.jsonl without wall-clock values."""
+    import json
+
+    return [{k: v for k, v in json.loads(line).items()
+             if not k.startswith("time/") and k not in ("rollout/decode_s", "trb/solver_share")}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+FSDP_ARGS = ["method=trb", "logger=none", "trainer.strategy=fsdp", "trainer.prompts_per_step=4", "trainer.eval_every=0",
+             "trainer.eval_size=8", "trainer.eval_samples=2", "trainer.progress=false", "trainer.max_new_tokens=12",
+             "trainer.keep_checkpoints=1", "trainer.micro_batch_size=2"]
+
+
+def test_torchrun_fsdp_checkpoints_resumes_and_saves_one_student(tmp_path):
+    """`torchrun --nproc_per_node 2 ... trainer.strategy=fsdp`: an uninterrupted 4-step run with a sharded
+    checkpoint after step 3 (DCP shards of both ranks + state.pt, atomically in place, the older step pruned
+    by keep_checkpoints=1); a run resumed from that checkpoint to step 4 logs the same step-4 metrics and ends
+    with the same consolidated student (one safetensors model that from_pretrained loads, equal to the
+    sharded weights within fp tolerance)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from trb_exp.state import list_checkpoints, sharded
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    r = _torchrun(tmp_path, *FSDP_ARGS, "trainer.max_steps=4", "trainer.checkpoint_every=3", f"hydra.run.dir={full}")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    ckpts = list_checkpoints(full / "checkpoints")
+    assert [c.name for c in ckpts] == ["step_3"] and sharded(ckpts[0])
+    assert sorted(p.name for p in (ckpts[0] / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not list((full / "checkpoints").glob(".tmp-*"))
+    assert not (ckpts[0] / "student").exists()  # a sharded checkpoint is for resuming
+
+    r = _torchrun(tmp_path, *FSDP_ARGS, "trainer.max_steps=4", "trainer.checkpoint_every=3",
+                  f"trainer.resume={ckpts[0]}", f"hydra.run.dir={resumed}")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "[resume]" in r.stdout
+    a, b = _rows(full), _rows(resumed)
+    assert [row["step"] for row in a if "train/loss" in row] == [1, 2, 3, 4]
+    assert b[: len(a) - 2] == a[: len(a) - 2]  # seeded from the checkpointed run: up to step 3
+    for x, y in zip(a[-2:], b[-2:]):  # step 4's training row and the final evaluation
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), k
+    wa, wb = load_file(full / "student" / "model.safetensors"), load_file(resumed / "student" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+    model = AutoModelForCausalLM.from_pretrained(full / "student")  # one ordinary model, tied weights once
+    assert type(model).__name__ == "LlamaForCausalLM" and "lm_head.weight" not in wa
+    torch.testing.assert_close(model.model.embed_tokens.weight, wa["model.embed_tokens.weight"])
+
+
+def test_torchrun_sft_warmup_two_processes(tmp_path):
+    """`torchrun --nproc_per_node 2 -m trb_exp.train method=sft_warmup`: the warm start decodes its teacher
+    samples on both ranks, trains them with DDP, then 2 OPD steps finish."""
+    import json
+
+    r = _torchrun(tmp_path, "method=sft_warmup", "method.sft_steps=2", "method.sft_updates=3", "method.sft_samples=2",
+                  "logger=none", "trainer.max_steps=2", "trainer.prompts_per_step=4", "trainer.eval_every=0",
+                  "trainer.eval_size=8", "trainer.eval_samples=2", "trainer.progress=false", "trainer.max_new_tokens=12",
+                  "trainer.micro_batch_size=2", "trainer.save_student=false", f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = _rows(tmp_path / "run")
+    sft = [row for row in rows if "sft/loss" in row]
+    assert [row["sft/update"] for row in sft] == [1, 2, 3] and all(row["sft/responses"] == 2 * 2 * 4 for row in sft)
+    assert [row["step"] for row in rows if "train/loss" in row] == [1, 2]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["method"] == "sft_warmup"
+    assert r.stdout.count("[sft]") == 1

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from trb_exp.config import ConfigError
 
 STRATEGIES = ("auto", "ddp", "fsdp")
+_UNSET = object()
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,35 @@ class DistContext:
             dist.destroy_process_group()
 
 
+def submitit_tasks() -> int:
+    """The number of tasks of the submitit job this process is one task of (SLURM ``tasks_per_node`` x
+    ``nodes``, or submitit's local executor); 0 outside a submitit job."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return 0
+    try:
+        import submitit
+
+        return int(submitit.JobEnvironment().num_tasks)
+    except Exception:  # not inside a running job after all (e.g. the variable leaked into a shell)
+        return 0
+
+
+def export_submitit_env() -> None:
+    """A submitit job of several tasks (one process per task: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID on
+    SLURM, SUBMITIT_LOCAL_* locally) made to look like a torchrun launch: RANK, WORLD_SIZE, LOCAL_RANK and
+    MASTER_ADDR (the job's first host) / MASTER_PORT (drawn from the job id, the same on every task) from
+    ``submitit.helpers.TorchDistributedEnvironment``. CUDA_VISIBLE_DEVICES is left alone: every task sees the
+    node's GPUs and takes GPU ``LOCAL_RANK``, as under torchrun."""
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
 def init_distributed(device: str = "auto") -> DistContext:
-    """The process group of a ``torchrun`` launch (NCCL on CUDA, gloo on CPU), or a single-process context."""
+    """The process group of a ``torchrun`` launch, or of a submitit (SLURM) job with several tasks (NCCL on
+    CUDA, gloo on CPU), or a single-process context."""
+    if "WORLD_SIZE" not in os.environ and submitit_tasks() > 1:
+        export_submitit_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext()
@@ -172,14 +200,80 @@ def wrap_student(model: torch.nn.Module, ctx: DistContext, strategy: str = "auto
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
+def fsdp_modules(model: torch.nn.Module) -> list:
+    """The FSDP2 units of ``model`` (its decoder layers and itself after ``wrap_student(..., "fsdp")``); []
+    for a plain or DDP-wrapped model."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    return bool(fsdp_modules(model))
+
+
 @contextlib.contextmanager
 def grad_sync(model: torch.nn.Module, enabled: bool):
-    """Gradient accumulation: synchronise gradients over ranks only on the last micro-batch of a step."""
-    if enabled or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    """Gradient accumulation: synchronise gradients over ranks only on the last micro-batch of a step (DDP:
+    ``no_sync``; FSDP2: ``set_requires_gradient_sync``, the reduce-scatter waits for the last backward)."""
+    if enabled:
         yield
-    else:
+    elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
         with model.no_sync():
             yield
+    elif is_fsdp(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def full_params(model: torch.nn.Module):
+    """FSDP2: every rank holds the whole student for the duration (all-gathered once, not resharded after
+    each forward), so ranks may run different numbers of forward passes: generation, where each rank decodes
+    until its own rows end, and sharded evaluation. Parameters are resharded on exit. Nothing for a plain or
+    DDP model. Memory: the full parameters on every rank while it lasts (gradients and optimizer state stay
+    sharded)."""
+    mods = fsdp_modules(model)
+    if not mods:
+        yield
+        return
+    saved = []
+    for m in mods:  # each unit's own setting (the root's is special: it stays unsharded after forward)
+        st = m._get_fsdp_state()
+        saved.append((st, getattr(st, "_auto_reshard_after_forward", _UNSET),
+                      [(g, g.post_forward_mesh_info) for g in getattr(st, "_fsdp_param_groups", [])]))
+    for m in mods:
+        m.unshard()
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for st, auto, groups in saved:
+            if auto is not _UNSET:
+                st._auto_reshard_after_forward = auto
+            for g, info in groups:
+                g.post_forward_mesh_info = info
+        for m in mods:
+            m.reshard()
+
+
+def full_state_dict(model: torch.nn.Module, ctx: DistContext) -> dict | None:
+    """The whole student's state dict on CPU, on rank 0 (None on the others): gathered from the FSDP2 shards
+    (every rank must call this), or the model's own ``state_dict()`` otherwise."""
+    if not is_fsdp(model):
+        return unwrap(model).state_dict() if ctx.is_main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if ctx.is_main else None
 
 
 def sharded_evaluate(ctx: DistContext, evaluate_fn):

@@ -8,16 +8,38 @@ the CLI exits with a documented code:
                           that resumes it
 
 A second Ctrl-C stops at once (``KeyboardInterrupt``; the CLI still prints one line, no traceback).
+
+Inside a submitit job (``hydra/launcher=slurm``, ``submitit_local``) the signal that submitit sends before
+the time limit or on preemption (SIGUSR2 unless ``SUBMITIT_PREEMPT_SIGNAL`` names another; SLURM sends it
+``signal_delay_s`` before the limit) stops the loop in the same way: the trainer checkpoints first, then
+``StopSignals.hand_over`` calls the handler submitit had installed for it, which requeues the job (rank 0;
+the other ranks just exit). The requeued job re-enters the same run directory and resumes
+(``trainer.resume=auto``).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+def submitit_signal() -> str | None:
+    """The name of submitit's preemption / time-limit signal inside a submitit job (``SIGUSR2`` by default),
+    else None."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    try:
+        import submitit
+
+        name = submitit.JobEnvironment.USR_SIG
+    except Exception:  # submitit's own default, as it reads it
+        name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    return "SIG" + str(name).removeprefix("SIG")
 
 
 class Stopped(Exception):
@@ -40,6 +62,7 @@ class StopSignals:
     def __init__(self):
         self.requested: str | None = None
         self._old = {}
+        self._previous: dict[str, object] = {}  # signal name -> the handler installed before ours
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
@@ -49,13 +72,27 @@ class StopSignals:
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
-            for name in SIGNALS:
+            for name in dict.fromkeys([*SIGNALS, submitit_signal() or "SIGINT"]):
                 sig = getattr(signal, name, None)
                 if sig is not None:
                     self._old[sig] = signal.signal(sig, self._handle)
+                    self._previous[name] = self._old[sig]
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()
+
+    def hand_over(self) -> bool:
+        """After the checkpoint of a run stopped by submitit's preemption signal: call the handler submitit had
+        installed for it (``SignalHandler.checkpoint_and_try_requeue``: on rank 0 it pickles the job again,
+        requeues it and exits; on the other ranks it returns). False (nothing called) outside submitit or for
+        any other signal."""
+        name = submitit_signal()
+        old = self._previous.get(name) if name is not None and self.requested == name else None
+        if not callable(old):
+            return False
+        old(getattr(signal, name), None)
+        return True
+

@@ -34,7 +34,7 @@ from trb_exp.data.tokenizer import build_char_tokenizer
 from trb_exp.evaluation import evaluate
 from trb_exp.losses import cross_entropy, masked_token_mean
 from trb_exp.models import embedded_dir_of, tiny_llama
-from trb_exp.optim import adamw
+from trb_exp.optim import accumulate_step, adamw
 from trb_exp.rollout import positions_from_mask
 
 
@@ -91,7 +91,7 @@ def _sft(model, tokenizer, rows, *, steps, batch_size, lr, seed, desc, prompt_lo
     model.train()
     history = []
     bar = tqdm(range(steps), desc=desc)
-    for step in bar:
+    def batch_loss():  # one micro-batch: the whole batch, its token mean
         idx = torch.randint(len(rows), (batch_size,), generator=g).tolist()
         p_ids, p_mask = encode_prompts(tokenizer, [rows[i][0] for i in idx])
         t_ids, t_mask = encode_targets(tokenizer, [rows[i][1] for i in idx])
@@ -100,16 +100,14 @@ def _sft(model, tokenizer, rows, *, steps, batch_size, lr, seed, desc, prompt_lo
         pos = positions_from_mask(attn)
         logits = model(input_ids=ids, attention_mask=attn.long(), position_ids=pos).logits[:, :-1]
         loss_mask = torch.cat([p_mask.bool() & prompt_loss, t_mask], 1)[:, 1:]
-        loss = masked_token_mean(cross_entropy(logits, ids[:, 1:]), loss_mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        return masked_token_mean(cross_entropy(logits, ids[:, 1:]), loss_mask)
+
+    for step in bar:
+        loss, _ = accumulate_step(model, opt, sched, [batch_loss], grad_clip=1.0)
+        bar.set_postfix(loss=f"{loss:.3f}")
         if eval_fn is not None and (step + 1) % eval_every == 0:
             score = eval_fn(model)
-            history.append({"step": step + 1, "loss": loss.item(), **score})
+            history.append({"step": step + 1, "loss": loss, **score})
             bar.write(f"[{desc}] step {step + 1}: {score}")
             if target is not None and score["pass@1"] >= target:
                 break

@@ -18,6 +18,17 @@ A checkpoint is a directory ``<run_dir>/checkpoints/step_<k>/``::
 
 It is written under a temporary name and renamed into place, so a crash mid-write never leaves a
 directory that looks like a checkpoint.
+
+Under ``trainer.strategy=fsdp`` (FSDP2, several processes) a checkpoint holds sharded states instead of
+``student/``::
+
+    sharded/      the student's and the optimizer's shards, one file per rank and a ``.metadata``
+                  (``torch.distributed.checkpoint``, ``get_state_dict`` / ``set_state_dict``)
+    state.pt      the rest, as above, without the optimizer (rank 0 writes it; every rank's sampling
+                  stream is in its ``meta.rng_ranks``)
+
+Every rank writes its shard into the one temporary directory; after a barrier rank 0 renames it into
+place. Such a checkpoint is for resuming; the finished run's ``student/`` is one consolidated model.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ from trb_exp.config import ConfigError
 from trb_exp.optim import adamw_from_config
 
 STATE_FILE = "state.pt"
+SHARDED_DIR = "sharded"
 FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -82,11 +94,12 @@ class TrainState:
         gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
         return cls(student=student, optimizer=opt, lr_schedule=sched, generator=gen)
 
-    def state_dict(self, *, student: bool = True) -> dict:
-        out = {"format": FORMAT, "step": self.step, "optimizer": self.optimizer.state_dict(),
-               "lr_schedule": self.lr_schedule.state_dict(), "rng": rng_state(self.generator),
-               "run_id": self.run_id, "history": [dict(h) for h in self.history], "train_s": float(self.train_s),
-               "extras": {k: v.state_dict() for k, v in self.extras.items()}}
+    def state_dict(self, *, student: bool = True, optimizer: bool = True) -> dict:
+        out = {"format": FORMAT, "step": self.step, "lr_schedule": self.lr_schedule.state_dict(),
+               "rng": rng_state(self.generator), "run_id": self.run_id, "history": [dict(h) for h in self.history],
+               "train_s": float(self.train_s), "extras": {k: v.state_dict() for k, v in self.extras.items()}}
+        if optimizer:
+            out = {"format": FORMAT, "step": self.step, "optimizer": self.optimizer.state_dict(), **out}
         if student:
             out["student"] = self.student.state_dict()
         return out
@@ -96,7 +109,8 @@ class TrainState:
             raise ConfigError(f"checkpoint format {state.get('format')!r}: this version reads format {FORMAT}")
         if "student" in state:
             self.student.load_state_dict(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # a sharded checkpoint restores it through torch.distributed.checkpoint
+            self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         set_rng_state(state["rng"], self.generator)
         self.step = int(state["step"])
@@ -139,20 +153,93 @@ def save_checkpoint(state: TrainState, ckpt_root: Path, tokenizer=None, extra_me
     if extra_meta:
         payload["meta"] = extra_meta
     torch.save(payload, tmp / STATE_FILE)
+    _publish(tmp, final)
+    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete temporary checkpoint ``tmp`` into place as ``final`` (fsynced first)."""
     _fsync_tree(tmp)
     if final.exists():  # the same step written again (a resumed run's re-checkpoint): replace it
-        old = ckpt_root / f".old-step_{state.step}-{os.getpid()}"
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
-    fd = os.open(ckpt_root, os.O_RDONLY)
+    fd = os.open(final.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sharded(path: Path) -> bool:
+    """Whether checkpoint ``path`` holds FSDP2 shards (``save_sharded_checkpoint``)."""
+    return (Path(path) / SHARDED_DIR / ".metadata").is_file()
+
+
+def save_sharded_checkpoint(state: TrainState, model, ckpt_root: Path, ctx, extra_meta: dict | None = None) -> Path:
+    """FSDP2 (every rank calls it): ``ckpt_root/step_<state.step>/`` with the student's and the optimizer's
+    shards written by every rank through ``torch.distributed.checkpoint`` and the rest of the state
+    (``state.pt``) by rank 0, all in one temporary directory that rank 0 renames into place once every rank
+    is done (a barrier). ``ctx``: the ``distributed.DistContext``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    ckpt_root = Path(ckpt_root)
+    final = ckpt_root / f"step_{state.step}"
+    tmp = ckpt_root / f".tmp-step_{state.step}-{os.getpid()}"
+    if ctx.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    tmp = Path(ctx.broadcast(str(tmp)))  # rank 0's name, created before any rank writes
+    model_sd, optim_sd = get_state_dict(model, state.optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / SHARDED_DIR))
+    if ctx.is_main:
+        payload = state.state_dict(student=False, optimizer=False)
+        if extra_meta:
+            payload["meta"] = extra_meta
+        torch.save(payload, tmp / STATE_FILE)
+    ctx.barrier()  # every rank's shard is on disk
+    if ctx.is_main:
+        _publish(tmp, final)
+    ctx.barrier()  # nobody goes on (or prunes) before the checkpoint is in place
     return final
+
+
+def load_sharded_checkpoint(state: TrainState, model, path: Path) -> dict:
+    """Restore ``state`` from a sharded checkpoint (every rank calls it; ``model``: the FSDP2 student the
+    optimizer was built on); returns the payload of ``state.pt``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(path)
+    payload = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    model_sd, optim_sd = get_state_dict(model, state.optimizer)
+    both = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(both, checkpoint_id=str(path / SHARDED_DIR))
+    set_state_dict(model, state.optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
+    state.load_state_dict(payload)
+    return payload
+
+
+def save_consolidated(model, weights: dict, path: Path) -> None:
+    """The FSDP2 student as one ordinary Hugging Face model (safetensors, ``from_pretrained`` loads it):
+    ``weights``, its full state dict gathered on rank 0 (``distributed.full_state_dict``), through
+    ``save_pretrained``, under the model's own class name (not FSDP2's wrapper class)."""
+    import json
+
+    path = Path(path)
+    kept = dict(model.named_parameters())  # a tied parameter once, under its first name (as save_pretrained does)
+    tied = {k for k, p in model.named_parameters(remove_duplicate=False) if k not in kept}
+    model.save_pretrained(path, state_dict={k: v for k, v in weights.items() if k not in tied})
+    cfg_file = path / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("architectures"):
+        cfg["architectures"] = [a.removeprefix("FSDP") for a in cfg["architectures"]]
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def load_checkpoint(state: TrainState, path: Path) -> dict:

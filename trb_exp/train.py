@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from trb_exp import CONF_DIR
 from trb_exp.config import ConfigError
-from trb_exp.preempt import EXIT_INTERRUPTED, Stopped, StopSignals
+from trb_exp.preempt import EXIT_INTERRUPTED, Stopped, StopSignals, submitit_signal
 from trb_exp.rundir import FinishedRun, RunDir
 
 
@@ -42,10 +42,11 @@ def main(cfg: DictConfig) -> float | None:
     from trb_exp.trainer import run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    dist = None
+    dist = stop = None
     try:
-        dist = init_distributed(str(cfg.device))  # torchrun: one process per device; else a no-op
+        dist = init_distributed(str(cfg.device))  # torchrun / a submitit job of N tasks: one process per device
         if dist.active:  # every rank works in rank 0's run directory (Hydra made one per process)
+            print(f"[distributed] rank {dist.rank} of {dist.world} ({dist.backend})", flush=True)
             own, run_dir = run_dir, Path(dist.broadcast(str(run_dir)))
             if not dist.is_main and own.resolve() != run_dir.resolve():
                 with RunDir(own) as rd:
@@ -74,8 +75,13 @@ def main(cfg: DictConfig) -> float | None:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Stopped as e:
+        if dist is not None:  # every rank stopped after the same step: leave the process group together
+            dist.close()
         if e.signame == "SIGINT":
             print(f"[interrupted] checkpoint {e.checkpoint}; resume with: {resume_command(run_dir)}", file=sys.stderr)
+        elif e.signame == submitit_signal():
+            print(f"[{e.signame}] checkpoint {e.checkpoint}; submitit requeues the job, which resumes it", file=sys.stderr)
+            stop.hand_over()  # submitit's requeue: rank 0 exits in there
         else:
             print(f"[{e.signame}] checkpoint {e.checkpoint}; exit {e.exit_code} (rerun the same command to resume)",
                   file=sys.stderr)

@@ -31,7 +31,9 @@ from trb_exp.data import encode_prompts
 from trb_exp.distributed import (
     STRATEGIES,
     DistContext,
-    grad_sync,
+    full_params,
+    full_state_dict,
+    is_fsdp,
     rank_seed,
     sharded_evaluate,
     wrap_student,
@@ -40,6 +42,7 @@ from trb_exp.evaluation import evaluate, evaluate_benchmarks
 from trb_exp.experiment import Experiment, setup
 from trb_exp.logger import NullLogger, RunLogger
 from trb_exp.methods import Method
+from trb_exp.optim import accumulate_step
 from trb_exp.preempt import Stopped, StopSignals
 from trb_exp.resume import resume_from, seed_metrics
 from trb_exp.rollout import (
@@ -52,10 +55,14 @@ from trb_exp.rollout import (
 from trb_exp.state import (
     TrainState,
     load_checkpoint,
+    load_sharded_checkpoint,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
+    save_consolidated,
+    save_sharded_checkpoint,
     set_rng_state,
+    sharded,
 )
 from trb_exp.warm_start import sft_warm_start
 
@@ -162,22 +169,23 @@ def update(exp: Experiment, state: TrainState, ro, step: int) -> dict:
     n_tokens, dist, model = ro.response_mask.sum(), exp.dist, exp.train_student or exp.student
     if dist.active:  # the step's tokens on every rank, over the ranks DDP averages gradients across
         n_tokens = dist.all_sum(n_tokens) / dist.world
-    state.optimizer.zero_grad(set_to_none=True)
-    total, kl_est = 0.0, 0.0
-    rows = ro.input_ids.shape[0]
-    for s in range(0, rows, tr.micro_batch_size):
-        sl = slice(s, s + tr.micro_batch_size)
-        with grad_sync(model, enabled=s + tr.micro_batch_size >= rows):
+    kl_sum = [0.0]
+
+    def micro_batch(sl: slice):
+        def loss_of():
             loss, est = _micro_batch_loss(exp, ro, t_lp, sl, n_tokens, step, model)
-            loss.backward()
-        total += loss.item()
-        if est is not None:  # the sampled loss is a surrogate: log a real KL estimate
-            kl_est += losses.masked_token_mean(est, ro.response_mask[sl], n_tokens).item()
+            if est is not None:  # the sampled loss is a surrogate: log a real KL estimate
+                kl_sum[0] += losses.masked_token_mean(est, ro.response_mask[sl], n_tokens).item()
+            return loss
+        return loss_of
+
+    rows, mb = ro.input_ids.shape[0], tr.micro_batch_size
+    total, grad_norm = accumulate_step(model, state.optimizer, state.lr_schedule,
+                                       [micro_batch(slice(s, s + mb)) for s in range(0, rows, mb)],
+                                       grad_clip=exp.cfg.optim.grad_clip)
+    kl_est = kl_sum[0]
     if dist.active:  # each rank's share of the token mean (over N/W): the step's mean over all ranks
         total, kl_est = dist.all_sum(total) / dist.world, dist.all_sum(kl_est) / dist.world
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), exp.cfg.optim.grad_clip)
-    state.optimizer.step()
-    state.lr_schedule.step()
     out = {"train/loss": total, "train/grad_norm": grad_norm.item(), "train/lr": state.lr_schedule.get_last_lr()[0]}
     if method.logs_kl_estimate:
         out["train/kl_estimate"] = kl_est
@@ -241,18 +249,24 @@ def warm_start(exp: Experiment, state: TrainState, logger: RunLogger) -> None:
     sft_warm_start(exp.student, exp.teacher, exp.tok, [exp.train_prompts[i] for i in first],
                    [exp.train_answers[i] for i in first], exp.grade, n_samples=m.sft_samples,
                    updates=m.sft_updates, cfg=cfg, logger=logger, generator=state.generator,
-                   eos_id=exp.eos_id, eos_ids=exp.eos_ids)
+                   eos_id=exp.eos_id, eos_ids=exp.eos_ids, dist=exp.dist, model=exp.train_student or exp.student)
 
 
 def checkpoint(exp: Experiment, state: TrainState, run_dir: Path) -> Path:
-    """Every rank takes part (its sampling stream is saved too); rank 0 writes the checkpoint."""
+    """Every rank takes part (its sampling stream is saved too); rank 0 writes the checkpoint. FSDP2: every
+    rank writes its shards of the student and optimizer (``torch.distributed.checkpoint``) into the one
+    temporary directory that rank 0 renames into place (``state.save_sharded_checkpoint``)."""
     tr, dist = exp.cfg.trainer, exp.dist
     root = run_dir / "checkpoints"
     meta = {"config": OmegaConf.to_container(exp.cfg, resolve=True)}
     if dist.active:
         meta["rng_ranks"] = dist.gather(rng_state(state.generator))
     path = root / f"step_{state.step}"
-    if dist.is_main:
+    if is_fsdp(exp.train_student or exp.student):
+        path = save_sharded_checkpoint(state, exp.train_student, root, dist, meta)
+        if dist.is_main:
+            prune_checkpoints(root, tr.get("keep_checkpoints"))
+    elif dist.is_main:
         path = save_checkpoint(state, root, exp.tok, meta)
         prune_checkpoints(root, tr.get("keep_checkpoints"))
     dist.barrier()
@@ -272,7 +286,8 @@ def train(exp: Experiment, state: TrainState, logger: RunLogger, run_dir: Path, 
             if _stop_requested(exp, stop):  # a signal during setup, the initial evaluation or the warm start
                 raise Stopped(_signame(stop), checkpoint(exp, state, run_dir))
             t_step = time.time()
-            ro, batch = rollouts(exp, state, step)
+            with full_params(exp.student):  # FSDP2: ranks decode different numbers of tokens
+                ro, batch = rollouts(exp, state, step)
             m = update(exp, state, ro, step)
             state.step = step + 1
             log_now = state.step % tr.log_every == 0 or step == 0
@@ -290,7 +305,8 @@ def train(exp: Experiment, state: TrainState, logger: RunLogger, run_dir: Path, 
                                    reward=m["rollout/reward"])
             bar.update()
             if (tr.eval_every and state.step % tr.eval_every == 0) or state.step == tr.max_steps:
-                state.history.append(evaluate_student(exp, state.step, logger, progress=eval_bars(tr)))
+                with full_params(exp.student):
+                    state.history.append(evaluate_student(exp, state.step, logger, progress=eval_bars(tr)))
             state.train_s += time.time() - t_step
             if every and state.step % every == 0:
                 checkpoint(exp, state, run_dir)
@@ -352,7 +368,11 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
     state.extras.update(exp.stateful)  # e.g. an adaptive budget: checkpointed and restored by name
     resume_step = None
     if ckpt is not None:
-        payload = load_checkpoint(state, ckpt)
+        if sharded(ckpt) != is_fsdp(exp.train_student):
+            raise ConfigError(f"trainer.resume: {ckpt} holds {'sharded (FSDP2)' if sharded(ckpt) else 'whole'} "
+                              "student and optimizer states; resume it with the trainer.strategy that wrote it")
+        payload = (load_sharded_checkpoint(state, exp.train_student, ckpt) if sharded(ckpt)
+                   else load_checkpoint(state, ckpt))
         if dist.active:
             rngs = payload.get("meta", {}).get("rng_ranks") or []
             if len(rngs) != dist.world:
@@ -372,7 +392,8 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
         resume_step=resume_step)
     state.run_id = logger.run_id
     if ckpt is None:
-        state.history = [evaluate_student(exp, 0, logger, progress=eval_bars(tr))]
+        with full_params(exp.student):
+            state.history = [evaluate_student(exp, 0, logger, progress=eval_bars(tr))]
         t0 = time.time()
         if exp.method.sft_updates:
             warm_start(exp, state, logger)
@@ -386,10 +407,15 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
         "train_s": round(state.train_s, 2), "initial": state.history[0], "final": state.history[-1],
         "peak_rss_mb": peak_rss_mb(),
     }
-    if dist.is_main:
-        if tr.save_student:
-            exp.student.save_pretrained(run_dir / "student")  # safetensors
+    if tr.save_student and is_fsdp(exp.student):  # one consolidated model, gathered from the shards on rank 0
+        weights = full_state_dict(exp.student, dist)
+        if dist.is_main:
+            save_consolidated(exp.student, weights, run_dir / "student")
             exp.tok.save_pretrained(run_dir / "student")
+    elif tr.save_student and dist.is_main:
+        exp.student.save_pretrained(run_dir / "student")  # safetensors
+        exp.tok.save_pretrained(run_dir / "student")
+    if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     dist.barrier()
     return summary
@@ -402,12 +428,6 @@ def check_strategy(cfg, dist: DistContext) -> None:
         raise ConfigError(f"trainer.strategy={strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if not dist.active:
         return
-    if strategy == "fsdp":
-        raise ConfigError("trainer.strategy=fsdp: FSDP2 is tested for the loss and gradients (tests/test_distributed.py) "
-                          "but the trainer does not save or checkpoint sharded states yet; use trainer.strategy=ddp")
-    if cfg.method.get("sft_updates"):
-        raise ConfigError(f"method.sft_updates={cfg.method.sft_updates}: the SFT warm start runs in one process only; "
-                          "run sft_warmup without torchrun")
     dist.shard(list(range(int(cfg.trainer.prompts_per_step))))  # every rank gets the same number of prompts
 
 
