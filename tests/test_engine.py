@@ -182,7 +182,7 @@ def test_topk_teacher_stats_give_the_loss_and_gradient_of_a_teacher_pass(qwen3, 
     log-probs kept at the rollout's top-k support give the same loss and gradient as a separate full
     teacher pass with the loss-time top-k; the micro-batch fallback (a gathered teacher pass) too."""
     from trb_exp import losses
-    from trb_exp.methods import Method
+    from trb_exp.objectives import ReverseKL
     from trb_exp.rollout import response_logits
 
     tok, student, teacher = qwen3
@@ -196,21 +196,20 @@ def test_topk_teacher_stats_give_the_loss_and_gradient_of_a_teacher_pass(qwen3, 
     try:
         full_t = teacher_logprobs(teacher, ro)
         for estimator in ("topk", "sampled"):
-            method = Method(name="x", rollout="trust_region", loss="reverse_kl", estimator=estimator, topk=8,
-                            schedule=None)
+            method = ReverseKL(estimator=estimator, topk=8)
             grads, vals = [], []
             for variant in ("rollout", "fallback", "full"):
                 student.zero_grad(set_to_none=True)
                 logits = response_logits(student, ro.input_ids, ro.attention_mask, ro.prompt_len)
                 if variant == "full":
-                    per_tok = method.per_token_loss(logits, full_t, ro.response_ids)
+                    per_tok = method.per_token(logits, full_t, ro.response_ids)
                 else:
                     t_k, t_tok = ro.teacher_topk_logprobs, ro.teacher_token_logprobs
                     if variant == "fallback":
                         both = teacher_logprobs_at(teacher, ro, torch.cat([ro.topk_ids, ro.response_ids[..., None]], -1),
                                                    chunk=5)
                         t_k, t_tok = both[..., :-1], both[..., -1]
-                    per_tok = method.per_token_loss_sparse(logits, ro.topk_ids, t_k, ro.response_ids, t_tok)
+                    per_tok = method.per_token_sparse(logits, ro.topk_ids, t_k, ro.response_ids, t_tok)
                 loss = losses.masked_token_mean(per_tok, m)
                 loss.backward()
                 vals.append(loss.detach())

@@ -115,17 +115,17 @@ def test_temp_warmup_temperature_follows_its_schedule():
 # --------------------------------------------------------------------------- veto
 def test_veto_b_schedule_and_bridge_target():
     m = _method("method=veto", "method.b_start=0.4", "method.K=10")
-    assert [m.bridge_b(k) for k in (0, 5, 10, 15)] == pytest.approx([0.4, 0.7, 1.0, 1.0])
+    assert [m.objective.bridge_b(k) for k in (0, 5, 10, 15)] == pytest.approx([0.4, 0.7, 1.0, 1.0])
     assert [m.diagnostics(k)["veto/b"] for k in (0, 5)] == pytest.approx([0.4, 0.7])
     torch.manual_seed(0)
     s_logits = torch.randn(2, 5, 11, requires_grad=True)
     t_lp = torch.log_softmax(torch.randn(2, 5, 11), -1)
     # b = 1 (step >= K): the target is the teacher itself and the loss is OPD's
-    assert m.target_logprobs(s_logits, t_lp, 10) is t_lp
+    assert m.objective.target_logprobs(s_logits, t_lp, 10) is t_lp
     opd = _method("method=opd")
     torch.testing.assert_close(m.per_token_loss(s_logits, t_lp, None, 12), opd.per_token_loss(s_logits, t_lp, None, 0))
     # b < 1: q_b ∝ pi_T^b sg(pi_S)^(1-b), which differs from pi_T and moves the loss
-    q = m.target_logprobs(s_logits, t_lp, 0)
+    q = m.objective.target_logprobs(s_logits, t_lp, 0)
     want = torch.log_softmax(0.4 * t_lp + 0.6 * torch.log_softmax(s_logits.detach(), -1), -1)
     torch.testing.assert_close(q, want)
     assert not q.requires_grad and (q - t_lp).abs().max() > 0.1
@@ -136,12 +136,13 @@ def test_veto_b_schedule_and_bridge_target():
 
 # --------------------------------------------------------------------------- fixed_blend
 def test_fixed_blend_budget_is_constant_and_ignores_the_schedule():
-    m = _method("method=fixed_blend", "method.eps=0.02", "schedule.eps0=0.7", "schedule.warmup_steps=5")
+    m = _method("method=fixed_blend", "schedule.eps0=0.02", "schedule.warmup_steps=5")
+    assert m.schedule.name == "constant"  # the preset composes the trust-region rule with schedule=constant
     rules = [m.rule(k, 1.0) for k in range(0, 300, 7)]
     assert all(isinstance(r, TrustRegionRule) and r.eps == 0.02 for r in rules)
     assert {m.diagnostics(k)["trb/eps"] for k in range(300)} == {0.02}
     trb = _method("method=trb", "schedule.eps0=0.7", "schedule.warmup_steps=5")  # the annealed contrast
-    assert trb.budget(0) == 0.7 and isinstance(trb.rule(5, 1.0), StudentRule)
+    assert trb.behaviour.budget(0) == 0.7 and isinstance(trb.rule(5, 1.0), StudentRule)
 
 
 # --------------------------------------------------------------------------- prompts and sft_warmup
@@ -253,7 +254,7 @@ def test_sampled_estimator_logs_a_kl_estimate_not_the_surrogate(tiny_pair, tmp_p
 
 # --------------------------------------------------------------------------- end to end
 @pytest.mark.parametrize("method, overrides, keys", [
-    ("fixed_blend", ["method.eps=0.01"], ["trb/eps", "trb/beta_mean", "trb/kl_behavior_student_max"]),
+    ("fixed_blend", ["schedule.eps0=0.01"], ["trb/eps", "trb/beta_mean", "trb/kl_behavior_student_max"]),
     ("skd", ["method.teacher_top_k=3"], ["skd/replaced_frac"]),
     ("veto", ["method.b_start=0.4"], ["veto/b"]),
     ("temp_warmup", ["method.t0=0.8", "method.K=2"], ["rollout/temperature"]),
@@ -291,9 +292,14 @@ def test_each_new_method_runs_and_logs_its_diagnostics(method, overrides, keys, 
     ("veto", "method.b_start=0", "method.b_start=0.0: "),
     ("temp_warmup", "method.t0=-1", "method.t0=-1.0: "),
     ("temp_warmup", "method.K=-1", "method.K=-1: "),
-    ("fixed_blend", "method.eps=-0.1", "method.eps=-0.1: "),
+    ("fixed_blend", "schedule.eps0=-0.1", "schedule.eps0=-0.1: "),
+    ("fixed_blend", "schedule.eps0=nan", "schedule.eps0=nan: must be a finite number"),
     ("sft_warmup", "method.sft_updates=-1", "method.sft_updates=-1: "),
-    ("opd", "+method.eps=0.1", "method.eps=0.1: a constant budget needs rollout: trust_region"),
+    ("opd", "+method.eps=0.1", "method.eps=0.1: fixed_blend's constant budget is now the schedule's: use "
+                               "schedule=constant schedule.eps0=<eps>"),
+    ("opd", "+method.teacher_top_k=3", "method.teacher_top_k=3: not a knob of rollout=student or loss=reverse_kl"),
+    ("opd", "method.rollout=nope", "method.rollout='nope': choose one of "),
+    ("opd", "method.loss=nope", "method.loss='nope': choose one of reverse_kl, forward_kl, ce"),
 ])
 def test_method_config_errors_name_the_field(method, override, message):
     with pytest.raises(ConfigError, match="^" + re.escape(message)) as e:

@@ -32,9 +32,9 @@ def test_schedule_config_composes_and_matches_budget_at(name):
     ratio = float(s.get("final_ratio", 0.01))
     steps = [0, 1, K // 3, K // 2, K - 1, K, K + 1, 3 * K]
     for k in steps:
-        assert method.budget(k) == pytest.approx(budget_at(k, name, eps0, K, ratio), abs=1e-15)
+        assert method.behaviour.budget(k) == pytest.approx(budget_at(k, name, eps0, K, ratio), abs=1e-15)
     if name in ("linear", "cosine", "exponential", "step"):
-        assert eps0 > 0 and method.budget(0) == pytest.approx(eps0) and method.budget(K) == 0.0
+        assert eps0 > 0 and method.behaviour.budget(0) == pytest.approx(eps0) and method.behaviour.budget(K) == 0.0
     # a behaviour rule with a zero budget is plain student sampling
     assert (type(method.rule(3 * K)).__name__ == "StudentRule") == (name != "constant")
 
@@ -46,23 +46,24 @@ def test_overrides_reach_the_method(name):
     method = Method.from_cfg(cfg.method, cfg.schedule)
     assert method.schedule.budget == "relative"
     for k in range(12):
-        assert method.budget(k) == pytest.approx(budget_at(k, name, 0.2, 8, method.schedule.final_ratio))
+        assert method.behaviour.budget(k) == pytest.approx(budget_at(k, name, 0.2, 8, method.schedule.final_ratio))
     if name not in ("none", "constant"):
-        assert method.budget(7) > 0 and method.budget(8) == 0.0
+        assert method.behaviour.budget(7) > 0 and method.behaviour.budget(8) == 0.0
 
 
 def test_exponential_final_ratio_override():
     cfg = compose(["method=trb", "schedule=exponential", "schedule.eps0=1.0", "schedule.warmup_steps=10",
                    "schedule.final_ratio=0.1"])
     method = Method.from_cfg(cfg.method, cfg.schedule)
-    assert method.budget(5) == pytest.approx(0.1**0.5)
-    assert method.budget(10) == 0.0
+    assert method.behaviour.budget(5) == pytest.approx(0.1**0.5)
+    assert method.behaviour.budget(10) == 0.0
 
 
 def test_opd_ignores_the_schedule():
     cfg = compose(["method=opd", "schedule=constant"])
     method = Method.from_cfg(cfg.method, cfg.schedule)
-    assert all(method.budget(k) == 0.0 for k in (0, 10, 100))
+    assert method.behaviour.schedule is None  # the student rule reads no schedule
+    assert all(method.diagnostics(k)["trb/eps"] == 0.0 and type(method.rule(k)).__name__ == "StudentRule" for k in (0, 10, 100))
 
 
 @pytest.mark.parametrize("name", ADAPTIVE)
@@ -77,13 +78,13 @@ def test_adaptive_config_composes_and_follows_the_observations(name):
     want = adaptive_budgets(name, 0.4, gaps, rewards, **{knob: float(s[knob])})
     got = []
     for k, (g, r) in enumerate(zip(gaps, rewards)):
-        got.append(method.budget(k))
+        got.append(method.behaviour.budget(k))
         assert type(method.rule(k)).__name__ == ("TrustRegionRule" if got[-1] > 0 else "StudentRule")
         method.observe(g, r)
-    got.append(method.budget(len(gaps)))
+    got.append(method.behaviour.budget(len(gaps)))
     assert got == want and got[0] == 0.4 and got[-1] == 0.0
     with pytest.raises(RuntimeError, match="asked for step 3's budget after 10 observations"):
-        method.budget(3)
+        method.behaviour.budget(3)
 
 
 def test_adaptive_knobs_are_validated():

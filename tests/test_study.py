@@ -35,7 +35,7 @@ def _sweep_params(name):
 # family preset -> (method, its paper grid, number of runs per seed)
 PAPER = {
     "trb": ("trb", {"schedule.eps0": "0.001,0.005,0.01,0.02,0.05", "schedule.warmup_steps": "15,25,50"}, 15),
-    "fixed_blend": ("fixed_blend", {"method.eps": "0.001,0.005,0.01,0.02,0.05"}, 5),
+    "fixed_blend": ("fixed_blend", {"schedule.eps0": "0.001,0.005,0.01,0.02,0.05"}, 5),
     "skd": ("skd", {"method.teacher_top_k": "15,25,50", "method.teacher_temperature": "0.2,0.6,1.0"}, 9),
     "veto": ("veto", {"method.b_start": "0.2,0.4,0.6,0.8"}, 4),
     "temp_warmup": ("temp_warmup", {"method.t0": "0.8,0.9,0.95", "method.K": "15,25"}, 6),
@@ -81,7 +81,7 @@ def test_adaptive_sweep_runs_both_adaptive_budgets_without_a_K_grid():
 
 
 def test_mini_grids_differ_from_the_papers_only_where_stated():
-    for name, key in (("trb_mini", "schedule.eps0"), ("fixed_blend_mini", "method.eps"),
+    for name, key in (("trb_mini", "schedule.eps0"), ("fixed_blend_mini", "schedule.eps0"),
                       ("skd_mini", "method.teacher_top_k")):
         _, params = _sweep_params(name)
         assert len(str(params[key]).split(",")) == len(PAPER[name[:-5]][1][key].split(","))

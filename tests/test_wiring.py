@@ -28,9 +28,15 @@ ESTIMATORS = ("full", "topk", "sampled")
 V, TOPK = 24, 16
 
 
+# the methods whose rules this file checks step by step; a baseline added later (one rule module + YAML)
+# brings its own tests/test_<name>.py instead of an edit here
+COVERED = sorted(["opd", "trb", "fixed_blend", "skd", "veto", "temp_warmup", "sft_warmup", "offline_kd"])
+
+
 def test_every_shipped_method_is_covered():
-    assert METHODS == sorted(["opd", "trb", "fixed_blend", "skd", "veto", "temp_warmup", "sft_warmup",
-                              "offline_kd"])
+    assert set(COVERED) <= set(METHODS)
+    for name in METHODS:
+        assert name in COVERED or (Path(__file__).parent / f"test_{name}.py").is_file(), name
 
 
 # ------------------------------------------------------------------------ independent NumPy references
@@ -119,7 +125,7 @@ def test_per_token_loss_matches_numpy(name, loss, estimator, inputs):
             _method_with(name, loss, estimator)
         return
     cfg, m = _method_with(name, loss, estimator)
-    assert m.topk == TOPK and (m.loss, m.estimator) == (loss, estimator)
+    assert m.topk == TOPK and (m.objective.name, m.estimator) == (loss, estimator)
     K = int(cfg.method.get("K", 0))
     for step in sorted({0, 1, K // 2, K, K + 3}):
         b = _bridge_b(cfg.method, step)
@@ -201,7 +207,7 @@ def test_relative_budget_reaches_the_rule():
 STEPS = (0, 1, 7, 12, 24, 25, 26, 399, 400, 1000)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", COVERED)
 @pytest.mark.parametrize("base_t", [1.0, 0.7])
 def test_rule_at_step_k_has_the_scheduled_value(name, base_t):
     cfg = _cfg(name)
@@ -217,7 +223,7 @@ def test_rule_at_step_k_has_the_scheduled_value(name, base_t):
                 assert type(rule) is StudentRule
             assert rule.temperature == base_t
         elif name == "fixed_blend":
-            assert isinstance(rule, TrustRegionRule) and rule.eps == float(mc.eps) == 0.01
+            assert isinstance(rule, TrustRegionRule) and rule.eps == float(cfg.schedule.eps0) == 0.01
             assert rule.temperature == base_t and m.diagnostics(k)["trb/eps"] == 0.01
         elif name == "skd":
             assert isinstance(rule, SKDRule)
@@ -236,10 +242,10 @@ def test_rule_at_step_k_has_the_scheduled_value(name, base_t):
             b0, K = float(mc.b_start), int(mc.K)
             assert (b0, K) == (0.6, cfg.trainer.max_steps)
             want = b0 + (1 - b0) * k / K if k < K else 1.0
-            assert m.bridge_b(k) == pytest.approx(want, rel=1e-12)
+            assert m.objective.bridge_b(k) == pytest.approx(want, rel=1e-12)
             assert m.diagnostics(k)["veto/b"] == pytest.approx(want, rel=1e-12)
         else:
-            assert m.bridge_b(k) == 1.0 and "veto/b" not in m.diagnostics(k)
+            assert m.objective.bridge_b(k) == 1.0 and "veto/b" not in m.diagnostics(k)
     if name == "sft_warmup":
         assert (m.sft_samples, m.sft_steps, m.sft_updates) == (4, 50, 25)
     else:

@@ -24,7 +24,6 @@ of pytorch-labs/gpt-fast:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import weakref
@@ -302,15 +301,13 @@ def sample_static(
     sampled token and the teacher entropy), ``solver_iters`` (the TRB solver's fixed iteration budget;
     None = device-side stopping). ``trace(t, rows, logits)``, when given, sees the (EOS-merged) next-token
     logits of the decoded ``rows`` at every step (tests)."""
-    from trb_exp.rollout import Rollout, TrustRegionRule, positions_from_mask
+    from trb_exp.rollout import Rollout, positions_from_mask
 
     B, P = prompt_ids.shape
     device = prompt_ids.device
     if sync_every is None:
         sync_every = 1 if device.type == "cpu" else 16
-    if isinstance(rule, TrustRegionRule):
-        rule = dataclasses.replace(rule, solver="device", max_iter=solver_iters or rule.max_iter,
-                                   fixed_iters=solver_iters is not None)
+    rule = rule.for_static_engine(solver_iters)  # e.g. the trust-region solver's sync-free twin
     mask = prompt_mask.long()
     pos0 = positions_from_mask(mask)
     max_len = P + max_new_tokens

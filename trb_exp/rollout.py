@@ -25,110 +25,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from trb_exp.blending import kl_divergence, merge_eos, trust_region_blend, trust_region_blend_device
+from trb_exp.blending import merge_eos
+# the behaviour rules' samplers live in trb_exp/rules/ (one module per rule); re-exported here
+from trb_exp.rules.greedy import GreedyRule
+from trb_exp.rules.skd import SKDRule
+from trb_exp.rules.student import StudentRule
+from trb_exp.rules.teacher import TeacherRule
+from trb_exp.rules.trust_region import TrustRegionRule
 
 ENGINES = ("eager", "static")
 TEACHER_STATS = ("full", "topk")
-
-
-# --------------------------------------------------------------------------- behaviour rules
-@dataclass
-class StudentRule:
-    temperature: float = 1.0
-    needs_student: bool = True
-    needs_teacher: bool = False
-
-    def __call__(self, student_logits, teacher_logits):
-        return torch.log_softmax(student_logits.float() / self.temperature, -1), {}
-
-
-@dataclass
-class GreedyRule:
-    needs_student: bool = True
-    needs_teacher: bool = False
-
-    def __call__(self, student_logits, teacher_logits):
-        logp = torch.full_like(student_logits, float("-inf"), dtype=torch.float32)
-        return logp.scatter_(-1, student_logits.argmax(-1, keepdim=True), 0.0), {}
-
-
-@dataclass
-class TeacherRule:
-    temperature: float = 1.0
-    needs_student: bool = False
-    needs_teacher: bool = True
-
-    def __call__(self, student_logits, teacher_logits):
-        return torch.log_softmax(teacher_logits.float() / self.temperature, -1), {}
-
-
-@dataclass
-class TrustRegionRule:
-    """TRB's behaviour policy. ``budget='absolute'``: eps nats per token (the paper's knob);
-    ``budget='relative'``: eps = rho * KL(pi_T||pi_S) at each prefix, ``rho = eps`` in [0, 1]."""
-
-    eps: float
-    budget: str = "absolute"
-    temperature: float = 1.0
-    tol: float = 1e-6
-    solver: str = "exact"  # exact: blending.trust_region_blend; device: its sync-free twin (static engine)
-    max_iter: int = 30
-    fixed_iters: bool = False  # device solver: exactly max_iter iterations (no host read at all)
-    needs_student: bool = True
-    needs_teacher: bool = True
-
-    def __call__(self, student_logits, teacher_logits):
-        s = student_logits.float() / self.temperature
-        t = teacher_logits.float() / self.temperature
-        if self.budget == "relative":
-            gap = kl_divergence(torch.log_softmax(t, -1), torch.log_softmax(s, -1))
-            eps = self.eps * torch.nan_to_num(gap, posinf=1e4)
-        else:
-            eps = torch.full(s.shape[:-1], float(self.eps), device=s.device)
-        if self.solver == "device":
-            res = trust_region_blend_device(s, t, eps, tol=self.tol, max_iter=self.max_iter,
-                                            fixed_iters=self.fixed_iters)
-        else:
-            res = trust_region_blend(s, t, eps, tol=self.tol, max_iter=self.max_iter)
-        diag = {
-            "eps": eps,
-            "beta": res.beta,
-            "kl_behavior_student": res.kl,
-            "solver_iters": res.iters.float(),
-        }
-        return res.logprobs, diag
-
-
-@dataclass
-class SKDRule:
-    """Speculative KD's interleaved sampling (Xu et al. 2024, arXiv 2410.11325): the student proposes a
-    token (at ``temperature``); if it is not among the teacher's ``top_k`` tokens at this prefix it is
-    replaced by ONE fresh sample from the teacher at ``teacher_temperature``; decoding continues from
-    the accepted token. The rule samples itself (with ``generator``) and returns a one-hot behaviour
-    distribution on the accepted token, so the decode loop emits exactly that token; diagnostic
-    ``replaced`` is 1 where the proposal was replaced."""
-
-    top_k: int
-    teacher_temperature: float = 1.0
-    temperature: float = 1.0
-    generator: torch.Generator | None = None
-    needs_student: bool = True
-    needs_teacher: bool = True
-
-    def correct(self, proposals: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Accepted tokens [B] and the bool ``replaced`` [B] for given proposals [B]."""
-        t = torch.nan_to_num(teacher_logits.float(), nan=float("-inf"))
-        top = t.topk(min(self.top_k, t.shape[-1]), dim=-1).indices
-        replaced = ~(top == proposals[:, None]).any(-1)
-        draw = torch.multinomial(torch.softmax(t / self.teacher_temperature, -1), 1, generator=self.generator)
-        return torch.where(replaced, draw.squeeze(-1), proposals), replaced
-
-    def __call__(self, student_logits, teacher_logits):
-        s = torch.softmax(student_logits.float() / self.temperature, -1)
-        proposals = torch.multinomial(s, 1, generator=self.generator).squeeze(-1)
-        tokens, replaced = self.correct(proposals, teacher_logits)
-        logp = torch.full_like(s, float("-inf")).scatter_(-1, tokens[:, None], 0.0)
-        return logp, {"replaced": replaced.float()}
+__all__ = ["ENGINES", "TEACHER_STATS", "GreedyRule", "Rollout", "SKDRule", "StudentRule", "TeacherRule",
+           "TrustRegionRule", "concat_rollouts", "positions_from_mask", "response_logits", "sample", "sample_kwargs",
+           "teacher_logprobs", "teacher_logprobs_at"]
 
 
 # --------------------------------------------------------------------------- the rollout record

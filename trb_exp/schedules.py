@@ -33,12 +33,17 @@ observation per step and that saves/restores its state (resumable runs).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+
+from trb_exp.knobs import NOT_A_KNOB, bad, knobs_from
 
 SCHEDULES = ("linear", "cosine", "exponential", "step", "constant", "none", "gap", "reward")
 ADAPTIVE = ("gap", "reward")
 GAP_EMA_DECAY = 0.9     # smoothing of the measured gap (the per-step loss is noisy)
 REWARD_EPS_CAP = 4.0    # the reward controller never exceeds 4 * eps0
 REWARD_HANDOVER = 0.02  # ... and hands over to plain OPD below eps0 / 50
+HORIZON = ("linear", "cosine", "exponential", "step")  # the schedules that read warmup_steps (K)
+BUDGETS = ("absolute", "relative")
 
 
 def budget_at(step: int, name: str, eps0: float, warmup_steps: int, final_ratio: float = 0.01) -> float:
@@ -130,3 +135,64 @@ class AdaptiveBudget:
     def load_state_dict(self, state: dict) -> None:
         self.eps, self.gap0, self.gap_ema, self.steps = (state["eps"], state["gap0"], state["gap_ema"],
                                                          int(state["steps"]))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The ``schedule`` config group, validated: the budget eps_k of a rule that reads one (TRB's trust
+    region; ``fixed_blend`` is the trust region with ``schedule=constant``)."""
+
+    name: str = "linear"
+    eps0: float = 0.0
+    warmup_steps: int = 0
+    budget: str = "absolute"       # absolute: nats per token; relative: a fraction of KL(pi_T||pi_S)
+    final_ratio: float = 0.01      # exponential: eps_{K-1} ~ eps0 * final_ratio
+    handover: float = 0.5          # gap: plain OPD once the smoothed gap is this fraction of the first
+    target_reward: float = 0.25    # reward: the rollouts' mean reward the controller aims at
+    # the adaptive schedules' state (gap, reward): fed one observation per step by the trainer
+    controller: AdaptiveBudget | None = field(default=None, compare=False, repr=False, metadata=NOT_A_KNOB)
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "Schedule":
+        s = cls(**knobs_from(cls, cfg, "schedule"))
+        s.validate()
+        return s
+
+    @property
+    def adaptive(self) -> bool:
+        return self.name in ADAPTIVE
+
+    def validate(self) -> None:
+        if self.name not in SCHEDULES:
+            bad("schedule.name", self.name, f"choose one of {', '.join(SCHEDULES)}")
+        if not self.eps0 >= 0:
+            bad("schedule.eps0", self.eps0, "a KL budget must be >= 0 (0 = plain OPD)")
+        if self.warmup_steps < 1 and self.name in HORIZON:
+            bad("schedule.warmup_steps", self.warmup_steps, "the warmup horizon K must be >= 1")
+        if not 0 <= self.handover < 1:
+            bad("schedule.handover", self.handover, "the hand-over fraction of the initial gap must be in [0, 1)")
+        if not 0 < self.target_reward <= 1:
+            bad("schedule.target_reward", self.target_reward, "a target mean reward must be in (0, 1]")
+        if self.name == "exponential" and not 0 < self.final_ratio <= 1:
+            bad("schedule.final_ratio", self.final_ratio, "the decay ratio of the exponential schedule must be in (0, 1]")
+        if self.budget not in BUDGETS:
+            bad("schedule.budget", self.budget, f"choose one of {', '.join(BUDGETS)}")
+        if self.budget == "relative" and self.eps0 > 1:
+            bad("schedule.eps0", self.eps0, "a relative budget is a fraction of KL(pi_T||pi_S): use a value in [0, 1]")
+
+    def attach_controller(self) -> "Schedule":
+        """An adaptive schedule gets its state (once); the trainer feeds it through ``observe``."""
+        if self.adaptive and self.controller is None:
+            object.__setattr__(self, "controller", AdaptiveBudget(
+                self.name, self.eps0, handover=self.handover, target_reward=self.target_reward,
+                relative=self.budget == "relative"))
+        return self
+
+    def observe(self, gap: float, reward: float) -> None:
+        if self.controller is not None:
+            self.controller.observe(gap, reward)
+
+    def __call__(self, step: int) -> float:
+        if self.controller is not None:
+            return self.controller(step)
+        return budget_at(step, self.name, self.eps0, self.warmup_steps, self.final_ratio)

@@ -88,8 +88,8 @@ def prompt_batch(seed: int, step: int, n_prompts: int, per_step: int) -> list[in
 
 
 def rollout_metrics(ro, texts, answers, grade, method: Method, step: int, temperature: float = 1.0) -> dict:
-    """Per-step diagnostics of the training rollouts, the method's knobs at this step, and those of
-    its behaviour rule (TRB's blending, SKD's replacements)."""
+    """Per-step diagnostics of the training rollouts, the method's knobs at this step, and its behaviour
+    rule's summary of its per-token diagnostics (``Rule.summarize``: TRB's blending, SKD's replacements)."""
     mask = ro.response_mask
     n_tok = mask.sum().clamp_min(1)
     lengths = mask.sum(1).float()
@@ -112,26 +112,7 @@ def rollout_metrics(ro, texts, answers, grade, method: Method, step: int, temper
         tok_lp = t.gather(-1, ro.response_ids.clamp_min(0)[..., None]).squeeze(-1)
         m["rollout/teacher_entropy"] = (ent * mask).sum().item() / n_tok.item()
         m["rollout/teacher_logprob"] = (tok_lp * mask).sum().item() / n_tok.item()
-    d = ro.diagnostics
-    if "replaced" in d:
-        m["skd/replaced_frac"] = d["replaced"][mask].mean().item()
-    if "beta" in d:
-        beta, kl = d["beta"][mask], d["kl_behavior_student"][mask]
-        m.update({
-            "trb/eps_mean": d["eps"][mask].mean().item(),
-            "trb/beta_mean": beta.mean().item(),
-            "trb/frac_beta_pos": (beta > 0).float().mean().item(),
-            "trb/frac_beta_one": (beta >= 1).float().mean().item(),
-            "trb/kl_behavior_student_mean": kl.mean().item(),
-            "trb/kl_behavior_student_max": kl.max().item(),
-            "trb/kl_behavior_student_seq_sum": (d["kl_behavior_student"] * mask).sum(1).mean().item(),
-            "trb/kl_excess_max": (kl - d["eps"][mask]).max().item(),
-            "trb/solver_iters_mean": d["solver_iters"][mask].mean().item(),
-            "trb/solver_iters_max": d["solver_iters"][mask].max().item(),
-            "trb/solver_share": ro.rule_s / max(ro.decode_s, 1e-9),
-        })
-    elif method.rollout == "trust_region":
-        m.update({"trb/beta_mean": 0.0, "trb/frac_beta_pos": 0.0, "trb/kl_behavior_student_mean": 0.0})
+    m.update(method.summarize(ro))  # the behaviour rule's own metrics (trb/*, skd/*)
     return m
 
 

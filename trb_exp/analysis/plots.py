@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trb_exp.analysis.runs import DIAGNOSTICS, fmt_value, headline_config, seed_curve
+from trb_exp.analysis.runs import BASELINE, DIAGNOSTICS, FOCUS, fmt_value, headline_config, seed_curve
 
 def save_png(fig, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -33,7 +33,7 @@ def plot_headline_curves(sgroups, path: Path, teacher_pass1: float | None = None
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
     for fam, label, rs in series:
-        _band(ax, seed_curve(rs), len(rs), label=f"{fam} (n={len(rs)})", lw=2.5 if fam in ("trb", "opd") else 1.2)
+        _band(ax, seed_curve(rs), len(rs), label=f"{fam} (n={len(rs)})", lw=2.5 if fam in (FOCUS, BASELINE) else 1.2)
     if teacher_pass1 is not None:
         ax.axhline(teacher_pass1, color="k", ls=":", lw=1, label=f"teacher {teacher_pass1:.3f}")
     ax.set_title("pass@1, each family's headline configuration: seed mean, band = min-max", fontsize=10)
@@ -87,7 +87,7 @@ def plot_sweeps(groups, path: Path) -> bool:
     def best_of(rs):
         return max((r.pass1(s) for r in rs for s in r.evals if s > 0), default=None)
 
-    opd_best = max((b for rs in groups.get("opd", {}).values() if (b := best_of(rs)) is not None), default=None)
+    opd_best = max((b for rs in groups.get(BASELINE, {}).values() if (b := best_of(rs)) is not None), default=None)
     panels = []
     for fam, cfgs in groups.items():
         if len(cfgs) < 2:
@@ -142,7 +142,8 @@ def plot_sweeps(groups, path: Path) -> bool:
 def plot_trb_diagnostics(groups, path: Path) -> bool:
     from matplotlib.figure import Figure
 
-    series = [(fam, label, rs) for fam in ("trb", "fixed_blend") for label, rs in groups.get(fam, {}).items()]
+    series = [(fam, label, rs) for fam, cfgs in groups.items() for label, rs in cfgs.items()  # whoever logged the blend
+              if any("trb/beta_mean" in t for r in rs for t in r.train)]
     if not any(seed_curve(rs, k, "train") for _, _, rs in series for k in DIAGNOSTICS):
         return False
     fig = Figure(figsize=(12, 7), layout="constrained")

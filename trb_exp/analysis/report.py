@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from trb_exp.analysis.runs import (PASS1, Run, final_pass1, headline_config, headline_finals, run_steps_to_target,
-                                   seed_curve, seeded_groups)
+from trb_exp.analysis.runs import (BASELINE, FOCUS, PASS1, Run, final_pass1, headline_config, headline_finals,
+                                   run_steps_to_target, seed_curve, seeded_groups)
 from trb_exp.analysis.stats import (best_checkpoint, closest_step, first_step_at_least, mean_ci, paired_difference,
                                     steps_to_target)
 
@@ -31,7 +31,7 @@ def _s(x) -> str:
 def _trb_refs(groups) -> list[tuple[str, int]]:
     """(trb config, its end-of-warmup eval step Kt = first eval step >= K of its runs)."""
     refs = []
-    for label, rs in groups.get("trb", {}).items():
+    for label, rs in groups.get(FOCUS, {}).items():
         k = rs[0].warmup_k
         steps = sorted(set.intersection(*(set(r.evals) for r in rs)))
         if steps:
@@ -52,7 +52,7 @@ def _mean_step_s(run: Run, k: int | None):
 def _summary_rows(groups: dict, sgroups: dict, best: dict) -> list[list]:
     """One row per family: its headline configuration over seeds, the paired difference to OPD's, and
     the paper-protocol best checkpoint."""
-    opd = headline_finals(sgroups.get("opd", {}))
+    opd = headline_finals(sgroups.get(BASELINE, {}))
     rows = []
     for fam in groups:
         label = headline_config(sgroups.get(fam, {}))
@@ -64,7 +64,7 @@ def _summary_rows(groups: dict, sgroups: dict, best: dict) -> list[list]:
         finals = headline_finals(sgroups[fam])
         m, h, n = mean_ci(list(finals.values()))
         diff = "—"
-        if fam != "opd" and opd:
+        if fam != BASELINE and opd:
             d = paired_difference(finals, opd)
             diff = _ci(d["mean"], d["half"], signed=True) + f" (n={d['n']})" if d["n"] else "—"
         rows.append([fam, f"`{label}`", n, _ci(m, h), diff, best_s])
@@ -200,7 +200,7 @@ def _over_seeds_section(groups) -> list[str]:
     rows = _trb_opd_rows(groups, refs)
     L += _table(["trb config", "opd config", "at", "pairs", "per seed (seed: diff)", "mean ± 95% CI"], rows) \
         if rows else ["No trb and opd configurations sharing >= 2 seeds.", ""]
-    opd_label = headline_config(groups.get("opd", {}))
+    opd_label = headline_config(groups.get(BASELINE, {}))
     rows = _vs_opd_rows(groups) if opd_label else []
     if rows:
         L += [f"### Paired difference, every other family − OPD (`{opd_label}`), final step", ""]
@@ -225,11 +225,11 @@ def _warmup_rows(groups, refs) -> list[list]:
     for ref_label, kt in refs:
         for fam, cfgs in groups.items():
             for label, rs in cfgs.items():
-                if len(rs) < 2 or (fam == "trb" and label != ref_label):
+                if len(rs) < 2 or (fam == FOCUS and label != ref_label):
                     continue
                 vals, steps = [], set()
                 for r in rs:
-                    s = kt if fam == "trb" and kt in r.evals else closest_step(r.evals, kt)
+                    s = kt if fam == FOCUS and kt in r.evals else closest_step(r.evals, kt)
                     steps.add(s)
                     vals.append(r.pass1(s))
                 m, h, n = mean_ci(vals)
@@ -241,8 +241,8 @@ def _warmup_rows(groups, refs) -> list[list]:
 def _trb_opd_rows(groups, refs) -> list[list]:
     rows = []
     for ref_label, kt in refs:
-        trb_runs = {r.seed: r for r in groups["trb"][ref_label]}
-        for opd_label, ors in groups.get("opd", {}).items():
+        trb_runs = {r.seed: r for r in groups[FOCUS][ref_label]}
+        for opd_label, ors in groups.get(BASELINE, {}).items():
             opd_runs = {r.seed: r for r in ors}
             for when in ("final", "warmup"):
                 if when == "final":
@@ -264,10 +264,10 @@ def _trb_opd_rows(groups, refs) -> list[list]:
 
 def _vs_opd_rows(groups) -> list[list]:
     rows = []
-    opd_runs = headline_finals(groups["opd"])
+    opd_runs = headline_finals(groups[BASELINE])
     for fam, cfgs in groups.items():
         label = headline_config(cfgs)
-        if fam in ("opd", "trb") or label is None:
+        if fam in (BASELINE, FOCUS) or label is None:
             continue
         d = paired_difference(headline_finals(cfgs), opd_runs)
         if d["n"] >= 2:
@@ -297,7 +297,7 @@ def _wall_clock_section(groups) -> list[str]:
     L = ["## Wall clock", "",
          "`train_s` from summary.json; mean `time/step_s` over the warmup (logged steps 1..K) and after. K = "
          "`schedule.warmup_steps` (trb), `method.K` (veto, temp_warmup), else the smallest trb K of this report.", ""]
-    ref_k = min((r.warmup_k for rs in groups.get("trb", {}).values() for r in rs), default=None)
+    ref_k = min((r.warmup_k for rs in groups.get(FOCUS, {}).values() for r in rs), default=None)
     rows = []
     for fam, cfgs in groups.items():
         per = [(r.summary.get("train_s") if r.summary else None, *_mean_step_s(r, r.warmup_k if r.warmup_k is not None

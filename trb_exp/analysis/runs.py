@@ -24,6 +24,10 @@ _IGNORED = ("seed", "device", "threads", "logger", "hydra", "trainer.save_studen
             "model.teacher_device", "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.resume",
             "trainer.progress", "trainer.strategy")
 _TRB_SCHEDULE_KNOBS = ("schedule.name", "schedule.eps0", "schedule.warmup_steps", "schedule.budget")
+# the report's subject family (its schedule knobs always label its configurations, its end of warmup is the
+# reference step) and the family every other one is paired against: report roles, not method knowledge
+FOCUS, BASELINE = "trb", "opd"
+BUDGET = "trb/eps"  # a rule's logged KL budget: > 0 at some step = the run read the schedule group
 
 
 @dataclass
@@ -43,7 +47,7 @@ class Run:
     @property
     def warmup_k(self) -> int | None:
         """The run's own warmup horizon: schedule.warmup_steps (trb), method.K (veto, temp_warmup)."""
-        if self.method == "trb":
+        if self.method == FOCUS:
             return int(self.cfg["schedule.warmup_steps"])
         try:
             return int(self.cfg["method.K"]) if "method.K" in self.cfg else None
@@ -139,16 +143,27 @@ def _ignored(key: str) -> bool:
     return any(key == p or key.startswith(p + ".") for p in _IGNORED)
 
 
-def _read_by(family: str, key: str) -> bool:
-    """Whether a method family reads a setting: only trb reads the schedule (fixed_blend: its budget kind)."""
+def schedule_keys(r: Run) -> set[str]:
+    """The schedule settings a run read, from what it logged: all of them when its rule logged a budget
+    (``trb/eps`` > 0 at some step); only ``schedule.budget`` for a run with the old constant budget
+    ``method.eps`` (fixed_blend before it became ``schedule=constant``); none otherwise."""
+    if "method.eps" in r.cfg:
+        return {"schedule.budget"} & set(r.cfg)
+    if any(t.get(BUDGET) for t in r.train):
+        return {k for k in r.cfg if k.startswith("schedule.")}
+    return set()
+
+
+def _read_by(family: str, key: str, reads: set[str]) -> bool:
+    """Whether a method family reads a setting: the schedule's only where its runs read it (``reads``)."""
     if not key.startswith("schedule."):
         return True
-    return family == "trb" or (family == "fixed_blend" and key == "schedule.budget")
+    return family == FOCUS or key in reads
 
 
 def group_runs(runs: list[Run]) -> dict:
     """{family: {config label: [runs sorted by seed]}}; sets run.config / run.knobs. A configuration is
-    the run's method.* knobs (+ schedule knobs for trb, schedule.budget for fixed_blend) plus any other
+    the run's method.* knobs (+ the schedule knobs for FOCUS, schedule.budget for an old method.eps run) plus any other
     non-ignored setting that varies within the family. Its label names the knobs that vary or that a
     run set on its command line."""
     fams: dict[str, list[Run]] = {}
@@ -159,18 +174,19 @@ def group_runs(runs: list[Run]) -> dict:
         keys = set()
         for r in rs:
             keys |= set(r.cfg)
-        varying = {k for k in keys if not _ignored(k) and _read_by(fam, k)
+        reads = set().union(*(schedule_keys(r) for r in rs))
+        varying = {k for k in keys if not _ignored(k) and _read_by(fam, k, reads)
                    and len({repr(r.cfg.get(k)) for r in rs}) > 1}
         set_by_hand = set().union(*(r.overridden for r in rs))  # shown in labels even when constant
         for r in rs:
             own = {k for k in r.cfg if k.startswith("method.") and k != "method.name"}
-            if fam == "trb":
+            if fam == FOCUS:
                 own |= {k for k in _TRB_SCHEDULE_KNOBS if k in r.cfg}
-            if fam == "fixed_blend" and "schedule.budget" in r.cfg:
-                own.add("schedule.budget")
+            if "method.eps" in r.cfg:
+                own |= schedule_keys(r)
             r.knobs = {k: r.cfg.get(k) for k in sorted(own | varying)}
             shown = sorted(((varying | set_by_hand) & set(r.knobs)) | ({k for k in _TRB_SCHEDULE_KNOBS[:3] if k in r.cfg}
-                                                                       if fam == "trb" else set()))
+                                                                       if fam == FOCUS else set()))
             r.config = ",".join(f"{k}={fmt_value(r.knobs[k])}" for k in shown) or "default"
         groups: dict[str, list[Run]] = {}
         for r in rs:
