@@ -127,7 +127,7 @@ def setup(cfg) -> Experiment:
                       eos_ids=all_eos, method=method, teacher=teacher,
                       train_prompts=train_prompts, train_answers=list(task.train_answers),
                       grade=task.grade, teacher_pass=teacher_pass, rollout_kw=rollout_kw, sparse_teacher=sparse,
-                      stateful={"budget": method.schedule.controller} if method.schedule.controller else {})
+                      stateful=method.stateful())
 
 
 def setup_eval(cfg) -> Experiment:

@@ -73,6 +73,11 @@ class Method:
         """The behaviour rule's per-step metrics from the rollout's per-token diagnostics."""
         return self.behaviour.summarize(rollout.diagnostics, rollout.response_mask, rollout)
 
+    def stateful(self) -> dict:
+        """What of the method changes while training and is checkpointed by name (an adaptive budget)."""
+        c = self.schedule.controller
+        return {"budget": c} if c is not None else {}
+
     def observe(self, gap: float, reward: float) -> None:
         """Feed the rule (an adaptive budget schedule) the step's mean per-token gap and mean reward."""
         self.behaviour.observe(gap, reward)
