@@ -1,21 +1,24 @@
 """Compare training runs: ``python -m trb_exp.compare RUN_DIRS... [--out DIR] [--target-frac 0.8]
-[--teacher-pass1 X] [--ci-seeds 1,2] [--paper docs/results/paper_table1.json] [--title T]``.
+[--teacher-pass1 X] [--ci-seeds 1,2] [--paper docs/results/paper_table1.json] [--title T]
+[--focus trb] [--baseline opd]``.
 
 Every subdirectory of RUN_DIRS holding ``metrics.jsonl`` and ``.hydra/config.yaml`` is a run (a
 multirun sweep dir works as is). Runs are grouped by method family (``method.name``) and by
-configuration (the method's knobs, the schedule's for ``trb``, and any other setting that varies
-within the family; never the seed). Writes ``comparison.md`` (deterministic: re-running on the same
-runs reproduces it byte for byte) and PNG plots next to it:
+configuration (the method's knobs, the schedule's for a run that logged a budget, and any other setting
+that varies within the family; never the seed). The report's roles are arguments: ``--focus`` (the
+subject family, trb by default) and ``--baseline`` (the family every other is paired against, opd).
+Writes ``comparison.md`` (deterministic: re-running on the same runs reproduces it byte for byte) and
+PNG plots next to it:
 
 - the paper's Table 1 protocol: per family, the best checkpoint (highest ``eval/pass@1``) over every
   evaluated step (> 0) of every run of every configuration, with its per-benchmark pass@1;
 - per configuration with >= 2 seeds: mean ± 95% CI (Student t) of pass@1 at the final step and at the
-  end of TRB's warmup, and the paired per-seed difference TRB − OPD with its 95% CI;
+  end of the focus's warmup, and the paired per-seed difference focus − baseline with its 95% CI;
 - steps-to-target (``--teacher-pass1``): the first evaluated step reaching target_frac × teacher pass@1;
 - wall-clock per run and mean step time during and after warmup;
-- a summary (each family's headline configuration against OPD), a sweeps table, every family − OPD,
-  the paper's own Table 1 (``--paper``), and the plots headline_curves / learning_curves / sweeps /
-  trb_diagnostics. Unfinished runs (no summary.json) are left out; the last line names the command.
+- a summary (each family's headline configuration against the baseline), a sweeps table, every family −
+  baseline, the paper's own Table 1 (``--paper``), and the plots headline_curves / learning_curves /
+  sweeps / trb_diagnostics. Unfinished runs (no summary.json) are left out; the last line names the command.
 
 The maths (``mean_ci``, ``paired_difference``, ``best_checkpoint``, ``steps_to_target``) are pure
 functions.
@@ -31,19 +34,24 @@ import sys
 from pathlib import Path
 
 from trb_exp.analysis.plots import plot_headline_curves, plot_learning_curves, plot_sweeps, plot_trb_diagnostics
-from trb_exp.analysis.report import build_report, render_paper_table
+from trb_exp.analysis.report import Roles, build_report, render_paper_table
 from trb_exp.analysis.runs import (PASS1, InputError, Run, find_run_dirs, group_runs, headline_config, headline_finals,
                                    load_run, seeded_groups)
 from trb_exp.analysis.stats import (best_checkpoint, closest_step, first_step_at_least, mean_ci, paired_difference,
                                     steps_to_target, t_quantile_975)
 
-__all__ = ["PASS1", "InputError", "Run", "best_checkpoint", "build_report", "closest_step", "compare", "find_run_dirs",
+__all__ = ["PASS1", "InputError", "Roles", "Run", "best_checkpoint", "build_report", "closest_step", "compare", "find_run_dirs",
            "first_step_at_least", "group_runs", "headline_config", "headline_finals", "load_run", "main", "mean_ci",
            "paired_difference", "render_paper_table", "steps_to_target", "t_quantile_975"]
 
 
+DEFAULT_ROLES = Roles(focus="trb", baseline="opd")  # the CLI's --focus / --baseline defaults
+
+
 def compare(run_dirs, out: Path, *, target_frac: float = 0.8, teacher_pass1: float | None = None,
-            ci_seeds=None, paper: dict | None = None, title: str = "Run comparison", command: str | None = None) -> Path:
+            ci_seeds=None, paper: dict | None = None, title: str = "Run comparison", command: str | None = None,
+            roles: Roles | None = None) -> Path:
+    roles = roles or DEFAULT_ROLES
     paths = find_run_dirs(run_dirs)
     if not paths:
         raise InputError(f"error: no run (metrics.jsonl + .hydra/config.yaml) under {', '.join(map(str, run_dirs))}")
@@ -59,16 +67,16 @@ def compare(run_dirs, out: Path, *, target_frac: float = 0.8, teacher_pass1: flo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plots = {}
-    if plot_headline_curves(seeded_groups(groups, ci_seeds), out / "headline_curves.png", teacher_pass1):
+    if plot_headline_curves(seeded_groups(groups, ci_seeds), out / "headline_curves.png", roles, teacher_pass1):
         plots["headline learning curves"] = "headline_curves.png"
     if plot_learning_curves(groups, out / "learning_curves.png"):
         plots["learning curves per configuration"] = "learning_curves.png"
-    if plot_sweeps(groups, out / "sweeps.png"):
+    if plot_sweeps(groups, out / "sweeps.png", roles):
         plots["sweeps"] = "sweeps.png"
     if plot_trb_diagnostics(seeded_groups(groups, ci_seeds), out / "trb_diagnostics.png"):
         plots["TRB diagnostics"] = "trb_diagnostics.png"
     report = build_report(runs, groups, target_frac=target_frac, teacher_pass1=teacher_pass1, plots=plots,
-                          ci_seeds=ci_seeds, paper=paper, title=title, command=command)
+                          roles=roles, ci_seeds=ci_seeds, paper=paper, title=title, command=command)
     path = out / "comparison.md"
     path.write_text(report)
     return path
@@ -85,6 +93,11 @@ def main(argv=None) -> None:
                         "selected each family's configuration); default all")
     p.add_argument("--paper", default=None, help="JSON of the paper's published table, rendered next to ours")
     p.add_argument("--title", default="Run comparison", help="the report's title")
+    p.add_argument("--focus", default=DEFAULT_ROLES.focus,
+                   help="the report's subject family: its end of warmup is the reference step, it is paired "
+                        "against the baseline per configuration (default %(default)s)")
+    p.add_argument("--baseline", default=DEFAULT_ROLES.baseline,
+                   help="the family every other one is paired against (default %(default)s)")
     a = p.parse_args(argv)
     ci_seeds = None
     if a.ci_seeds:
@@ -105,7 +118,8 @@ def main(argv=None) -> None:
         raise InputError(f"error: --out {out}: a file is there; give a directory (it is created if missing)")
     command = "python -m trb_exp.compare " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     path = compare(a.run_dirs, Path(out), target_frac=a.target_frac, teacher_pass1=a.teacher_pass1,
-                   ci_seeds=ci_seeds, paper=paper, title=a.title, command=command)
+                   ci_seeds=ci_seeds, paper=paper, title=a.title, command=command,
+                   roles=Roles(focus=a.focus, baseline=a.baseline))
     print(f"[compare] wrote {path}", file=sys.stderr)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trb_exp.analysis.runs import BASELINE, DIAGNOSTICS, FOCUS, fmt_value, headline_config, seed_curve
+from trb_exp.analysis.report import Roles
+from trb_exp.analysis.runs import DIAGNOSTICS, fmt_value, headline_config, seed_curve
 
 def save_png(fig, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -22,8 +23,9 @@ def _band(ax, curve, n_runs, **kw):
     return line
 
 
-def plot_headline_curves(sgroups, path: Path, teacher_pass1: float | None = None) -> bool:
-    """One axis: each family's headline configuration, seed mean with a min-max band."""
+def plot_headline_curves(sgroups, path: Path, roles: Roles, teacher_pass1: float | None = None) -> bool:
+    """One axis: each family's headline configuration, seed mean with a min-max band (the focus's and
+    the baseline's drawn thicker)."""
     from matplotlib.figure import Figure
 
     series = [(fam, label, cfgs[label]) for fam, cfgs in sgroups.items()
@@ -33,7 +35,7 @@ def plot_headline_curves(sgroups, path: Path, teacher_pass1: float | None = None
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
     for fam, label, rs in series:
-        _band(ax, seed_curve(rs), len(rs), label=f"{fam} (n={len(rs)})", lw=2.5 if fam in (FOCUS, BASELINE) else 1.2)
+        _band(ax, seed_curve(rs), len(rs), label=f"{fam} (n={len(rs)})", lw=2.5 if fam in (roles.focus, roles.baseline) else 1.2)
     if teacher_pass1 is not None:
         ax.axhline(teacher_pass1, color="k", ls=":", lw=1, label=f"teacher {teacher_pass1:.3f}")
     ax.set_title("pass@1, each family's headline configuration: seed mean, band = min-max", fontsize=10)
@@ -79,15 +81,15 @@ def _num(v):
         return v
 
 
-def plot_sweeps(groups, path: Path) -> bool:
+def plot_sweeps(groups, path: Path, roles: Roles) -> bool:
     """The paper's Figs 5/6: per family with several configurations, the best-checkpoint pass@1 of each:
-    a heatmap over two swept knobs, a line over one; OPD's best checkpoint for reference."""
+    a heatmap over two swept knobs, a line over one; the baseline's best checkpoint for reference."""
     from matplotlib.figure import Figure
 
     def best_of(rs):
         return max((r.pass1(s) for r in rs for s in r.evals if s > 0), default=None)
 
-    opd_best = max((b for rs in groups.get(BASELINE, {}).values() if (b := best_of(rs)) is not None), default=None)
+    opd_best = max((b for rs in groups.get(roles.baseline, {}).values() if (b := best_of(rs)) is not None), default=None)
     panels = []
     for fam, cfgs in groups.items():
         if len(cfgs) < 2:
@@ -105,7 +107,7 @@ def plot_sweeps(groups, path: Path) -> bool:
     axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    ref = f"OPD best {opd_best:.3f}" if opd_best is not None else "no OPD run"
+    ref = f"{roles.B} best {opd_best:.3f}" if opd_best is not None else f"no {roles.B} run"
     for ax, (fam, knobs, vals) in zip(axes, panels):
         if len(knobs) == 2:
             xs = sorted({k[0] for k in vals}, key=str if any(isinstance(k[0], str) for k in vals) else None)

@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
-from trb_exp.analysis.runs import (BASELINE, FOCUS, PASS1, Run, final_pass1, headline_config, headline_finals,
+from dataclasses import dataclass
+
+from trb_exp.analysis.runs import (PASS1, Run, final_pass1, headline_config, headline_finals,
                                    run_steps_to_target, seed_curve, seeded_groups)
 from trb_exp.analysis.stats import (best_checkpoint, closest_step, first_step_at_least, mean_ci, paired_difference,
                                     steps_to_target)
+
+
+@dataclass(frozen=True)
+class Roles:
+    """The report's roles, chosen by its caller (``compare --focus/--baseline``): the subject family
+    (its configurations' end of warmup are the reference steps, it is paired against the baseline per
+    configuration) and the family every other one is paired against."""
+
+    focus: str
+    baseline: str
+
+    @property
+    def F(self) -> str:  # the names as the report's prose writes them
+        return self.focus.upper()
+
+    @property
+    def B(self) -> str:
+        return self.baseline.upper()
+
 
 def _f(x, nd=3) -> str:
     return "—" if x is None else f"{x:.{nd}f}"
@@ -28,13 +49,14 @@ def _s(x) -> str:
     return "—" if x is None else str(x)
 
 
-def _trb_refs(groups) -> list[tuple[str, int]]:
-    """(trb config, its end-of-warmup eval step Kt = first eval step >= K of its runs)."""
+def _focus_refs(groups, roles: Roles) -> list[tuple[str, int]]:
+    """(focus config, its end-of-warmup eval step Kt = first eval step >= K of its runs), for each focus
+    configuration with a warmup horizon."""
     refs = []
-    for label, rs in groups.get(FOCUS, {}).items():
+    for label, rs in groups.get(roles.focus, {}).items():
         k = rs[0].warmup_k
         steps = sorted(set.intersection(*(set(r.evals) for r in rs)))
-        if steps:
+        if steps and k is not None:
             refs.append((label, first_step_at_least(steps, k)))
     return refs
 
@@ -49,10 +71,10 @@ def _mean_step_s(run: Run, k: int | None):
     return (sum(during) / len(during) if during else None), (sum(after) / len(after) if after else None)
 
 
-def _summary_rows(groups: dict, sgroups: dict, best: dict) -> list[list]:
-    """One row per family: its headline configuration over seeds, the paired difference to OPD's, and
-    the paper-protocol best checkpoint."""
-    opd = headline_finals(sgroups.get(BASELINE, {}))
+def _summary_rows(groups: dict, sgroups: dict, best: dict, roles: Roles) -> list[list]:
+    """One row per family: its headline configuration over seeds, the paired difference to the
+    baseline's, and the paper-protocol best checkpoint."""
+    opd = headline_finals(sgroups.get(roles.baseline, {}))
     rows = []
     for fam in groups:
         label = headline_config(sgroups.get(fam, {}))
@@ -64,7 +86,7 @@ def _summary_rows(groups: dict, sgroups: dict, best: dict) -> list[list]:
         finals = headline_finals(sgroups[fam])
         m, h, n = mean_ci(list(finals.values()))
         diff = "—"
-        if fam != BASELINE and opd:
+        if fam != roles.baseline and opd:
             d = paired_difference(finals, opd)
             diff = _ci(d["mean"], d["half"], signed=True) + f" (n={d['n']})" if d["n"] else "—"
         rows.append([fam, f"`{label}`", n, _ci(m, h), diff, best_s])
@@ -97,19 +119,19 @@ def render_paper_table(paper: dict) -> list[str]:
 
 
 def build_report(runs: list[Run], groups: dict, *, target_frac: float, teacher_pass1: float | None,
-                 plots: dict[str, str], ci_seeds=None, paper: dict | None = None, title: str = "Run comparison",
+                 plots: dict[str, str], roles: Roles, ci_seeds=None, paper: dict | None = None, title: str = "Run comparison",
                  command: str | None = None) -> str:
     """The whole report. The over-seeds and steps-to-target sections read only the ``ci_seeds`` runs."""
     sgroups = seeded_groups(groups, ci_seeds)
     best = _best_per_family(groups)
     L = _header(runs, groups, title, ci_seeds)
-    L += _summary_section(groups, sgroups, best)
+    L += _summary_section(groups, sgroups, best, roles)
     L += _runs_section(groups)
     L += _paper_protocol_section(best, paper)
     L += _sweeps_section(groups)
-    L += _over_seeds_section(sgroups)
+    L += _over_seeds_section(sgroups, roles)
     L += _steps_to_target_section(sgroups, target_frac, teacher_pass1)
-    L += _wall_clock_section(groups)
+    L += _wall_clock_section(groups, roles)
     L += _plots_section(plots, command)
     return "\n".join(L)
 
@@ -134,14 +156,14 @@ def _best_per_family(groups) -> dict:
     return best
 
 
-def _summary_section(groups, sgroups, best) -> list[str]:
+def _summary_section(groups, sgroups, best, roles: Roles) -> list[str]:
     L = ["## Summary", "",
          "Per family: its headline configuration (the one with the most seeds) — final pass@1 over seeds and "
-         "the paired per-seed difference to OPD's headline configuration — and, for contrast, the paper's "
+         f"the paired per-seed difference to {roles.B}'s headline configuration — and, for contrast, the paper's "
          "protocol (best checkpoint over the whole sweep and every evaluated step).", ""]
     return L + _table(["family", "headline config", "seeds", "final pass@1 (mean ± 95% CI)",
-                       "− OPD, paired (mean ± 95% CI)", "best checkpoint, paper protocol"],
-                      _summary_rows(groups, sgroups, best))
+                       f"− {roles.B}, paired (mean ± 95% CI)", "best checkpoint, paper protocol"],
+                      _summary_rows(groups, sgroups, best, roles))
 
 
 def _runs_section(groups) -> list[str]:
@@ -180,30 +202,31 @@ def _sweeps_section(groups) -> list[str]:
         ["family", "config", "seeds", "best checkpoint pass@1 (step)", "final pass@1"], sweep)
 
 
-def _over_seeds_section(groups) -> list[str]:
-    """Mean ± CI at the final step and at the end of TRB's warmup; paired differences to OPD."""
-    refs = _trb_refs(groups)
+def _over_seeds_section(groups, roles: Roles) -> list[str]:
+    """Mean ± CI at the final step and at the end of the focus's warmup; paired differences to the baseline."""
+    refs = _focus_refs(groups, roles)
+    F, B, f, b = roles.F, roles.B, roles.focus, roles.baseline
     L = ["## Over seeds (the protocol the paper lacks)", "", "### pass@1 at the final step", ""]
     finals = _final_rows(groups)
     L += _table(["family", "config", "seeds", "final step", "pass@1 (mean ± 95% CI)"], finals) if finals else \
         ["No configuration has >= 2 seeds.", ""]
-    L += ["### pass@1 at the end of TRB's warmup", ""]
+    L += [f"### pass@1 at the end of {F}'s warmup", ""]
     if not refs:
-        L += ["No trb runs: no warmup step to compare at.", ""]
+        L += [f"No {f} runs: no warmup step to compare at.", ""]
     else:
-        L += ["For a trb configuration: its first eval step >= K = `schedule.warmup_steps`; every other family "
-              "is read at its eval step closest to that step (one row per trb reference).", ""]
-        rows = _warmup_rows(groups, refs)
-        L += _table(["trb reference", "family", "config", "seeds", "step", "pass@1 (mean ± 95% CI)"], rows) \
+        L += [f"For a {f} configuration: its first eval step >= K = `schedule.warmup_steps`; every other family "
+              f"is read at its eval step closest to that step (one row per {f} reference).", ""]
+        rows = _warmup_rows(groups, refs, roles)
+        L += _table([f"{f} reference", "family", "config", "seeds", "step", "pass@1 (mean ± 95% CI)"], rows) \
             if rows else ["No configuration has >= 2 seeds.", ""]
-    L += ["### Paired difference TRB − OPD (per seed)", ""]
-    rows = _trb_opd_rows(groups, refs)
-    L += _table(["trb config", "opd config", "at", "pairs", "per seed (seed: diff)", "mean ± 95% CI"], rows) \
-        if rows else ["No trb and opd configurations sharing >= 2 seeds.", ""]
-    opd_label = headline_config(groups.get(BASELINE, {}))
-    rows = _vs_opd_rows(groups) if opd_label else []
+    L += [f"### Paired difference {F} − {B} (per seed)", ""]
+    rows = _focus_baseline_rows(groups, refs, roles)
+    L += _table([f"{f} config", f"{b} config", "at", "pairs", "per seed (seed: diff)", "mean ± 95% CI"], rows) \
+        if rows else [f"No {f} and {b} configurations sharing >= 2 seeds.", ""]
+    opd_label = headline_config(groups.get(b, {}))
+    rows = _vs_baseline_rows(groups, roles) if opd_label else []
     if rows:
-        L += [f"### Paired difference, every other family − OPD (`{opd_label}`), final step", ""]
+        L += [f"### Paired difference, every other family − {B} (`{opd_label}`), final step", ""]
         L += _table(["family", "config", "pairs", "per seed (seed: diff)", "mean ± 95% CI"], rows)
     return L
 
@@ -220,16 +243,16 @@ def _final_rows(groups) -> list[list]:
     return rows
 
 
-def _warmup_rows(groups, refs) -> list[list]:
+def _warmup_rows(groups, refs, roles: Roles) -> list[list]:
     rows = []
     for ref_label, kt in refs:
         for fam, cfgs in groups.items():
             for label, rs in cfgs.items():
-                if len(rs) < 2 or (fam == FOCUS and label != ref_label):
+                if len(rs) < 2 or (fam == roles.focus and label != ref_label):
                     continue
                 vals, steps = [], set()
                 for r in rs:
-                    s = kt if fam == FOCUS and kt in r.evals else closest_step(r.evals, kt)
+                    s = kt if fam == roles.focus and kt in r.evals else closest_step(r.evals, kt)
                     steps.add(s)
                     vals.append(r.pass1(s))
                 m, h, n = mean_ci(vals)
@@ -238,11 +261,11 @@ def _warmup_rows(groups, refs) -> list[list]:
     return rows
 
 
-def _trb_opd_rows(groups, refs) -> list[list]:
+def _focus_baseline_rows(groups, refs, roles: Roles) -> list[list]:
     rows = []
     for ref_label, kt in refs:
-        trb_runs = {r.seed: r for r in groups[FOCUS][ref_label]}
-        for opd_label, ors in groups.get(BASELINE, {}).items():
+        trb_runs = {r.seed: r for r in groups[roles.focus][ref_label]}
+        for opd_label, ors in groups.get(roles.baseline, {}).items():
             opd_runs = {r.seed: r for r in ors}
             for when in ("final", "warmup"):
                 if when == "final":
@@ -262,12 +285,12 @@ def _trb_opd_rows(groups, refs) -> list[list]:
     return rows
 
 
-def _vs_opd_rows(groups) -> list[list]:
+def _vs_baseline_rows(groups, roles: Roles) -> list[list]:
     rows = []
-    opd_runs = headline_finals(groups[BASELINE])
+    opd_runs = headline_finals(groups[roles.baseline])
     for fam, cfgs in groups.items():
         label = headline_config(cfgs)
-        if fam in (BASELINE, FOCUS) or label is None:
+        if fam in (roles.baseline, roles.focus) or label is None:
             continue
         d = paired_difference(headline_finals(cfgs), opd_runs)
         if d["n"] >= 2:
@@ -293,11 +316,13 @@ def _steps_to_target_section(groups, target_frac, teacher_pass1) -> list[str]:
     return L + _table(["family", "config", "seeds", "seed-mean curve", "per seed"], rows)
 
 
-def _wall_clock_section(groups) -> list[str]:
+def _wall_clock_section(groups, roles: Roles) -> list[str]:
     L = ["## Wall clock", "",
          "`train_s` from summary.json; mean `time/step_s` over the warmup (logged steps 1..K) and after. K = "
-         "`schedule.warmup_steps` (trb), `method.K` (veto, temp_warmup), else the smallest trb K of this report.", ""]
-    ref_k = min((r.warmup_k for rs in groups.get(FOCUS, {}).values() for r in rs), default=None)
+         "`schedule.warmup_steps` (trb), `method.K` (veto, temp_warmup), else the smallest "
+         f"{roles.focus} K of this report.", ""]
+    ref_k = min((k for rs in groups.get(roles.focus, {}).values() for r in rs if (k := r.warmup_k) is not None),
+                default=None)
     rows = []
     for fam, cfgs in groups.items():
         per = [(r.summary.get("train_s") if r.summary else None, *_mean_step_s(r, r.warmup_k if r.warmup_k is not None

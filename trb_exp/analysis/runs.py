@@ -2,7 +2,8 @@
 
 A run is a folder holding ``metrics.jsonl`` and ``.hydra/config.yaml`` (``summary.json`` once finished).
 Runs are grouped by method family (``method.name``) and configuration (the method's knobs, the
-schedule's for ``trb``, and any other setting that varies within the family; never the seed).
+schedule's for a run that read it, and any other setting that varies within the family; never the seed).
+Nothing here knows a method by name: what a run read is what it logged (``schedule_keys``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,8 @@ _IGNORED = ("seed", "device", "threads", "logger", "hydra", "trainer.save_studen
             "eval.batch_size", "trainer.rollout_batch_size", "trainer.micro_batch_size", "model.teacher_pass",
             "model.teacher_device", "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.resume",
             "trainer.progress", "trainer.strategy")
-_TRB_SCHEDULE_KNOBS = ("schedule.name", "schedule.eps0", "schedule.warmup_steps", "schedule.budget")
-# the report's subject family (its schedule knobs always label its configurations, its end of warmup is the
-# reference step) and the family every other one is paired against: report roles, not method knowledge
-FOCUS, BASELINE = "trb", "opd"
+# a schedule reader's knobs kept in its configuration; the first three always in its label
+_SCHEDULE_KNOBS = ("schedule.name", "schedule.eps0", "schedule.warmup_steps", "schedule.budget")
 BUDGET = "trb/eps"  # a rule's logged KL budget: > 0 at some step = the run read the schedule group
 
 
@@ -46,8 +45,9 @@ class Run:
 
     @property
     def warmup_k(self) -> int | None:
-        """The run's own warmup horizon: schedule.warmup_steps (trb), method.K (veto, temp_warmup)."""
-        if self.method == FOCUS:
+        """The run's own warmup horizon: schedule.warmup_steps for a run that read the schedule (logged a
+        budget, ``reads_schedule``), else method.K where it has one (veto, temp_warmup), else None."""
+        if reads_schedule(self):
             return int(self.cfg["schedule.warmup_steps"])
         try:
             return int(self.cfg["method.K"]) if "method.K" in self.cfg else None
@@ -154,18 +154,22 @@ def schedule_keys(r: Run) -> set[str]:
     return set()
 
 
-def _read_by(family: str, key: str, reads: set[str]) -> bool:
-    """Whether a method family reads a setting: the schedule's only where its runs read it (``reads``)."""
-    if not key.startswith("schedule."):
-        return True
-    return family == FOCUS or key in reads
+def reads_schedule(r: Run) -> bool:
+    """Whether the run read the whole schedule group (its rule logged a budget), as opposed to reading
+    none of it or only the old constant budget (``method.eps``)."""
+    return "schedule.warmup_steps" in schedule_keys(r)
+
+
+def _read_by(key: str, reads: set[str]) -> bool:
+    """Whether a family reads a setting: the schedule's only where its runs read it (``reads``)."""
+    return not key.startswith("schedule.") or key in reads
 
 
 def group_runs(runs: list[Run]) -> dict:
     """{family: {config label: [runs sorted by seed]}}; sets run.config / run.knobs. A configuration is
-    the run's method.* knobs (+ the schedule knobs for FOCUS, schedule.budget for an old method.eps run) plus any other
-    non-ignored setting that varies within the family. Its label names the knobs that vary or that a
-    run set on its command line."""
+    the run's method.* knobs (+ the schedule knobs for a run that read the schedule, schedule.budget for an
+    old method.eps run) plus any other non-ignored setting that varies within the family. Its label names
+    the knobs that vary or that a run set on its command line (and a schedule reader's name, eps0, warmup)."""
     fams: dict[str, list[Run]] = {}
     for r in runs:
         fams.setdefault(r.method, []).append(r)
@@ -175,18 +179,19 @@ def group_runs(runs: list[Run]) -> dict:
         for r in rs:
             keys |= set(r.cfg)
         reads = set().union(*(schedule_keys(r) for r in rs))
-        varying = {k for k in keys if not _ignored(k) and _read_by(fam, k, reads)
+        varying = {k for k in keys if not _ignored(k) and _read_by(k, reads)
                    and len({repr(r.cfg.get(k)) for r in rs}) > 1}
         set_by_hand = set().union(*(r.overridden for r in rs))  # shown in labels even when constant
         for r in rs:
             own = {k for k in r.cfg if k.startswith("method.") and k != "method.name"}
-            if fam == FOCUS:
-                own |= {k for k in _TRB_SCHEDULE_KNOBS if k in r.cfg}
+            reader = reads_schedule(r)
+            if reader:
+                own |= {k for k in _SCHEDULE_KNOBS if k in r.cfg}
             if "method.eps" in r.cfg:
                 own |= schedule_keys(r)
             r.knobs = {k: r.cfg.get(k) for k in sorted(own | varying)}
-            shown = sorted(((varying | set_by_hand) & set(r.knobs)) | ({k for k in _TRB_SCHEDULE_KNOBS[:3] if k in r.cfg}
-                                                                       if fam == FOCUS else set()))
+            always = {k for k in _SCHEDULE_KNOBS[:3] if k in r.cfg} if reader else set()
+            shown = sorted(((varying | set_by_hand) & set(r.knobs)) | always)
             r.config = ",".join(f"{k}={fmt_value(r.knobs[k])}" for k in shown) or "default"
         groups: dict[str, list[Run]] = {}
         for r in rs:
