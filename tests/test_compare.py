@@ -63,7 +63,7 @@ def test_steps_to_target_and_steps():
 # ----------------------------------------------------------------------------------- synthetic runs
 
 
-def _write_run(d, method, seed, curve, *, eps0=0.5, k=20, max_steps=40, benches=None, train_s=12.5):
+def _write_run(d, method, seed, curve, *, eps0=0.5, k=20, max_steps=40, benches=None, train_s=12.5, budget=None):
     """A run dir as train.run + Hydra write it: metrics.jsonl, summary.json, .hydra/config.yaml."""
     d.mkdir(parents=True)
     cfg = {"seed": seed, "method": {"name": method, "loss": "reverse_kl", "topk": 16},
@@ -74,7 +74,7 @@ def _write_run(d, method, seed, curve, *, eps0=0.5, k=20, max_steps=40, benches=
     rows = []
     for step in range(1, max_steps + 1):
         row = {"step": step, "train/loss": 1.0 / step, "time/step_s": 2.0 if step <= k else 1.0, "trb/eps": 0.0}
-        if method == "trb":
+        if method == "trb" if budget is None else budget:  # its rule logged a budget: it read the schedule
             eps = eps0 * max(0.0, 1 - (step - 1) / k)
             row.update({"trb/eps": eps, "trb/beta_mean": eps, "trb/kl_behavior_student_mean": eps / 2,
                         "rollout/teacher_entropy": 0.3})
@@ -270,6 +270,34 @@ def test_end_to_end_two_real_runs(tiny_pair, tmp_path):
     assert "No configuration has >= 2 seeds." in md and "No trb and opd configurations sharing >= 2 seeds." in md
     assert (tmp_path / "out" / "learning_curves.png").stat().st_size > 0
     assert (tmp_path / "out" / "trb_diagnostics.png").stat().st_size > 0
+
+
+def test_focus_and_baseline_are_arguments(tmp_path, capsys):
+    """--focus/--baseline pick the report's subject and reference families; the warmup horizon and the
+    schedule knobs in a label come from what a run logged (a budget), not from its method's name."""
+    root = tmp_path / "runs"
+    curves = {"fixed_blend": [0.0, 0.3, 0.5, 0.6, 0.7], "skd": [0.0, 0.1, 0.2, 0.4, 0.5], "opd": [0.0, 0.1, 0.3, 0.5, 0.6]}
+    for method, vals in curves.items():
+        for seed in range(3):
+            _write_run(root / f"{method}_{seed}", method, seed, dict(zip(range(0, 50, 10), [v + 0.01 * seed for v in vals])),
+                       k=20, budget=method == "fixed_blend")
+    C.main([str(root), "--out", str(tmp_path / "out"), "--focus", "fixed_blend", "--baseline", "skd"])
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    label = "schedule.eps0=0.5,schedule.name=linear,schedule.warmup_steps=20"  # fixed_blend logged a budget
+    assert f"| fixed_blend | `{label}` | 3 |" in md and "| skd | `default` | 3 |" in md
+    assert "− SKD, paired (mean ± 95% CI)" in md and "OPD" not in md and "TRB's" not in md
+    assert "### pass@1 at the end of FIXED_BLEND's warmup" in md
+    assert f"| `{label}` (step 20) | skd | `default` | 3 | 20 |" in md
+    assert "### Paired difference FIXED_BLEND − SKD (per seed)" in md
+    assert f"| `{label}` | `default` | final | 3 | 0: +0.200, 1: +0.200, 2: +0.200 | +0.200 ± 0.000 |" in md
+    assert "### Paired difference, every other family − SKD (`default`), final step" in md
+    assert "| opd | `default` | 3 | 0: +0.100, 1: +0.100, 2: +0.100 | +0.100 ± 0.000 |" in md
+    assert "| fixed_blend | `" + label + "` | 0 | 12.5 | 20 | 2.000 | 1.000 |" in md  # K = its schedule.warmup_steps
+    assert "| opd | `default` | 0 | 12.5 | 20 | 2.000 | 1.000 |" in md  # no K of its own: the focus's smallest
+    # the default roles on the same runs: no trb, so no warmup reference; every family paired against opd
+    C.main([str(root), "--out", str(tmp_path / "out2")])
+    md2 = (tmp_path / "out2" / "comparison.md").read_text()
+    assert "No trb runs: no warmup step to compare at." in md2 and "− OPD, paired (mean ± 95% CI)" in md2
 
 
 # ------------------------------------------------------------------------------ committed reports
