@@ -36,6 +36,13 @@ from trb_exp.blending import merge_eos
 from trb_exp.static_lm import _LMS, SUPPORTED, StaticLM, UnsupportedModel, static_lm  # noqa: F401 (re-exported)
 
 
+COMPACT_DEAD_FRACTION = 0.125
+
+
+def _min_dead(n_rows: int) -> int:
+    return max(1, int(n_rows * COMPACT_DEAD_FRACTION))
+
+
 def _bucket(n: int, compiled: bool) -> int:
     """Batch size after compaction: exact on CPU; a power of two under capture (few graph shapes)."""
     return 1 << max(0, math.ceil(math.log2(max(n, 1)))) if compiled else n
@@ -283,7 +290,7 @@ class _Loop:
                 # uncaptured (CPU): drop finished rows as soon as there are any (a copy of the filled part of
                 # each cache); captured: only when the batch halves (a new graph per power-of-two size)
                 n_rows, c = rows.numel(), self.compiled
-                if self.compact and (_bucket(n_alive, c) <= n_rows // 2 if c else n_alive < n_rows):
+                if self.compact and (_bucket(n_alive, c) <= n_rows // 2 if c else n_rows - n_alive >= _min_dead(n_rows)):
                     rows, logits = _compact(models, alive, rows, logits, n_alive, c, P + t + 1)
                     probs.copy_(pad_probs)
             if rows.numel() != B:

@@ -40,14 +40,21 @@ def _check_supported(model) -> None:
                                "use rollout.engine=eager")
 
 
-def _rms(x: Tensor, norm) -> Tensor:
-    """Exactly ``LlamaRMSNorm`` / ``Qwen3RMSNorm`` (float32: torch's fused kernel, bit-identical on CPU)."""
+def _rms(x: Tensor, norm: tuple) -> Tensor:
+    """Exactly ``LlamaRMSNorm`` / ``Qwen3RMSNorm`` given ``(weight, eps)`` (float32: torch's fused kernel,
+    bit-identical on CPU)."""
+    weight, eps = norm
     dt = x.dtype
-    if dt == torch.float32 and norm.weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+    if dt == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * h.to(dt)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dt)
+
+
+def _norm(module) -> tuple:
+    """An RMSNorm module as ``(weight, eps)`` (the live parameter: read once, not per token)."""
+    return module.weight, module.variance_epsilon
 
 
 def _rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
@@ -78,6 +85,10 @@ class _Fused:
         self.gu = torch.cat([m.gate_proj.weight.detach(), m.up_proj.weight.detach()]) if self.mlp is not None else None
         self.inter = m.gate_proj.weight.shape[0] if self.mlp is not None else 0
         self.o, self.o_b = a.o_proj.weight, a.o_proj.bias
+        self.down = m.down_proj.weight if self.mlp is not None else None
+        self.module_mlp = m
+        self.in_norm, self.post_norm = _norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)
+        self.qk_norm = (_norm(a.q_norm), _norm(a.k_norm)) if hasattr(a, "q_norm") else None  # Qwen3
 
     def refresh(self) -> None:
         with torch.no_grad():
@@ -118,7 +129,13 @@ class StaticLM:
         dummy = torch.zeros(1, dtype=self.dtype, device=self.device)
         cos, sin = self.inner.rotary_emb(dummy, torch.arange(max_len, device=self.device)[None])
         d = self.head_dim // 2
-        self.cos, self.sin = cos[0], torch.cat([-sin[0, :, :d], sin[0, :, d:]], -1)  # [max_len, D], model dtype
+        sin_signed = torch.cat([-sin[0, :, :d], sin[0, :, d:]], -1)
+        self.cs = torch.stack([cos[0], sin_signed], 1)  # [max_len, 2, D]: cos and signed sin, model dtype
+        emb = self.inner.embed_tokens
+        self.embed_w = emb.weight if type(emb) is torch.nn.Embedding else None
+        head = self.lm_head
+        self.head_w = head.weight if type(head) is torch.nn.Linear and head.bias is None else None
+        self.final_norm = _norm(self.inner.norm)
         self.w = [_Fused(layer) for layer in self.layers]
         self.compiled = compile and self.device.type == "cuda"
         self._decode = self._decode_impl
@@ -137,7 +154,7 @@ class StaticLM:
 
                 mark = getattr(torch._dynamo, "mark_static_address", None)
             if mark is not None:  # updated in place inside the captured step
-                for x in (*views[0], *views[1], views[2], self.cos, self.sin, *(b for w in self.w for b in w.buffers())):
+                for x in (*views[0], *views[1], views[2], self.cs, *(b for w in self.w for b in w.buffers())):
                     mark(x)
             self._views[n] = views
         self.k, self.v, self.key_valid = self._views[n]
@@ -157,38 +174,42 @@ class StaticLM:
                                               enable_gqa=self.n_heads != self.n_kv)
 
     # ------------------------------------------------------------------ forward pieces
-    def _qkv(self, i: int, layer, x: Tensor, cos: Tensor, sin: Tensor):
+    def _qkv(self, w: _Fused, x: Tensor, cos: Tensor, sin: Tensor):
         """q [B, H, S, D] and k, v [B, H_kv, S, D] (q, k rotated) from one matmul and one RoPE."""
-        a, w = layer.self_attn, self.w[i]
         B, S, _ = x.shape
         hq, hkv = self.n_heads, self.n_kv
         qkv = F.linear(x, w.qkv, w.qkv_b).view(B, S, hq + 2 * hkv, self.head_dim)
-        if hasattr(a, "q_norm"):  # Qwen3: per-head RMSNorm of q and k
-            q = _rope(_rms(qkv[:, :, :hq], a.q_norm).transpose(1, 2), cos, sin)
-            k = _rope(_rms(qkv[:, :, hq : hq + hkv], a.k_norm).transpose(1, 2), cos, sin)
+        if w.qk_norm is not None:  # Qwen3: per-head RMSNorm of q and k
+            q = _rope(_rms(qkv[:, :, :hq], w.qk_norm[0]).transpose(1, 2), cos, sin)
+            k = _rope(_rms(qkv[:, :, hq : hq + hkv], w.qk_norm[1]).transpose(1, 2), cos, sin)
         else:
             qk = _rope(qkv[:, :, : hq + hkv].transpose(1, 2), cos, sin)
             q, k = qk[:, :hq], qk[:, hq:]
         return q, k, qkv[:, :, hq + hkv :].transpose(1, 2)
 
-    def _mlp(self, i: int, layer, x: Tensor) -> Tensor:
-        w = self.w[i]
+    @staticmethod
+    def _mlp(w: _Fused, x: Tensor) -> Tensor:
         if w.mlp is None:
-            return layer.mlp(x)
+            return w.module_mlp(x)
         gu = F.linear(x, w.gu)
-        return F.linear(F.silu(gu[..., : w.inter]).mul_(gu[..., w.inter :]), w.mlp.down_proj.weight)
+        return F.linear(F.silu(gu[..., : w.inter]).mul_(gu[..., w.inter :]), w.down)
 
-    def _layer(self, i: int, layer, h: Tensor, cos: Tensor, sin: Tensor, write, mask: Tensor) -> Tensor:
+    def _layer(self, i: int, h: Tensor, cos: Tensor, sin: Tensor, write, mask: Tensor) -> Tensor:
         """One decoder layer; ``write(i, k, v)`` stores the new K/V and returns the K/V to attend to."""
         B, S, _ = h.shape
-        q, k, v = self._qkv(i, layer, _rms(h, layer.input_layernorm), cos, sin)
+        w = self.w[i]
+        q, k, v = self._qkv(w, _rms(h, w.in_norm), cos, sin)
         kc, vc = write(i, k, v)
         o = self._attend(q, kc, vc, mask)
-        h = h + F.linear(o.transpose(1, 2).reshape(B, S, -1), self.w[i].o, self.w[i].o_b)
-        return h + self._mlp(i, layer, _rms(h, layer.post_attention_layernorm))
+        h = h + F.linear(o.transpose(1, 2).reshape(B, S, -1), w.o, w.o_b)
+        return h + self._mlp(w, _rms(h, w.post_norm))
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        return self.inner.embed_tokens(ids) if self.embed_w is None else F.embedding(ids, self.embed_w)
 
     def _logits(self, h: Tensor) -> Tensor:
-        logits = self.lm_head(_rms(h, self.inner.norm))
+        h = _rms(h, self.final_norm)
+        logits = self.lm_head(h) if self.head_w is None else F.linear(h, self.head_w)
         if self.vocab is not None:
             logits = logits[..., : self.vocab]
         return logits
@@ -206,16 +227,17 @@ class StaticLM:
         causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
         # every query also sees itself, so the (unused) rows of left padding stay finite
         mask = (causal & valid[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=self.device)
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
+        cs = self.cs[pos]  # [n, P, 2, D]
+        cos, sin = cs[:, None, :, 0], cs[:, None, :, 1]
 
         def write(i, k, v):  # attend to the prompt's own K/V (n rows), store them for the B rows
             self.k[i][:, :, :P] = k if rows is None else k.index_select(0, rows)
             self.v[i][:, :, :P] = v if rows is None else v.index_select(0, rows)
             return k, v
 
-        h = self.inner.embed_tokens(ids)
-        for i, layer in enumerate(self.layers):
-            h = self._layer(i, layer, h, cos, sin, write, mask)
+        h = self._embed(ids)
+        for i in range(len(self.w)):
+            h = self._layer(i, h, cos, sin, write, mask)
         logits = self._logits(h[:, -1])
         return logits if rows is None else logits.index_select(0, rows)
 
@@ -240,10 +262,11 @@ class StaticLM:
                 kc[:, :, -1:] = k
                 vc[:, :, -1:] = v
                 return kc, vc
-        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
-        h = self.inner.embed_tokens(tok[:, None])
-        for i, layer in enumerate(self.layers):
-            h = self._layer(i, layer, h, cos, sin, write, mask)
+        cs = self.cs[pos][:, None]  # [B, 1, 2, D]
+        cos, sin = cs[:, :, 0:1], cs[:, :, 1:2]
+        h = self._embed(tok[:, None])
+        for i in range(len(self.w)):
+            h = self._layer(i, h, cos, sin, write, mask)
         return self._logits(h[:, -1])
 
     @torch.no_grad()
