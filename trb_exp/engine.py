@@ -35,7 +35,6 @@ from torch import Tensor
 from trb_exp.blending import merge_eos
 from trb_exp.static_lm import _LMS, SUPPORTED, StaticLM, UnsupportedModel, static_lm  # noqa: F401 (re-exported)
 
-
 COMPACT_DEAD_FRACTION = 0.125
 
 

@@ -218,7 +218,7 @@ class StaticLM:
     def prefill(self, ids: Tensor, prompt_mask: Tensor, pos: Tensor, rows: Tensor | None = None) -> Tensor:
         """The prompt [n, P] (left padded) into columns 0..P-1 of the cache; last-token logits [B, V].
         ``rows`` [B]: batch row b is prompt ``rows[b]`` (repeated prompts run once); None: n = B, the identity."""
-        n, P = ids.shape
+        P = ids.shape[1]
         ids, prompt_mask, pos = ids.to(self.device), prompt_mask.to(self.device), pos.to(self.device)
         if rows is not None:
             rows = rows.to(self.device)
