@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 
 from trb_exp.blending import merge_eos
-from trb_exp.static_lm import _LMS, SUPPORTED, StaticLM, UnsupportedModel, static_lm  # noqa: F401 (re-exported)
+from trb_exp.static_lm import _LMS, MIN_ROWS, SUPPORTED, StaticLM, UnsupportedModel, static_lm  # noqa: F401 (re-exported)
 
-COMPACT_DEAD_FRACTION = 0.125
+COMPACT_DEAD_FRACTION = 0.125  # uncaptured: compact once this fraction of the decoded rows has finished
 
 
 def _min_dead(n_rows: int) -> int:
@@ -43,8 +43,9 @@ def _min_dead(n_rows: int) -> int:
 
 
 def _bucket(n: int, compiled: bool) -> int:
-    """Batch size after compaction: exact on CPU; a power of two under capture (few graph shapes)."""
-    return 1 << max(0, math.ceil(math.log2(max(n, 1)))) if compiled else n
+    """Batch size after compaction: a power of two under capture (few graph shapes); uncaptured, the live
+    rows padded with finished ones to ``MIN_ROWS``."""
+    return 1 << max(0, math.ceil(math.log2(max(n, 1)))) if compiled else max(n, MIN_ROWS)
 
 
 def topk_stats(student_logits: Tensor | None, teacher_logits: Tensor | None, tok: Tensor, k: int):
@@ -135,7 +136,7 @@ def _prefill(models: dict, prompt_ids: Tensor, mask: Tensor, pos0: Tensor, devic
     ``rollouts_per_prompt`` copies share their prefill; the copies' caches are filled from it)."""
     B = prompt_ids.shape[0]
     uniq, rows = torch.unique(torch.cat([prompt_ids, mask], 1), dim=0, return_inverse=True)
-    if uniq.shape[0] == B:
+    if uniq.shape[0] == B or uniq.shape[0] < MIN_ROWS:
         return {name: m.prefill(prompt_ids, mask, pos0).to(device) for name, m in models.items()}
     P = prompt_ids.shape[1]
     ids_u, mask_u = uniq[:, :P], uniq[:, P:]
@@ -289,7 +290,8 @@ class _Loop:
                 # uncaptured (CPU): drop finished rows as soon as there are any (a copy of the filled part of
                 # each cache); captured: only when the batch halves (a new graph per power-of-two size)
                 n_rows, c = rows.numel(), self.compiled
-                if self.compact and (_bucket(n_alive, c) <= n_rows // 2 if c else n_rows - n_alive >= _min_dead(n_rows)):
+                target = _bucket(n_alive, c)
+                if self.compact and (target <= n_rows // 2 if c else n_rows - target >= _min_dead(n_rows)):
                     rows, logits = _compact(models, alive, rows, logits, n_alive, c, P + t + 1)
                     probs.copy_(pad_probs)
             if rows.numel() != B:

@@ -20,6 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+# Matmuls over fewer rows than this round differently on a CPU (MKL's sgemm takes another path for M <= 3), so
+# a row's logits would no longer be bit-identical to the eager loop's: never decode (or take logits of) fewer
+# rows than this, unless the whole batch is smaller (then the eager loop has the same row count).
+MIN_ROWS = 4
 
 
 class UnsupportedModel(ValueError):
@@ -238,7 +242,8 @@ class StaticLM:
         h = self._embed(ids)
         for i in range(len(self.w)):
             h = self._layer(i, h, cos, sin, write, mask)
-        logits = self._logits(h[:, -1])
+        # the eager loop takes the LM head over all B x P positions: at least MIN_ROWS rows here too
+        logits = self._logits(h)[:, -1] if h.shape[0] < MIN_ROWS else self._logits(h[:, -1])
         return logits if rows is None else logits.index_select(0, rows)
 
     def _decode_impl(self, tok: Tensor, pos: Tensor, col: Tensor, alive: Tensor, kv_len=None) -> Tensor:
