@@ -367,9 +367,9 @@ def _train_rows(overrides, tiny_pair, path):
 def test_training_with_the_static_engine_matches_eager(method, tiny_pair, tmp_path):
     """Whole training steps: same rollouts, same losses and gradient norms (to float round-off) with
     rollout.engine=static, and with rollout.teacher_stats=topk (the loss from O(k) statistics)."""
-    eager = _train_rows([f"method={method}"], tiny_pair, tmp_path / "e")
+    eager = _train_rows([f"method={method}", "rollout.engine=eager"], tiny_pair, tmp_path / "e")
     for extra in (["rollout.engine=static"], ["rollout.engine=static", "rollout.teacher_stats=topk"],
-                  ["rollout.teacher_stats=topk"]):
+                  ["rollout.engine=eager", "rollout.teacher_stats=topk"]):
         other = _train_rows([f"method={method}", *extra], tiny_pair, tmp_path / "_".join(extra))
         for a, b in zip(eager, other):
             assert a["rollout/mean_length"] == b["rollout/mean_length"] and a["rollout/reward"] == b["rollout/reward"]
@@ -377,6 +377,29 @@ def test_training_with_the_static_engine_matches_eager(method, tiny_pair, tmp_pa
             assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4), extra
             if "rollout/teacher_logprob" in a:
                 assert a["rollout/teacher_logprob"] == pytest.approx(b["rollout/teacher_logprob"], rel=1e-5)
+
+
+def test_static_is_the_default_and_an_unsupported_model_stops_at_setup(tiny_pair, tmp_path):
+    """rollout.engine=static by default; a model it cannot run (GPT-2 here) is a one-line ConfigError naming
+    rollout.engine=eager before any training step, and that override trains it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import compose
+    from trb_exp.config import ConfigError
+    from trb_exp.data.tokenizer import build_char_tokenizer
+
+    assert compose([]).rollout.engine == "static"
+    tok = build_char_tokenizer()
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=128,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)).save_pretrained(gpt2)
+    tok.save_pretrained(gpt2)
+    with pytest.raises(ConfigError, match="model.student: rollout.engine=static supports .*use rollout.engine=eager") as e:
+        _train_rows(["method=opd", f"model.student={gpt2}"], tiny_pair, tmp_path / "s")
+    assert "\n" not in str(e.value)
+    assert len(_train_rows(["method=opd", f"model.student={gpt2}", "rollout.engine=eager"], tiny_pair,
+                           tmp_path / "e")) == 3
 
 
 def test_topk_stats_refuse_a_full_vocabulary_loss(tiny_pair, tmp_path):

@@ -30,7 +30,9 @@ class UnsupportedModel(ValueError):
     pass
 
 
-def _check_supported(model) -> None:
+def check_supported(model) -> None:
+    """Raise ``UnsupportedModel`` (a one-line message naming ``rollout.engine=eager``) for a model the
+    static engine cannot run."""
     cfg = model.config
     mt = getattr(cfg, "model_type", None)
     if mt not in SUPPORTED:
@@ -111,7 +113,7 @@ class StaticLM:
     """A decoder-only LM with a preallocated KV cache for ``batch`` rows of ``max_len`` tokens."""
 
     def __init__(self, model, batch: int, max_len: int, *, compile: bool = False):
-        _check_supported(model)
+        check_supported(model)
         self.lm_head = model.lm_head  # not the model itself: static_lm caches by a weak reference to it
         self.inner = model.model
         cfg = model.config
