@@ -33,7 +33,14 @@ import torch
 from torch import Tensor
 
 from trb_exp.blending import merge_eos
-from trb_exp.static_lm import _LMS, MIN_ROWS, SUPPORTED, StaticLM, UnsupportedModel, static_lm  # noqa: F401 (re-exported)
+from trb_exp.static_lm import (  # noqa: F401 (re-exported)
+    _LMS,
+    MIN_ROWS,
+    SUPPORTED,
+    StaticLM,
+    UnsupportedModel,
+    static_lm,
+)
 
 COMPACT_DEAD_FRACTION = 0.125  # uncaptured: compact once this fraction of the decoded rows has finished
 
@@ -85,11 +92,12 @@ class _Record:
         self.diags: dict[str, Tensor] = {}
         self.B, self.T = B, T
 
-    def step(self, t: int, rows: Tensor, full: bool, tok: Tensor, alive: Tensor, logits: dict, diag: dict) -> None:
-        """Column ``t``: the tokens and alive flags of all rows, the statistics of the decoded ``rows``."""
+    def step(self, t: int, rows: Tensor, full: bool, tok: Tensor, tok_r: Tensor, alive: Tensor, logits: dict,
+             diag: dict) -> None:
+        """Column ``t``: the tokens and alive flags of all rows, the statistics of the decoded ``rows``
+        (``tok_r``: their tokens)."""
         self.tokens[:, t] = tok
         self.alive_hist[:, t] = alive
-        tok_r = tok if full else tok.index_select(0, rows)
 
         def put(buf, val):  # buf[:, t][rows] = val
             buf[:, t].copy_(val) if full else buf[:, t].index_copy_(0, rows, val)
@@ -135,20 +143,20 @@ def _prefill(models: dict, prompt_ids: Tensor, mask: Tensor, pos0: Tensor, devic
     """Every model's last-prompt-token logits [B, V], each distinct prompt run once (OPD's
     ``rollouts_per_prompt`` copies share their prefill; the copies' caches are filled from it)."""
     B = prompt_ids.shape[0]
-    uniq, rows = torch.unique(torch.cat([prompt_ids, mask], 1), dim=0, return_inverse=True)
-    if uniq.shape[0] == B or uniq.shape[0] < MIN_ROWS:
+    first: dict = {}  # distinct prompt (ids and mask) -> (its index, its first row)
+    keys = torch.cat([prompt_ids, mask], 1).tolist()
+    rows = [first.setdefault(tuple(r), (len(first), b))[0] for b, r in enumerate(keys)]
+    if len(first) == B or len(first) < MIN_ROWS:
         return {name: m.prefill(prompt_ids, mask, pos0).to(device) for name, m in models.items()}
-    P = prompt_ids.shape[1]
-    ids_u, mask_u = uniq[:, :P], uniq[:, P:]
-    from trb_exp.rollout import positions_from_mask
-
-    pos_u = positions_from_mask(mask_u)
-    return {name: m.prefill(ids_u, mask_u, pos_u, rows).to(device) for name, m in models.items()}
+    take = torch.tensor([b for _, b in first.values()], device=device)
+    ids_u, mask_u, pos_u = (x.index_select(0, take) for x in (prompt_ids, mask, pos0))
+    rows_t = torch.tensor(rows, device=device)
+    return {name: m.prefill(ids_u, mask_u, pos_u, rows_t).to(device) for name, m in models.items()}
 
 
 def _compact(models: dict, alive: Tensor, rows: Tensor, logits: dict, n_alive: int, compiled: bool, upto: int):
     """Keep the running rows (padded with finished ones to the captured bucket size): the models' caches,
-    the logits and the ``rows`` map. Returns the new (rows, logits)."""
+    the logits and the ``rows`` map. Returns the new (rows, logits) and the kept positions in the old rows."""
     alive_r = alive.index_select(0, rows)
     keep_local = alive_r.nonzero().squeeze(-1)
     n_new = _bucket(n_alive, compiled)
@@ -157,7 +165,7 @@ def _compact(models: dict, alive: Tensor, rows: Tensor, logits: dict, n_alive: i
         keep_local = torch.cat([keep_local, dead]).sort().values
     for m in models.values():
         m.compact(keep_local, None if m.compiled else upto)
-    return rows.index_select(0, keep_local), {k: v.index_select(0, keep_local) for k, v in logits.items()}
+    return rows.index_select(0, keep_local), {k: v.index_select(0, keep_local) for k, v in logits.items()}, keep_local
 
 
 def _behaviour(rule, logits: dict, rows: Tensor, full: bool, B: int, V: int, uses_gen: bool):
@@ -248,8 +256,9 @@ class _Loop:
         self.uses_gen = getattr(rule, "generator", None) is not None
         self.rule_s = 0.0
 
-    def _sample(self, t: int, logits: dict, rows: Tensor, probs: Tensor, alive: Tensor) -> Tensor:
-        """Column ``t``'s tokens [B] (pads on finished rows), recorded with the rule's statistics."""
+    def _sample(self, t: int, logits: dict, rows: Tensor, probs: Tensor, alive: Tensor):
+        """Column ``t``'s tokens [B] (pads on finished rows) and those of the decoded rows, recorded with the
+        rule's statistics."""
         B, V = probs.shape
         full = rows.numel() == B
         if self.trace is not None:
@@ -263,10 +272,13 @@ class _Loop:
         if self.other_eos:
             tok = torch.where(torch.isin(tok, self.other_eos_t), torch.full_like(tok, self.eos_id), tok)
         tok = torch.where(alive, tok, self.pad_id)
-        self.rec.step(t, rows, full, tok, alive, logits, diag)
-        return tok
+        tok_r = tok if full else tok.index_select(0, rows)
+        self.rec.step(t, rows, full, tok, tok_r, alive, logits, diag)
+        return tok, tok_r
 
-    def run(self, logits: dict, next_pos: Tensor, P: int):
+    def run(self, logits: dict, pos_r: Tensor, P: int):
+        """Decode up to T tokens from the prefill's ``logits`` (next positions ``pos_r`` [B]); returns the
+        number of columns decoded and the final alive flags [B]."""
         rec, models = self.rec, self.models
         B, T, V = rec.B, rec.T, next(iter(logits.values())).shape[-1]
         device = rec.tokens.device
@@ -279,7 +291,7 @@ class _Loop:
         for t in range(T):
             if self.other_eos:
                 logits = {k: merge_eos(v, self.all_eos, self.eos_id) for k, v in logits.items()}
-            tok = self._sample(t, logits, rows, probs, alive)
+            tok, tok_r = self._sample(t, logits, rows, probs, alive)
             alive_prev, alive = alive, alive & (tok != self.eos_id)
             if t + 1 == T:
                 break
@@ -292,12 +304,10 @@ class _Loop:
                 n_rows, c = rows.numel(), self.compiled
                 target = _bucket(n_alive, c)
                 if self.compact and (target <= n_rows // 2 if c else n_rows - target >= _min_dead(n_rows)):
-                    rows, logits = _compact(models, alive, rows, logits, n_alive, c, P + t + 1)
+                    rows, logits, kept = _compact(models, alive, rows, logits, n_alive, c, P + t + 1)
+                    tok_r, pos_r = tok_r.index_select(0, kept), pos_r.index_select(0, kept)
                     probs.copy_(pad_probs)
-            if rows.numel() != B:
-                alive_r, pos_r, tok_r = (x.index_select(0, rows) for x in (alive_prev, next_pos, tok))
-            else:
-                alive_r, pos_r, tok_r = alive_prev, next_pos, tok
+            alive_r = alive_prev if rows.numel() == B else alive_prev.index_select(0, rows)
             logits = {name: m.decode(tok_r, pos_r, P + t, alive_r).to(device) for name, m in models.items()}
-            next_pos = next_pos + 1
+            pos_r = pos_r + 1
         return t + 1, alive
