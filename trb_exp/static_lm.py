@@ -248,27 +248,18 @@ class StaticLM:
         logits = self._logits(h)[:, -1] if h.shape[0] < MIN_ROWS else self._logits(h[:, -1])
         return logits if rows is None else logits.index_select(0, rows)
 
-    def _decode_impl(self, tok: Tensor, pos: Tensor, col: Tensor, alive: Tensor, kv_len=None) -> Tensor:
-        """One token per row: ``tok`` [B] at positions ``pos`` [B] into cache column ``col`` (a 1-element
-        tensor: the same column for every row; uncaptured: ``kv_len = col + 1`` as an int, written with a
-        slice copy); ``alive`` [B] marks the column valid. Logits [B, V]."""
-        if kv_len is None:
-            self.key_valid.index_copy_(1, col, alive[:, None])
-            mask = self.key_valid[:, None, None, :]
+    def _decode_impl(self, tok: Tensor, pos: Tensor, col: Tensor, alive: Tensor) -> Tensor:
+        """The captured step: one token per row, ``tok`` [B] at positions ``pos`` [B] into cache column ``col``
+        (a 1-element tensor: the same column for every row), attending over the whole (masked) cache; ``alive``
+        [B] marks the column valid. Logits [B, V]."""
+        self.key_valid.index_copy_(1, col, alive[:, None])
+        mask = self.key_valid[:, None, None, :]
 
-            def write(i, k, v):
-                self.k[i].index_copy_(2, col, k)
-                self.v[i].index_copy_(2, col, v)
-                return self.k[i], self.v[i]
-        else:
-            self.key_valid[:, kv_len - 1] = alive
-            mask = self.key_valid[:, None, None, :kv_len]
+        def write(i, k, v):
+            self.k[i].index_copy_(2, col, k)
+            self.v[i].index_copy_(2, col, v)
+            return self.k[i], self.v[i]
 
-            def write(i, k, v):
-                kc, vc = self.k[i][:, :, :kv_len], self.v[i][:, :, :kv_len]
-                kc[:, :, -1:] = k
-                vc[:, :, -1:] = v
-                return kc, vc
         cs = self.cs[pos][:, None]  # [B, 1, 2, D]
         cos, sin = cs[:, :, 0:1], cs[:, :, 1:2]
         h = self._embed(tok[:, None])
@@ -276,13 +267,38 @@ class StaticLM:
             h = self._layer(i, h, cos, sin, write, mask)
         return self._logits(h[:, -1])
 
+    def _decode_rows(self, tok: Tensor, pos: Tensor, kv_len: int, alive: Tensor) -> Tensor:
+        """The uncaptured step (CPU): the same arithmetic on [B, d] hidden states (no sequence dimension, so
+        fewer view and reshape ops per token), attending over the ``kv_len`` filled columns; the new K/V go to
+        column ``kv_len - 1`` with a slice copy. Logits [B, V]."""
+        self.key_valid[:, kv_len - 1] = alive
+        mask = self.key_valid[:, None, None, :kv_len]
+        cs = self.cs.index_select(0, pos)
+        cos, sin = cs[:, None, 0:1], cs[:, None, 1:2]  # [B, 1, 1, D]
+        B, hq, hkv = tok.shape[0], self.n_heads, self.n_kv
+        h = self._embed(tok)
+        for i, w in enumerate(self.w):
+            qkv = F.linear(_rms(h, w.in_norm), w.qkv, w.qkv_b).view(B, hq + 2 * hkv, 1, self.head_dim)
+            if w.qk_norm is not None:  # Qwen3: per-head RMSNorm of q and k
+                q, k = (_rope(_rms(x, n), cos, sin) for x, n in ((qkv[:, :hq], w.qk_norm[0]),
+                                                                 (qkv[:, hq : hq + hkv], w.qk_norm[1])))
+            else:
+                qk = _rope(qkv[:, : hq + hkv], cos, sin)
+                q, k = qk[:, :hq], qk[:, hq:]
+            kc, vc = self.k[i][:, :, :kv_len], self.v[i][:, :, :kv_len]
+            kc[:, :, kv_len - 1 :] = k
+            vc[:, :, kv_len - 1 :] = qkv[:, hq + hkv :]
+            h = h + F.linear(self._attend(q, kc, vc, mask).reshape(B, -1), w.o, w.o_b)
+            h = h + self._mlp(w, _rms(h, w.post_norm))
+        return self._logits(h)
+
     @torch.no_grad()
     def decode(self, tok: Tensor, pos: Tensor, col: int, alive: Tensor) -> Tensor:
         tok, pos, alive = tok.to(self.device), pos.to(self.device), alive.to(self.device)
         if self.compiled:  # fixed shapes: attend over the whole (masked) cache
             col_t = torch.full((1,), col, dtype=torch.long, device=self.device)
             return self._decode(tok, pos, col_t, alive).clone()
-        return self._decode(tok, pos, None, alive, col + 1)
+        return self._decode_rows(tok, pos, col + 1, alive)
 
     def compact(self, rows: Tensor, upto: int | None = None) -> None:
         """Keep only ``rows`` (ascending indices into the current batch): they move to the front of every
