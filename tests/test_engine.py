@@ -184,6 +184,23 @@ def test_device_solver_matches_exact(eps):
     assert torch.equal(dev.iters, ref.iters)
 
 
+@pytest.mark.parametrize("eps", [0.0, 1e-4, 0.3, 2.0, math.inf, "rows"])
+def test_device_solver_cpu_bookkeeping_is_the_torch_loop_bit_for_bit(eps, monkeypatch):
+    """On a CPU the Newton rows' bookkeeping runs in NumPy (_newton_host); it must give the torch loop's
+    bits (what a GPU runs), edge rows included."""
+    from trb_exp import blend_device
+
+    s, t = _logit_cases()
+    s[6, 0], t[7, 1] = float("nan"), float("inf")
+    if eps == "rows":
+        eps = torch.rand(s.shape[0], generator=torch.Generator().manual_seed(2))
+    host = trust_region_blend_device(s, t, eps)
+    monkeypatch.setattr(blend_device, "_newton_host", blend_device._newton_all)
+    ref = trust_region_blend_device(s, t, eps)
+    for a, b in zip(host, ref):
+        assert torch.equal(a.nan_to_num(nan=7.0), b.nan_to_num(nan=7.0))
+
+
 @pytest.mark.parametrize("iters", [8, 12])
 def test_device_solver_fixed_budget_keeps_the_contract(iters):
     """A fixed iteration budget (no host read at all): kl <= eps + 1e-6 always; the budget is used

@@ -64,7 +64,8 @@ def trust_region_blend_device(
     c = _cases(xs, xt, eps_f, host_free)
     if host_free and not bool(c.c_solve.any()):
         max_iter = 0
-    b, iters, kl_res, conv_any, logmu_res = _newton_all(c, tol, max_iter, fixed_iters)
+    newton = _newton_host if host_free else _newton_all
+    b, iters, kl_res, conv_any, logmu_res = newton(c, tol, max_iter, fixed_iters)
     out, beta, kl_all = _finish(c, b, kl_res, conv_any, logmu_res, host_free)
     iters = torch.where(c.c_solve, iters, 0)
     return BlendResult(
@@ -190,6 +191,61 @@ def _newton_all(c: _Cases, tol: float, max_iter: int, fixed_iters: bool):
         logmu_res = torch.where(newly.unsqueeze(-1), logmu, logmu_res)
         done = done | (run & (conv | collapsed))
     return torch.where(done, b, lo), iters, kl_res, conv_any, logmu_res
+
+
+def _newton_host(c: _Cases, tol: float, max_iter: int, fixed_iters: bool = False):
+    """:func:`_newton_all` on a CPU: the same float32 arithmetic, op for op, with the per-row bookkeeping
+    ([N] vectors) in NumPy, whose ops cost a fraction of a torch dispatch; only the [N, V] evaluation and
+    log mu (and the square roots: torch's float32 sqrt can differ from NumPy's by an ulp) stay in torch.
+    IEEE float32 +, -, *, / and comparisons (Python scalars taken as float32 in both libraries) give the
+    same bits, so the iterates equal the torch loop's (checked against it in the tests)."""
+    import numpy as np
+
+    logq, q, dc, ws = c.logq, c.q, c.dc, c.ws
+    epsp = c.epsp.numpy()
+    ulp = float(torch.finfo(c.epsp.dtype).eps)
+    bt = torch.sqrt(2.0 * c.epsp / c.var0)
+    bt = torch.where(torch.isfinite(bt) & (bt > 0) & (bt < 1), bt, torch.sqrt(c.epsp / c.kl1))
+    b = torch.where(torch.isfinite(bt) & (bt > 0) & (bt < 1), bt, torch.full_like(bt, 0.5)).numpy()
+    lo, hi = np.zeros_like(b), np.ones_like(b)
+    done = ~c.c_solve.numpy()
+    conv_any = np.zeros_like(done)
+    kl_res = np.zeros_like(b)
+    iters = np.zeros(b.shape, dtype=np.int64)
+    logmu_res = torch.zeros_like(c.out)
+    rgap = 2e-4
+    se, rgap_e = c.epsp.sqrt().numpy(), rgap * epsp  # loop invariants (torch's sqrt: its rounding, not NumPy's)
+    margin_num, margin_cap = 0.25 * rgap * epsp, np.full_like(b, 0.25 * tol)
+    with np.errstate(all="ignore"):  # inf / NaN steps are caught by the bracket test, as in torch
+        for _ in range(max_iter):
+            if done.all():
+                break
+            run = ~done
+            kl_t, var_t, logmu = _evaluate(logq, q, dc, torch.from_numpy(b), need_logmu=True, ws=ws)
+            kl, var = kl_t.numpy(), var_t.numpy()
+            iters += run
+            feas = kl <= epsp
+            lo_r = np.where(feas, b, lo)
+            hi_r = np.where(feas, hi, b)
+            sk = kl_t.sqrt().numpy()
+            bvar = b * var
+            step = -2.0 * sk * (sk - se) / bvar
+            conv = feas & (((step <= tol) & (epsp - kl <= rgap_e)) | (kl == epsp))
+            collapsed = (hi_r - lo_r) <= 4.0 * ulp * hi_r
+            margin = np.minimum(margin_num / bvar, margin_cap)
+            bn = b + step - np.where(feas, np.float32(0.0), margin)
+            bad = ~np.isfinite(bn) | (bn <= lo_r) | (bn >= hi_r)
+            bn = np.where(bad, 0.5 * (lo_r + hi_r), bn)
+            b = np.where(run, np.where(conv, b, np.where(collapsed, lo_r, bn)), b)
+            lo, hi = lo_r, hi_r
+            newly = run & conv
+            kl_res = np.where(newly, kl, kl_res)
+            conv_any = conv_any | newly
+            if newly.any():
+                logmu_res = torch.where(torch.from_numpy(newly).unsqueeze(-1), logmu, logmu_res)
+            done = done | (run & (conv | collapsed))
+    return (torch.from_numpy(np.where(done, b, lo)), torch.from_numpy(iters), torch.from_numpy(kl_res),
+            torch.from_numpy(conv_any), logmu_res)
 
 
 def _finish(c: _Cases, b: Tensor, kl_res: Tensor, conv_any: Tensor, logmu_res: Tensor, host_free: bool):
