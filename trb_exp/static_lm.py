@@ -306,8 +306,13 @@ class StaticLM:
         ``upto``: only the first ``upto`` cache columns hold anything yet (uncaptured: copy just those)."""
         rows = rows.to(self.device)
         n = rows.numel()
+        f = 0  # uncaptured: the rows before the first dropped one are already in place (a host read, free on a CPU)
+        if not self.compiled:
+            moved = (rows != torch.arange(n, device=rows.device)).nonzero()
+            f = int(moved[0, 0]) if moved.numel() else n
         for x in (*self.k, *self.v):
-            x[:n, :, :upto] = x[:, :, :upto].index_select(0, rows)
+            if f < n:
+                x[f:n, :, :upto] = x[:, :, :upto].index_select(0, rows[f:])
         if upto is not None and not self.compiled:
             self.key_valid[:, upto:] = False
         self.key_valid[:n] = self.key_valid.index_select(0, rows)
