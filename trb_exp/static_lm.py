@@ -272,7 +272,9 @@ class StaticLM:
         fewer view and reshape ops per token), attending over the ``kv_len`` filled columns; the new K/V go to
         column ``kv_len - 1`` with a slice copy. Logits [B, V]."""
         self.key_valid[:, kv_len - 1] = alive
-        mask = self.key_valid[:, None, None, :kv_len]
+        valid = self.key_valid[:, None, None, :kv_len]
+        # the additive mask SDPA would build from the bool one in every layer, built once (same bits)
+        mask = torch.zeros(valid.shape, dtype=self.dtype, device=self.device).masked_fill_(~valid, float("-inf"))
         cs = self.cs.index_select(0, pos)
         cos, sin = cs[:, None, 0:1], cs[:, None, 1:2]  # [B, 1, 1, D]
         B, hq, hkv = tok.shape[0], self.n_heads, self.n_kv
