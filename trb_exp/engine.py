@@ -4,13 +4,15 @@ device-side sampling, no per-token host sync.
 Same contract as the eager loop in ``rollout.sample`` (same behaviour rules, same ``Rollout``), in the style
 of pytorch-labs/gpt-fast:
 
-* ``StaticLM`` runs a Hugging Face Llama / Qwen2 / Qwen3 / Mistral causal LM (full attention) with the
-  model's own weights through a small functional forward: one KV cache ``[B, H_kv, P + max_new, D]`` per
-  layer allocated once, K/V of the new token written in place, a key-validity mask ``[B, P + max_new]``
-  updated in place, RoPE from a table built once per call. Prefill is the same code on the prompt.
+* ``StaticLM`` (``trb_exp.static_lm``) runs a Hugging Face Llama / Qwen2 / Qwen3 / Mistral causal LM (full
+  attention) with the model's own weights through a small functional forward: one KV cache
+  ``[B, H_kv, P + max_new, D]`` per layer allocated once, K/V of the new token written in place, a
+  key-validity mask ``[B, P + max_new]`` updated in place, RoPE from a table built once per call, fused
+  q|k|v and gate|up matmuls. Prefill is the same code on the prompt, each distinct prompt once.
 * One decode step per model is a fixed-shape function of tensors (token, position, column): on a GPU with
   ``compile=True`` it is wrapped in ``torch.compile(mode="reduce-overhead")`` (CUDA graphs); on a CPU the
-  same code runs uncaptured and reads only the filled part of the cache.
+  same arithmetic runs uncaptured on ``[B, d]`` hidden states and reads only the filled part of the cache.
+  On a CPU every row's logits are bit-identical to the eager loop's (tests/test_engine.py).
 * Sampling stays on the device (``torch.multinomial`` over the full batch, so the generator advances exactly
   as in the eager loop and the same seed gives the same tokens); rows that finished are replaced by a
   one-hot on the pad id instead of a Python branch. "Have all rows finished?" is read back every
@@ -18,8 +20,9 @@ of pytorch-labs/gpt-fast:
 * The TRB solver runs sync-free on the device (``blending.trust_region_blend_device``).
 * At every check the batch is compacted: caches, masks and positions keep only the running rows (moved to
   the front of the same buffers), so the decode cost follows the live rows, not batch x longest.
-  Uncaptured (CPU) as soon as a row has finished; captured, when the live rows fit half the batch
-  (row counts are powers of two, one graph each).
+  Uncaptured (CPU) once an eighth of the decoded rows have finished, never below ``MIN_ROWS`` rows;
+  captured, when the live rows fit half the batch (row counts are powers of two, one graph each).
+  The token loop runs under ``torch.inference_mode`` (its outputs are cloned out of it).
 """
 
 from __future__ import annotations
@@ -81,14 +84,17 @@ class _Record:
         self.tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
         self.alive_hist = torch.zeros(B, T, dtype=torch.bool, device=device)
         self.s_tok_lp = torch.zeros(B, T, device=device) if rule.needs_student else None
-        self.t_full = torch.zeros(B, T, V, device=device) if self.full_stats else None
+        # positions after a row has finished are not decoded (they are masked out of every loss and metric):
+        # the teacher statistics there are the uniform distribution's, so every stored row stays normalised
+        lu = -math.log(V)
+        self.t_full = torch.full((B, T, V), lu, device=device) if self.full_stats else None
         self.kk = min(topk, V)
         rec_topk = teacher_stats == "topk" and rule.needs_student
         self.keep_t, self.rec_topk = keep_t, rec_topk
         self.topk_ids = torch.zeros(B, T, self.kk, dtype=torch.long, device=device) if rec_topk else None
-        self.t_topk = torch.zeros(B, T, self.kk, device=device) if (rec_topk and keep_t) else None
-        self.t_tok = torch.zeros(B, T, device=device) if keep_t and not self.full_stats else None
-        self.t_ent = torch.zeros(B, T, device=device) if keep_t and not self.full_stats else None
+        self.t_topk = torch.full((B, T, self.kk), lu, device=device) if (rec_topk and keep_t) else None
+        self.t_tok = torch.full((B, T), lu, device=device) if keep_t and not self.full_stats else None
+        self.t_ent = torch.full((B, T), -lu, device=device) if keep_t and not self.full_stats else None
         self.diags: dict[str, Tensor] = {}
         self.B, self.T = B, T
 
@@ -299,8 +305,9 @@ class _Loop:
                 n_alive = int(alive.sum())
                 if n_alive == 0:
                     break
-                # uncaptured (CPU): drop finished rows as soon as there are any (a copy of the filled part of
-                # each cache); captured: only when the batch halves (a new graph per power-of-two size)
+                # uncaptured (CPU): drop finished rows once an eighth of the decoded rows have finished (a copy
+                # of the filled part of each cache); captured: only when the batch halves (a new graph per
+                # power-of-two size)
                 n_rows, c = rows.numel(), self.compiled
                 target = _bucket(n_alive, c)
                 if self.compact and (target <= n_rows // 2 if c else n_rows - target >= _min_dead(n_rows)):
