@@ -68,18 +68,34 @@ def main(argv=None) -> dict:
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             c = compose("config", overrides=[f"method={m}", "schedule.eps0=0.5", "schedule.warmup_steps=100000"])
         methods[m] = Method.from_cfg(c.method, c.schedule)
+    # the static engine's time inside each model's forward (prefill + decode steps), by role: where the TRB
+    # decode goes (teacher forward, solver, the rest); a perf_counter pair per call, ~1 us
+    from trb_exp.static_lm import StaticLM
+
+    fwd_s = {"student": 0.0, "teacher": 0.0}
+
+    def timed(f):
+        def g(lm, *args, **kw):
+            t0 = time.perf_counter()
+            out = f(lm, *args, **kw)
+            fwd_s["teacher" if lm.inner is teacher.model else "student"] += time.perf_counter() - t0
+            return out
+        return g
+
+    StaticLM.prefill, StaticLM.decode = timed(StaticLM.prefill), timed(StaticLM.decode)
     state = {}
     for key in CONFIGS:
         s = copy.deepcopy(base)
         state[key] = dict(student=s, gen=torch.Generator().manual_seed(0),
                           opt=torch.optim.AdamW(s.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                                 weight_decay=cfg.optim.weight_decay),
-                          step_s=[], decode_s=[], rule_s=[])
+                          step_s=[], decode_s=[], rule_s=[], student_fwd_s=[], teacher_fwd_s=[])
 
     def one_step(key, step):
         method, engine = methods[key[0]], key[1]
         st = state[key]
         student, opt = st["student"], st["opt"]
+        fwd_s.update(student=0.0, teacher=0.0)
         t0 = time.perf_counter()
         batch = [i for i in prompt_batch(0, step, len(prompts), tr.prompts_per_step) for _ in range(tr.rollouts_per_prompt)]
         ids, mask = encode_prompts(tok, [prompts[i] for i in batch], cpu)
@@ -103,6 +119,8 @@ def main(argv=None) -> dict:
         st["step_s"].append(time.perf_counter() - t0)
         st["decode_s"].append(ro.decode_s)
         st["rule_s"].append(ro.rule_s)
+        st["student_fwd_s"].append(fwd_s["student"])
+        st["teacher_fwd_s"].append(fwd_s["teacher"])
 
     load = []
     t_all = time.time()
@@ -114,7 +132,8 @@ def main(argv=None) -> dict:
             load.append(os.getloadavg()[0])
             print(f"step {step}: " + "  ".join(f"{k[0]}/{k[1]} {state[k]['step_s'][-1]:.3f}" for k in CONFIGS), flush=True)
     sk = a.skip
-    med = {k: {m: statistics.median(state[k][m][sk:]) for m in ("step_s", "decode_s", "rule_s")} for k in CONFIGS}
+    metrics = ("step_s", "decode_s", "rule_s", "student_fwd_s", "teacher_fwd_s")
+    med = {k: {m: statistics.median(state[k][m][sk:]) for m in metrics} for k in CONFIGS}
 
     def paired(a_, b_, m):
         return statistics.median(x / y for x, y in zip(state[a_][m][sk:], state[b_][m][sk:]))
@@ -153,6 +172,27 @@ def main(argv=None) -> dict:
         f"- TRB decode time, static / eager: **{res['trb_decode_static_over_eager']:.2f}**.",
         f"- TRB warmup step / OPD step (paired): eager **{res['trb_over_opd_step']['eager']:.2f}**, static "
         f"**{res['trb_over_opd_step']['static']:.2f}** (goal: <= 1.4 with the new engine).",
+    ]
+    ts, os_ = med["trb", "static"], med["opd", "static"]
+    rest_t = ts["decode_s"] - ts["teacher_fwd_s"] - ts["student_fwd_s"] - ts["rule_s"]
+    rest_o = os_["decode_s"] - os_["student_fwd_s"] - os_["rule_s"]
+    lines += [
+        "",
+        "Where the static engine's decode time goes (medians, s; model forward = prefill + decode steps, timed "
+        "around `StaticLM.prefill` / `StaticLM.decode`; the rest = sampling, the rule's other work, the "
+        "records, compaction):",
+        "",
+        "| method | student forward | teacher forward | rule (solver) | rest of the decode | decode |",
+        "|---|---|---|---|---|---|",
+        f"| opd | {f3(os_['student_fwd_s'])} | – | {f3(os_['rule_s'])} | {f3(rest_o)} | {f3(os_['decode_s'])} |",
+        f"| trb | {f3(ts['student_fwd_s'])} | {f3(ts['teacher_fwd_s'])} | {f3(ts['rule_s'])} | {f3(rest_t)} | "
+        f"{f3(ts['decode_s'])} |",
+        "",
+        f"TRB step − OPD step (static, medians): {f3(ts['step_s'] - os_['step_s'])} s = teacher forward "
+        f"{f3(ts['teacher_fwd_s'])} + solver {f3(ts['rule_s'])} + the other decode differences "
+        f"{f3(ts['decode_s'] - ts['teacher_fwd_s'] - ts['rule_s'] - os_['decode_s'])} + the rest of the step "
+        f"{f3((ts['step_s'] - ts['decode_s']) - (os_['step_s'] - os_['decode_s']))} (OPD's rest holds a batched "
+        "teacher pass that TRB reuses from its rollout).",
     ]
     md = "\n".join(lines) + "\n"
     print(md)

@@ -68,7 +68,7 @@ MUTANTS = [
            (("    return _kl(_logprobs(s, dtype), _teacher_logprobs(teacher_logprobs_on_ids, dtype))",
              "    return _kl(_teacher_logprobs(teacher_logprobs_on_ids, dtype), _logprobs(s, dtype))"),),
            "(c) the top-k estimator computes the forward KL(pT_k || pS_k) instead of the reverse"),
-    Mutant("solver_beta_halved", "trb_exp/blending.py",
+    Mutant("solver_beta_halved", "trb_exp/blend_solver.py",
            (("    return _finalize(prep, beta_m, iters_m, kl_m, cached)",
              "    return _finalize(prep, beta_m * 0.5, iters_m)"),),
            "(d) the solver returns half its beta (mu, beta and KL recomputed there): feasible, budget unused"),

@@ -117,6 +117,29 @@ def test_static_engine_matches_eager(rule_name, pair_name, request):
     _check(*_run_both(pair, rule_name))
 
 
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="row-count rounding measured on MKL's sgemm")
+@pytest.mark.parametrize("rule_name", ["student", "teacher", "trust_region", "skd", "greedy"])
+def test_static_engine_is_bit_identical_on_the_embedded_pair(rule_name, embedded):
+    """On a CPU the static engine computes every row as the eager loop does, bit for bit: the fused q|k|v and
+    gate|up matmuls only concatenate output features, repeated prompts (PROMPTS * 2) are prefilled once,
+    and compaction (down to the last rows here: 40 tokens) never decodes fewer than MIN_ROWS rows (MKL
+    rounds 1-3 row matmuls differently); the sync-free solver gives the exact solver's numbers. So a run's
+    results do not depend on rollout.engine."""
+    eager, static, e_seen, s_seen = _run_both(embedded, rule_name, n=40)
+    m = eager.response_mask
+    assert (m.sum(0) < 4).any()  # the batch did shrink below MIN_ROWS live rows
+    for t, (rows, lg) in enumerate(s_seen[: len(e_seen)]):
+        live = m[rows, t]
+        for k, v in lg.items():
+            assert torch.equal(e_seen[t][k][rows][live], v[live]), f"step {t}: {k} logits"
+    assert torch.equal(eager.input_ids, static.input_ids)
+    for name in ("teacher_logprobs", "token_logprobs_student"):
+        if getattr(eager, name) is not None:
+            assert torch.equal(getattr(static, name)[m], getattr(eager, name)[m]), name
+    for k, v in eager.diagnostics.items():
+        assert torch.equal(static.diagnostics[k][m], v[m]), k
+
+
 @pytest.mark.parametrize("kw", [dict(compact=False), dict(sync_every=5), dict(sync_every=3, compact=True)])
 def test_static_knobs_do_not_change_the_rollout(qwen3, kw):
     """Compaction and the host-read interval change the cost, not the tokens (trailing all-finished
@@ -159,6 +182,23 @@ def test_device_solver_matches_exact(eps):
     assert torch.equal(fin, torch.isfinite(dev.logprobs))
     torch.testing.assert_close(dev.logprobs[fin], ref.logprobs[fin], atol=1e-5, rtol=0)
     assert torch.equal(dev.iters, ref.iters)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-4, 0.3, 2.0, math.inf, "rows"])
+def test_device_solver_cpu_bookkeeping_is_the_torch_loop_bit_for_bit(eps, monkeypatch):
+    """On a CPU the Newton rows' bookkeeping runs in NumPy (_newton_host); it must give the torch loop's
+    bits (what a GPU runs), edge rows included."""
+    from trb_exp import blend_device
+
+    s, t = _logit_cases()
+    s[6, 0], t[7, 1] = float("nan"), float("inf")
+    if eps == "rows":
+        eps = torch.rand(s.shape[0], generator=torch.Generator().manual_seed(2))
+    host = trust_region_blend_device(s, t, eps)
+    monkeypatch.setattr(blend_device, "_newton_host", blend_device._newton_all)
+    ref = trust_region_blend_device(s, t, eps)
+    for a, b in zip(host, ref):
+        assert torch.equal(a.nan_to_num(nan=7.0), b.nan_to_num(nan=7.0))
 
 
 @pytest.mark.parametrize("iters", [8, 12])
@@ -343,9 +383,9 @@ def _train_rows(overrides, tiny_pair, path):
 def test_training_with_the_static_engine_matches_eager(method, tiny_pair, tmp_path):
     """Whole training steps: same rollouts, same losses and gradient norms (to float round-off) with
     rollout.engine=static, and with rollout.teacher_stats=topk (the loss from O(k) statistics)."""
-    eager = _train_rows([f"method={method}"], tiny_pair, tmp_path / "e")
+    eager = _train_rows([f"method={method}", "rollout.engine=eager"], tiny_pair, tmp_path / "e")
     for extra in (["rollout.engine=static"], ["rollout.engine=static", "rollout.teacher_stats=topk"],
-                  ["rollout.teacher_stats=topk"]):
+                  ["rollout.engine=eager", "rollout.teacher_stats=topk"]):
         other = _train_rows([f"method={method}", *extra], tiny_pair, tmp_path / "_".join(extra))
         for a, b in zip(eager, other):
             assert a["rollout/mean_length"] == b["rollout/mean_length"] and a["rollout/reward"] == b["rollout/reward"]
@@ -353,6 +393,29 @@ def test_training_with_the_static_engine_matches_eager(method, tiny_pair, tmp_pa
             assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4), extra
             if "rollout/teacher_logprob" in a:
                 assert a["rollout/teacher_logprob"] == pytest.approx(b["rollout/teacher_logprob"], rel=1e-5)
+
+
+def test_static_is_the_default_and_an_unsupported_model_stops_at_setup(tiny_pair, tmp_path):
+    """rollout.engine=static by default; a model it cannot run (GPT-2 here) is a one-line ConfigError naming
+    rollout.engine=eager before any training step, and that override trains it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import compose
+    from trb_exp.config import ConfigError
+    from trb_exp.data.tokenizer import build_char_tokenizer
+
+    assert compose([]).rollout.engine == "static"
+    tok = build_char_tokenizer()
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=128,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)).save_pretrained(gpt2)
+    tok.save_pretrained(gpt2)
+    with pytest.raises(ConfigError, match="model.student: rollout.engine=static supports .*use rollout.engine=eager") as e:
+        _train_rows(["method=opd", f"model.student={gpt2}"], tiny_pair, tmp_path / "s")
+    assert "\n" not in str(e.value)
+    assert len(_train_rows(["method=opd", f"model.student={gpt2}", "rollout.engine=eager"], tiny_pair,
+                           tmp_path / "e")) == 3
 
 
 def test_topk_stats_refuse_a_full_vocabulary_loss(tiny_pair, tmp_path):

@@ -4,13 +4,15 @@ device-side sampling, no per-token host sync.
 Same contract as the eager loop in ``rollout.sample`` (same behaviour rules, same ``Rollout``), in the style
 of pytorch-labs/gpt-fast:
 
-* ``StaticLM`` runs a Hugging Face Llama / Qwen2 / Qwen3 / Mistral causal LM (full attention) with the
-  model's own weights through a small functional forward: one KV cache ``[B, H_kv, P + max_new, D]`` per
-  layer allocated once, K/V of the new token written in place, a key-validity mask ``[B, P + max_new]``
-  updated in place, RoPE from a table built once per call. Prefill is the same code on the prompt.
+* ``StaticLM`` (``trb_exp.static_lm``) runs a Hugging Face Llama / Qwen2 / Qwen3 / Mistral causal LM (full
+  attention) with the model's own weights through a small functional forward: one KV cache
+  ``[B, H_kv, P + max_new, D]`` per layer allocated once, K/V of the new token written in place, a
+  key-validity mask ``[B, P + max_new]`` updated in place, RoPE from a table built once per call, fused
+  q|k|v and gate|up matmuls. Prefill is the same code on the prompt, each distinct prompt once.
 * One decode step per model is a fixed-shape function of tensors (token, position, column): on a GPU with
   ``compile=True`` it is wrapped in ``torch.compile(mode="reduce-overhead")`` (CUDA graphs); on a CPU the
-  same code runs uncaptured and reads only the filled part of the cache.
+  same arithmetic runs uncaptured on ``[B, d]`` hidden states and reads only the filled part of the cache.
+  On a CPU every row's logits are bit-identical to the eager loop's (tests/test_engine.py).
 * Sampling stays on the device (``torch.multinomial`` over the full batch, so the generator advances exactly
   as in the eager loop and the same seed gives the same tokens); rows that finished are replaced by a
   one-hot on the pad id instead of a Python branch. "Have all rows finished?" is read back every
@@ -18,241 +20,41 @@ of pytorch-labs/gpt-fast:
 * The TRB solver runs sync-free on the device (``blending.trust_region_blend_device``).
 * At every check the batch is compacted: caches, masks and positions keep only the running rows (moved to
   the front of the same buffers), so the decode cost follows the live rows, not batch x longest.
-  Uncaptured (CPU) as soon as a row has finished; captured, when the live rows fit half the batch
-  (row counts are powers of two, one graph each).
+  Uncaptured (CPU) once an eighth of the decoded rows have finished, never below ``MIN_ROWS`` rows;
+  captured, when the live rows fit half the batch (row counts are powers of two, one graph each).
+  The token loop runs under ``torch.inference_mode`` (its outputs are cloned out of it).
 """
 
 from __future__ import annotations
 
 import math
 import time
-import weakref
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from trb_exp.blending import merge_eos
+from trb_exp.static_lm import (  # noqa: F401 (re-exported)
+    _LMS,
+    MIN_ROWS,
+    SUPPORTED,
+    StaticLM,
+    UnsupportedModel,
+    static_lm,
+)
 
-SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
-
-
-class UnsupportedModel(ValueError):
-    pass
-
-
-def _check_supported(model) -> None:
-    cfg = model.config
-    mt = getattr(cfg, "model_type", None)
-    if mt not in SUPPORTED:
-        raise UnsupportedModel(f"rollout.engine=static supports {', '.join(SUPPORTED)} models, not {mt!r}: "
-                               "use rollout.engine=eager")
-    if getattr(cfg, "use_sliding_window", False) or (getattr(cfg, "sliding_window", None) and mt == "mistral"):
-        raise UnsupportedModel("rollout.engine=static: sliding-window attention is not supported; use rollout.engine=eager")
-    rope = getattr(getattr(model.model, "rotary_emb", None), "rope_type", "default")
-    if rope not in ("default", "linear", "llama3", "yarn"):
-        raise UnsupportedModel(f"rollout.engine=static: rope type {rope!r} is position-dependent at run time; "
-                               "use rollout.engine=eager")
+COMPACT_DEAD_FRACTION = 0.125  # uncaptured: compact once this fraction of the decoded rows has finished
 
 
-def _rms(x: Tensor, norm) -> Tensor:
-    """Exactly ``LlamaRMSNorm`` / ``Qwen3RMSNorm`` (float32: torch's fused kernel, bit-identical on CPU)."""
-    dt = x.dtype
-    if dt == torch.float32 and norm.weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * h.to(dt)
-
-
-def _rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
-    """HF's ``x * cos + rotate_half(x) * sin`` with rotate_half(x) = cat(-x2, x1) = roll(x) * (-1, 1):
-    the sign lives in ``sin_signed`` (exact in floating point)."""
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
-
-
-class StaticLM:
-    """A decoder-only LM with a preallocated KV cache for ``batch`` rows of ``max_len`` tokens."""
-
-    def __init__(self, model, batch: int, max_len: int, *, compile: bool = False):
-        _check_supported(model)
-        self.lm_head = model.lm_head  # not the model itself: static_lm caches by a weak reference to it
-        self.inner = model.model
-        cfg = model.config
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        self.n_kv = cfg.num_key_value_heads
-        self.n_heads = cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.layers = list(self.inner.layers)
-        self.scaling = self.layers[0].self_attn.scaling
-        self.vocab = getattr(model, "trb_vocab_size", None)
-        self.max_len = max_len
-        self.batch = batch
-        shape = (batch, self.n_kv, max_len, self.head_dim)
-        self.k_full = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.v_full = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.key_valid_full = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
-        self._views: dict = {}  # n rows -> the first n rows of every buffer (fixed objects and addresses)
-        dummy = torch.zeros(1, dtype=self.dtype, device=self.device)
-        cos, sin = self.inner.rotary_emb(dummy, torch.arange(max_len, device=self.device)[None])
-        d = self.head_dim // 2
-        self.cos, self.sin = cos[0], torch.cat([-sin[0, :, :d], sin[0, :, d:]], -1)  # [max_len, D], model dtype
-        self.w = [self._layer_weights(layer) for layer in self.layers]
-        self.compiled = compile and self.device.type == "cuda"
-        self._decode = self._decode_impl
-        self.reset()
-        if self.compiled:
-            self._decode = torch.compile(self._decode_impl, mode="reduce-overhead", fullgraph=True, dynamic=False)
-
-    def _set_rows(self, n: int) -> None:
-        """Decode the first ``n`` rows of the buffers from now on (views created once per n, so a captured
-        step sees the same tensors, at the same addresses, every time)."""
-        if n not in self._views:
-            views = ([x[:n] for x in self.k_full], [x[:n] for x in self.v_full], self.key_valid_full[:n])
-            mark = None
-            if self.compiled:
-                import torch._dynamo
-
-                mark = getattr(torch._dynamo, "mark_static_address", None)
-            if mark is not None:  # updated in place inside the captured step
-                for x in (*views[0], *views[1], views[2], self.cos, self.sin):
-                    mark(x)
-            self._views[n] = views
-        self.k, self.v, self.key_valid = self._views[n]
-
-    def reset(self) -> None:
-        """Ready for a new batch: all rows, no valid key (stale K/V behind a False mask weigh exactly 0)."""
-        self._set_rows(self.batch)
-        self.key_valid.zero_()
-
-    @staticmethod
-    def _layer_weights(layer):
-        a, m = layer.self_attn, layer.mlp
-        simple_mlp = type(m).__name__.endswith("MLP") and hasattr(m, "gate_proj") and not getattr(m, "mlp_bias", False)
-        return dict(
-            q=(a.q_proj.weight, a.q_proj.bias), k=(a.k_proj.weight, a.k_proj.bias),
-            v=(a.v_proj.weight, a.v_proj.bias), o=(a.o_proj.weight, a.o_proj.bias),
-            mlp=(m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight) if simple_mlp and
-            getattr(m, "gate_proj").bias is None and m.act_fn.__class__.__name__ == "SiLUActivation" else None,
-        )
-
-    def _attend(self, q: Tensor, kc: Tensor, vc: Tensor, mask: Tensor) -> Tensor:
-        """softmax(q k^T * scale + mask) v with torch's SDPA, as the HF models call it (a hand-written bmm
-        version is ~1.5x faster on tiny CPU shapes but moves logits by ~1e-5: not the eager numbers)."""
-        return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scaling,
-                                              enable_gqa=self.n_heads != self.n_kv)
-
-    # ------------------------------------------------------------------ forward pieces
-    def _attn_layer(self, i: int, layer, h: Tensor, cos: Tensor, sin: Tensor, write, mask: Tensor, kv_len) -> Tensor:
-        a, w = layer.self_attn, self.w[i]
-        B, S, _ = h.shape
-        x = _rms(h, layer.input_layernorm)
-        q = F.linear(x, *w["q"]).view(B, S, -1, self.head_dim)
-        k = F.linear(x, *w["k"]).view(B, S, -1, self.head_dim)
-        v = F.linear(x, *w["v"]).view(B, S, -1, self.head_dim)
-        if hasattr(a, "q_norm"):  # Qwen3: per-head RMSNorm of q and k
-            q, k = _rms(q, a.q_norm), _rms(k, a.k_norm)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        write(self.k[i], k)
-        write(self.v[i], v)
-        kc, vc = self.k[i], self.v[i]
-        if kv_len is not None:
-            kc, vc = kc[:, :, :kv_len], vc[:, :, :kv_len]
-        o = self._attend(q, kc, vc, mask)
-        h = h + F.linear(o.transpose(1, 2).reshape(B, S, -1), *w["o"])
-        x = _rms(h, layer.post_attention_layernorm)
-        if w["mlp"] is None:
-            return h + layer.mlp(x)
-        wg, wu, wd = w["mlp"]
-        return h + F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
-
-    def _logits(self, h: Tensor) -> Tensor:
-        logits = self.lm_head(_rms(h, self.inner.norm))
-        if self.vocab is not None:
-            logits = logits[..., : self.vocab]
-        return logits
-
-    @torch.no_grad()
-    def prefill(self, ids: Tensor, prompt_mask: Tensor, pos: Tensor) -> Tensor:
-        """The prompt [B, P] (left padded) into columns 0..P-1 of the cache; last-token logits [B, V]."""
-        B, P = ids.shape
-        ids, prompt_mask, pos = ids.to(self.device), prompt_mask.to(self.device), pos.to(self.device)
-        self.key_valid[:, :P] = prompt_mask.bool()
-        causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
-        # every query also sees itself, so the (unused) rows of left padding stay finite
-        mask = (causal & self.key_valid[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=self.device)
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
-
-        def write(cache, x):
-            cache[:, :, :P] = x
-
-        h = self.inner.embed_tokens(ids)
-        for i, layer in enumerate(self.layers):
-            h = self._attn_layer(i, layer, h, cos, sin, write, mask, P)
-        return self._logits(h[:, -1])
-
-    def _decode_impl(self, tok: Tensor, pos: Tensor, col: Tensor, alive: Tensor, kv_len=None) -> Tensor:
-        """One token per row: ``tok`` [B] at positions ``pos`` [B] into cache column ``col`` (a 1-element
-        tensor: the same column for every row); ``alive`` [B] marks the column valid. Logits [B, V]."""
-        self.key_valid.index_copy_(1, col, alive[:, None])
-        mask = self.key_valid[:, None, None, :] if kv_len is None else self.key_valid[:, None, None, :kv_len]
-        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
-
-        def write(cache, x):
-            cache.index_copy_(2, col, x)
-
-        h = self.inner.embed_tokens(tok[:, None])
-        for i, layer in enumerate(self.layers):
-            h = self._attn_layer(i, layer, h, cos, sin, write, mask, kv_len)
-        return self._logits(h[:, -1])
-
-    @torch.no_grad()
-    def decode(self, tok: Tensor, pos: Tensor, col: int, alive: Tensor) -> Tensor:
-        tok, pos, alive = tok.to(self.device), pos.to(self.device), alive.to(self.device)
-        col_t = torch.full((1,), col, dtype=torch.long, device=self.device)
-        if self.compiled:  # fixed shapes: attend over the whole (masked) cache
-            return self._decode(tok, pos, col_t, alive).clone()
-        return self._decode(tok, pos, col_t, alive, col + 1)
-
-    def compact(self, rows: Tensor, upto: int | None = None) -> None:
-        """Keep only ``rows`` (ascending indices into the current batch): they move to the front of every
-        buffer, in place (a captured step gets one graph per row count: powers of two, see ``_bucket``).
-        ``upto``: only the first ``upto`` cache columns hold anything yet (uncaptured: copy just those)."""
-        rows = rows.to(self.device)
-        n = rows.numel()
-        for x in (*self.k, *self.v):
-            x[:n, :, :upto] = x[:, :, :upto].index_select(0, rows)
-        if upto is not None and not self.compiled:
-            self.key_valid[:, upto:] = False
-        self.key_valid[:n] = self.key_valid.index_select(0, rows)
-        self._set_rows(n)
-
-
-_LMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def static_lm(model, batch: int, max_len: int, *, compile: bool = False) -> StaticLM:
-    """The model's ``StaticLM`` for this shape, reused across calls (buffers, views and captured graphs);
-    one per model: a new shape replaces the old one. The length is rounded up (to a multiple of 256 when
-    captured, 64 otherwise) so that prompts of varying length share buffers and graphs."""
-    step = 256 if compile and next(model.parameters()).device.type == "cuda" else 64
-    max_len = -(-max_len // step) * step
-    key = (batch, max_len, bool(compile))
-    lm = _LMS.get(model)
-    if lm is None or lm[0] != key:
-        lm = _LMS[model] = (key, None)  # drop the old buffers first
-        lm = _LMS[model] = (key, StaticLM(model, batch, max_len, compile=compile))
-    else:
-        lm[1].reset()
-    return lm[1]
+def _min_dead(n_rows: int) -> int:
+    return max(1, int(n_rows * COMPACT_DEAD_FRACTION))
 
 
 def _bucket(n: int, compiled: bool) -> int:
-    """Batch size after compaction: exact on CPU; a power of two under capture (few graph shapes)."""
-    return 1 << max(0, math.ceil(math.log2(max(n, 1)))) if compiled else n
+    """Batch size after compaction: a power of two under capture (few graph shapes); uncaptured, the live
+    rows padded with finished ones to ``MIN_ROWS``."""
+    return 1 << max(0, math.ceil(math.log2(max(n, 1)))) if compiled else max(n, MIN_ROWS)
 
 
 def topk_stats(student_logits: Tensor | None, teacher_logits: Tensor | None, tok: Tensor, k: int):
@@ -270,6 +72,121 @@ def topk_stats(student_logits: Tensor | None, teacher_logits: Tensor | None, tok
         if ids is not None:
             t_ids = lt.gather(-1, ids)
     return ids, t_ids, t_tok, ent
+
+
+class _Record:
+    """The rollout's [B, T, ...] outputs, preallocated, filled one column per token on the decoded rows."""
+
+    def __init__(self, rule, B: int, T: int, V: int, device, *, pad_id: int, keep_t: bool, teacher_stats: str,
+                 topk: int):
+        self.full_stats = keep_t and teacher_stats == "full"
+        self.tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+        self.alive_hist = torch.zeros(B, T, dtype=torch.bool, device=device)
+        self.s_tok_lp = torch.zeros(B, T, device=device) if rule.needs_student else None
+        # positions after a row has finished are not decoded (they are masked out of every loss and metric):
+        # the teacher statistics there are the uniform distribution's, so every stored row stays normalised
+        lu = -math.log(V)
+        self.t_full = torch.full((B, T, V), lu, device=device) if self.full_stats else None
+        self.kk = min(topk, V)
+        rec_topk = teacher_stats == "topk" and rule.needs_student
+        self.keep_t, self.rec_topk = keep_t, rec_topk
+        self.topk_ids = torch.zeros(B, T, self.kk, dtype=torch.long, device=device) if rec_topk else None
+        self.t_topk = torch.full((B, T, self.kk), lu, device=device) if (rec_topk and keep_t) else None
+        self.t_tok = torch.full((B, T), lu, device=device) if keep_t and not self.full_stats else None
+        self.t_ent = torch.full((B, T), -lu, device=device) if keep_t and not self.full_stats else None
+        self.diags: dict[str, Tensor] = {}
+        self.B, self.T = B, T
+
+    def step(self, t: int, rows: Tensor, full: bool, tok: Tensor, tok_r: Tensor, alive: Tensor, logits: dict,
+             diag: dict) -> None:
+        """Column ``t``: the tokens and alive flags of all rows, the statistics of the decoded ``rows``
+        (``tok_r``: their tokens)."""
+        self.tokens[:, t] = tok
+        self.alive_hist[:, t] = alive
+
+        def put(buf, val):  # buf[:, t][rows] = val
+            buf[:, t].copy_(val) if full else buf[:, t].index_copy_(0, rows, val)
+
+        if self.s_tok_lp is not None:
+            put(self.s_tok_lp, torch.log_softmax(logits["student"].float(), -1).gather(-1, tok_r[:, None]).squeeze(-1))
+        if self.full_stats:
+            put(self.t_full, torch.log_softmax(logits["teacher"].float(), -1))
+        elif self.rec_topk or self.keep_t:
+            stats = topk_stats(logits.get("student"), logits.get("teacher") if self.keep_t else None, tok_r, self.kk)
+            for buf, val in zip((self.topk_ids, self.t_topk, self.t_tok, self.t_ent), stats):
+                if buf is not None and val is not None:
+                    put(buf, val)
+        for k, v in diag.items():
+            if k not in self.diags:
+                self.diags[k] = torch.zeros(self.B, self.T, dtype=v.dtype, device=v.device)
+            put(self.diags[k], v)
+
+    def rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, t_used: int, alive: Tensor, t0: float, rule_s: float):
+        from trb_exp.rollout import Rollout
+
+        # trim the columns decoded after every row had finished (sync_every > 1)
+        ah = self.alive_hist
+        last = int(ah.any(0).nonzero().max()) + 1 if bool(ah.any()) else 1
+        T_eff = min(t_used, last)
+
+        def cut(x):  # tensors made under inference mode are cloned out of it (they may reach autograd)
+            return None if x is None else x[:, :T_eff].clone() if x.is_inference() else x[:, :T_eff]
+
+        response, response_mask = cut(self.tokens), cut(ah)
+        return Rollout(
+            input_ids=torch.cat([prompt_ids, response], 1),
+            attention_mask=torch.cat([prompt_mask.long(), response_mask.long()], 1),
+            response_mask=response_mask, prompt_len=prompt_ids.shape[1], teacher_logprobs=cut(self.t_full),
+            token_logprobs_student=cut(self.s_tok_lp), finished=(~alive).clone(),
+            diagnostics={k: cut(v) for k, v in self.diags.items()}, decode_s=time.perf_counter() - t0,
+            rule_s=rule_s, topk_ids=cut(self.topk_ids), teacher_topk_logprobs=cut(self.t_topk),
+            teacher_token_logprobs=cut(self.t_tok), teacher_entropy=cut(self.t_ent),
+        )
+
+
+def _prefill(models: dict, prompt_ids: Tensor, mask: Tensor, pos0: Tensor, device) -> dict:
+    """Every model's last-prompt-token logits [B, V], each distinct prompt run once (OPD's
+    ``rollouts_per_prompt`` copies share their prefill; the copies' caches are filled from it)."""
+    B = prompt_ids.shape[0]
+    first: dict = {}  # distinct prompt (ids and mask) -> (its index, its first row)
+    keys = torch.cat([prompt_ids, mask], 1).tolist()
+    rows = [first.setdefault(tuple(r), (len(first), b))[0] for b, r in enumerate(keys)]
+    if len(first) == B or len(first) < MIN_ROWS:
+        return {name: m.prefill(prompt_ids, mask, pos0).to(device) for name, m in models.items()}
+    take = torch.tensor([b for _, b in first.values()], device=device)
+    ids_u, mask_u, pos_u = (x.index_select(0, take) for x in (prompt_ids, mask, pos0))
+    rows_t = torch.tensor(rows, device=device)
+    return {name: m.prefill(ids_u, mask_u, pos_u, rows_t).to(device) for name, m in models.items()}
+
+
+def _compact(models: dict, alive: Tensor, rows: Tensor, logits: dict, n_alive: int, compiled: bool, upto: int):
+    """Keep the running rows (padded with finished ones to the captured bucket size): the models' caches,
+    the logits and the ``rows`` map. Returns the new (rows, logits) and the kept positions in the old rows."""
+    alive_r = alive.index_select(0, rows)
+    keep_local = alive_r.nonzero().squeeze(-1)
+    n_new = _bucket(n_alive, compiled)
+    if n_new > keep_local.numel():  # pad the bucket with finished rows
+        dead = (~alive_r).nonzero().squeeze(-1)[: n_new - keep_local.numel()]
+        keep_local = torch.cat([keep_local, dead]).sort().values
+    for m in models.values():
+        m.compact(keep_local, None if m.compiled else upto)
+    return rows.index_select(0, keep_local), {k: v.index_select(0, keep_local) for k, v in logits.items()}, keep_local
+
+
+def _behaviour(rule, logits: dict, rows: Tensor, full: bool, B: int, V: int, uses_gen: bool):
+    """The rule on the decoded rows: (log-probs, diagnostics) for ``rows``. A rule that samples itself
+    (SKD) sees every row (finished ones as zero logits), as in the eager loop, so its generator advances
+    the same way."""
+    if uses_gen and not full:
+        lg = {k: v.new_zeros(B, V).index_copy_(0, rows, v) for k, v in logits.items()}
+    else:
+        lg = logits
+    behavior, diag = rule(lg.get("student"), lg.get("teacher"))
+    behavior = torch.nan_to_num(behavior, nan=float("-inf"))
+    if uses_gen and not full:
+        behavior = behavior.index_select(0, rows)
+        diag = {k: v.index_select(0, rows) for k, v in diag.items()}
+    return behavior, diag
 
 
 @torch.no_grad()
@@ -301,7 +218,7 @@ def sample_static(
     sampled token and the teacher entropy), ``solver_iters`` (the TRB solver's fixed iteration budget;
     None = device-side stopping). ``trace(t, rows, logits)``, when given, sees the (EOS-merged) next-token
     logits of the decoded ``rows`` at every step (tests)."""
-    from trb_exp.rollout import Rollout, positions_from_mask
+    from trb_exp.rollout import positions_from_mask
 
     B, P = prompt_ids.shape
     device = prompt_ids.device
@@ -310,135 +227,91 @@ def sample_static(
     rule = rule.for_static_engine(solver_iters)  # e.g. the trust-region solver's sync-free twin
     mask = prompt_mask.long()
     pos0 = positions_from_mask(mask)
-    max_len = P + max_new_tokens
     models = {}
     if rule.needs_student:
-        models["student"] = static_lm(student, B, max_len, compile=compile)
+        models["student"] = static_lm(student, B, P + max_new_tokens, compile=compile)
     if rule.needs_teacher:
-        models["teacher"] = static_lm(teacher, B, max_len, compile=compile)
-    compiled = any(m.compiled for m in models.values())
-    other_eos = [int(i) for i in dict.fromkeys(eos_ids) if int(i) != int(eos_id)]
-    all_eos = [int(eos_id), *other_eos]
-    other_eos_t = torch.tensor(other_eos, dtype=torch.long, device=device)
-    keep_t = keep_teacher_logprobs and rule.needs_teacher
-    full_stats = keep_t and teacher_stats == "full"
+        models["teacher"] = static_lm(teacher, B, P + max_new_tokens, compile=compile)
 
     t0 = time.perf_counter()
-    logits = {name: m.prefill(prompt_ids, mask, pos0).to(device) for name, m in models.items()}
-    V = next(iter(logits.values())).shape[-1]
-    T = max_new_tokens
-    tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
-    alive_hist = torch.zeros(B, T, dtype=torch.bool, device=device)
-    s_tok_lp = torch.zeros(B, T, device=device) if rule.needs_student else None
-    t_full = torch.zeros(B, T, V, device=device) if full_stats else None
-    kk = min(topk, V)
-    rec_topk = teacher_stats == "topk" and rule.needs_student
-    topk_ids = torch.zeros(B, T, kk, dtype=torch.long, device=device) if rec_topk else None
-    t_topk = torch.zeros(B, T, kk, device=device) if (rec_topk and keep_t) else None
-    t_tok = torch.zeros(B, T, device=device) if keep_t and not full_stats else None
-    t_ent = torch.zeros(B, T, device=device) if keep_t and not full_stats else None
-    diags: dict[str, Tensor] = {}
-    alive = torch.ones(B, dtype=torch.bool, device=device)  # over all B rows
-    rows = torch.arange(B, device=device)  # the batch rows still decoded (after compaction)
-    n_rows = B
-    next_pos = pos0[:, -1] + 1
-    pad_row = torch.full((V,), float("-inf"), device=device)
-    pad_row[pad_id] = 0.0
-    uses_gen = getattr(rule, "generator", None) is not None
-    rule_s, t_used = 0.0, 0
-    for t in range(T):
-        if other_eos:
-            logits = {k: merge_eos(v, all_eos, eos_id) for k, v in logits.items()}
-        full = n_rows == B
-        if trace is not None:
-            trace(t, rows, logits)
-        if uses_gen and not full:  # a rule that samples itself sees every row, as in the eager loop
-            lg = {k: torch.zeros(B, V, dtype=v.dtype, device=device).index_copy_(0, rows, v) for k, v in logits.items()}
-        else:
-            lg = logits
+    with torch.inference_mode():  # fewer dispatch costs per op; the outputs are cloned out of it (rec.rollout)
+        logits = _prefill(models, prompt_ids, mask, pos0, device)
+        V = next(iter(logits.values())).shape[-1]
+        rec = _Record(rule, B, max_new_tokens, V, device, pad_id=pad_id,
+                      keep_t=keep_teacher_logprobs and rule.needs_teacher, teacher_stats=teacher_stats, topk=topk)
+        loop = _Loop(models, rule, rec, generator=generator, eos_id=eos_id, pad_id=pad_id, eos_ids=eos_ids,
+                     sync_every=sync_every, compact=compact, trace=trace)
+        t_used, alive = loop.run(logits, pos0[:, -1] + 1, P)
+    return rec.rollout(prompt_ids, prompt_mask, t_used, alive, t0, loop.rule_s)
+
+
+class _Loop:
+    """The token loop of ``sample_static``: rule, sampling, record, compaction, one decode step per model."""
+
+    def __init__(self, models, rule, rec, *, generator, eos_id, pad_id, eos_ids, sync_every, compact, trace):
+        self.models, self.rule, self.rec, self.generator = models, rule, rec, generator
+        self.eos_id, self.pad_id, self.sync_every, self.compact, self.trace = eos_id, pad_id, sync_every, compact, trace
+        self.compiled = any(m.compiled for m in models.values())
+        device = rec.tokens.device
+        self.other_eos = [int(i) for i in dict.fromkeys(eos_ids) if int(i) != int(eos_id)]
+        self.all_eos = [int(eos_id), *self.other_eos]
+        self.other_eos_t = torch.tensor(self.other_eos, dtype=torch.long, device=device)
+        self.uses_gen = getattr(rule, "generator", None) is not None
+        self.rule_s = 0.0
+
+    def _sample(self, t: int, logits: dict, rows: Tensor, probs: Tensor, alive: Tensor):
+        """Column ``t``'s tokens [B] (pads on finished rows) and those of the decoded rows, recorded with the
+        rule's statistics."""
+        B, V = probs.shape
+        full = rows.numel() == B
+        if self.trace is not None:
+            self.trace(t, rows, logits)
         t_rule = time.perf_counter()
-        behavior, diag = rule(lg.get("student"), lg.get("teacher"))
-        rule_s += time.perf_counter() - t_rule
-        behavior = torch.nan_to_num(behavior, nan=float("-inf"))
-        if uses_gen and not full:
-            behavior = behavior.index_select(0, rows)
-            diag = {k: v.index_select(0, rows) for k, v in diag.items()}
-        if full:
-            probs = behavior.exp()
-        else:  # the finished rows draw a pad: the generator advances over all B rows, as in the eager loop
-            probs = pad_row.exp().expand(B, V).clone().index_copy_(0, rows, behavior.exp())
-        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        if other_eos:
-            tok = torch.where(torch.isin(tok, other_eos_t), torch.full_like(tok, eos_id), tok)
-        tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
-        tokens[:, t] = tok
-        alive_hist[:, t] = alive
+        behavior, diag = _behaviour(self.rule, logits, rows, full, B, V, self.uses_gen)
+        self.rule_s += time.perf_counter() - t_rule
+        # the generator advances over all B rows, as in the eager loop (rows not decoded draw the pad)
+        tok = torch.multinomial(behavior.exp() if full else probs.index_copy_(0, rows, behavior.exp()), 1,
+                                generator=self.generator).squeeze(-1)
+        if self.other_eos:
+            tok = torch.where(torch.isin(tok, self.other_eos_t), torch.full_like(tok, self.eos_id), tok)
+        tok = torch.where(alive, tok, self.pad_id)
         tok_r = tok if full else tok.index_select(0, rows)
-        if s_tok_lp is not None:
-            s_lp = torch.log_softmax(logits["student"].float(), -1).gather(-1, tok_r[:, None]).squeeze(-1)
-            s_tok_lp[:, t].index_copy_(0, rows, s_lp) if not full else s_tok_lp[:, t].copy_(s_lp)
-        if full_stats:
-            lt = torch.log_softmax(logits["teacher"].float(), -1)
-            t_full[:, t].index_copy_(0, rows, lt) if not full else t_full[:, t].copy_(lt)
-        elif rec_topk or keep_t:
-            ids, tv, tt, ent = topk_stats(logits.get("student"), logits.get("teacher") if keep_t else None, tok_r, kk)
-            for buf, val in ((topk_ids, ids), (t_topk, tv), (t_tok, tt), (t_ent, ent)):
-                if buf is not None and val is not None:
-                    buf[:, t].index_copy_(0, rows, val)
-        for k, v in diag.items():
-            if k not in diags:
-                diags[k] = torch.zeros(B, T, dtype=v.dtype, device=device)
-            diags[k][:, t].index_copy_(0, rows, v)
-        alive = alive & (tok != eos_id)
-        t_used = t + 1
-        if t + 1 == T:
-            break
-        if (t + 1) % sync_every == 0:  # the only host sync of the loop
-            n_alive = int(alive.sum())
-            if n_alive == 0:
+        self.rec.step(t, rows, full, tok, tok_r, alive, logits, diag)
+        return tok, tok_r
+
+    def run(self, logits: dict, pos_r: Tensor, P: int):
+        """Decode up to T tokens from the prefill's ``logits`` (next positions ``pos_r`` [B]); returns the
+        number of columns decoded and the final alive flags [B]."""
+        rec, models = self.rec, self.models
+        B, T, V = rec.B, rec.T, next(iter(logits.values())).shape[-1]
+        device = rec.tokens.device
+        alive = torch.ones(B, dtype=torch.bool, device=device)  # over all B rows
+        rows = torch.arange(B, device=device)  # the batch rows still decoded (after compaction)
+        pad_probs = torch.zeros(B, V, device=device)
+        pad_probs[:, self.pad_id] = 1.0
+        probs = pad_probs.clone()
+        t = -1
+        for t in range(T):
+            if self.other_eos:
+                logits = {k: merge_eos(v, self.all_eos, self.eos_id) for k, v in logits.items()}
+            tok, tok_r = self._sample(t, logits, rows, probs, alive)
+            alive_prev, alive = alive, alive & (tok != self.eos_id)
+            if t + 1 == T:
                 break
-            # uncaptured (CPU): drop finished rows as soon as there are any (a copy of the filled part of
-            # each cache); captured: only when the batch halves (a new graph per power-of-two size)
-            if compact and (_bucket(n_alive, compiled) <= n_rows // 2 if compiled else n_alive < n_rows):
-                keep_local = alive.index_select(0, rows).nonzero().squeeze(-1)
-                n_new = _bucket(n_alive, compiled)
-                if n_new > keep_local.numel():  # pad the bucket with finished rows
-                    dead = (~alive.index_select(0, rows)).nonzero().squeeze(-1)[: n_new - keep_local.numel()]
-                    keep_local = torch.cat([keep_local, dead]).sort().values
-                for m in models.values():
-                    m.compact(keep_local, None if m.compiled else P + t + 1)
-                logits = {k: v.index_select(0, keep_local) for k, v in logits.items()}
-                rows = rows.index_select(0, keep_local)
-                n_rows = rows.numel()
-        alive_r = alive_hist[:, t].index_select(0, rows) if n_rows != B else alive_hist[:, t]
-        pos_r = next_pos.index_select(0, rows) if n_rows != B else next_pos
-        tok_r = tok.index_select(0, rows) if n_rows != B else tok
-        logits = {name: m.decode(tok_r, pos_r, P + t, alive_r).to(device) for name, m in models.items()}
-        next_pos = next_pos + 1
-
-    # trim the columns decoded after every row had finished (sync_every > 1)
-    last = int(alive_hist.any(0).nonzero().max()) + 1 if bool(alive_hist.any()) else 1
-    T_eff = min(t_used, last)
-
-    def cut(x):
-        return None if x is None else x[:, :T_eff]
-
-    response = cut(tokens)
-    response_mask = cut(alive_hist)
-    ro = Rollout(
-        input_ids=torch.cat([prompt_ids, response], 1),
-        attention_mask=torch.cat([prompt_mask.long(), response_mask.long()], 1),
-        response_mask=response_mask,
-        prompt_len=P,
-        teacher_logprobs=cut(t_full),
-        token_logprobs_student=cut(s_tok_lp),
-        finished=~alive,
-        diagnostics={k: cut(v) for k, v in diags.items()},
-        decode_s=time.perf_counter() - t0,
-        rule_s=rule_s,
-        topk_ids=cut(topk_ids),
-        teacher_topk_logprobs=cut(t_topk),
-        teacher_token_logprobs=cut(t_tok),
-        teacher_entropy=cut(t_ent),
-    )
-    return ro
+            if (t + 1) % self.sync_every == 0:  # the only host sync of the loop
+                n_alive = int(alive.sum())
+                if n_alive == 0:
+                    break
+                # uncaptured (CPU): drop finished rows once an eighth of the decoded rows have finished (a copy
+                # of the filled part of each cache); captured: only when the batch halves (a new graph per
+                # power-of-two size)
+                n_rows, c = rows.numel(), self.compiled
+                target = _bucket(n_alive, c)
+                if self.compact and (target <= n_rows // 2 if c else n_rows - target >= _min_dead(n_rows)):
+                    rows, logits, kept = _compact(models, alive, rows, logits, n_alive, c, P + t + 1)
+                    tok_r, pos_r = tok_r.index_select(0, kept), pos_r.index_select(0, kept)
+                    probs.copy_(pad_probs)
+            alive_r = alive_prev if rows.numel() == B else alive_prev.index_select(0, rows)
+            logits = {name: m.decode(tok_r, pos_r, P + t, alive_r).to(device) for name, m in models.items()}
+            pos_r = pos_r + 1
+        return t + 1, alive

@@ -121,6 +121,14 @@ def setup(cfg) -> Experiment:
     vocab = check_pair(tok, teacher_tok, student, teacher)
     set_vocab_size(student, vocab)  # padded embeddings: compare both models on the tokenizer's vocabulary
     set_vocab_size(teacher, vocab)
+    if rollout_kw["engine"] == "static":  # the default: an architecture it cannot run stops here, not at step 1
+        from trb_exp.static_lm import UnsupportedModel, check_supported
+
+        for field, model in (("model.student", student), ("model.teacher", teacher)):
+            try:
+                check_supported(model)
+            except UnsupportedModel as e:
+                raise ConfigError(f"{field}: {e}") from None
     # different EOS ids (Base student, instruct teacher): one merged end-of-sequence event at the student's id
     eos_id, all_eos = pair_eos_ids(tok, teacher_tok, student, teacher)
     return Experiment(cfg=cfg, device=device, tok=tok, student=student, benchmarks=benchmarks, eos_id=eos_id,

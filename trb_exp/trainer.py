@@ -342,6 +342,11 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
     exp = setup(cfg)
     exp.dist = dist
     exp.train_student = wrap_student(exp.student, dist, str(cfg.trainer.get("strategy", "auto")))
+    if exp.train_student is exp.student and dist.active and exp.rollout_kw.get("engine") == "static":
+        # FSDP2 shards the student in place; the static engine reads whole weights: the eager loop decodes
+        # (it computes the same tokens, bit for bit on a CPU)
+        print("[rollout] trainer.strategy=fsdp shards the student: decoding with rollout.engine=eager", flush=True)
+        exp.rollout_kw = {k: v for k, v in exp.rollout_kw.items() if k in ("teacher_stats", "topk")} | {"engine": "eager"}
     tr = cfg.trainer
     state = TrainState.create(exp.student, cfg, exp.device)
     if dist.active:  # a sampling stream per rank
