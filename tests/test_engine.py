@@ -395,27 +395,41 @@ def test_training_with_the_static_engine_matches_eager(method, tiny_pair, tmp_pa
                 assert a["rollout/teacher_logprob"] == pytest.approx(b["rollout/teacher_logprob"], rel=1e-5)
 
 
-def test_static_is_the_default_and_an_unsupported_model_stops_at_setup(tiny_pair, tmp_path):
-    """rollout.engine=static by default; a model it cannot run (GPT-2 here) is a one-line ConfigError naming
-    rollout.engine=eager before any training step, and that override trains it."""
+def test_auto_engine_is_the_default_static_where_it_runs_eager_elsewhere(tiny_pair, tmp_path, capsys):
+    """rollout.engine=auto by default: the static engine for the Llama pair, the eager loop (said in one line)
+    for a model it cannot run (GPT-2 here); rollout.engine=static on that model is a one-line ConfigError
+    naming rollout.engine=eager, before any training step."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from conftest import compose
     from trb_exp.config import ConfigError
     from trb_exp.data.tokenizer import build_char_tokenizer
+    from trb_exp.experiment import pick_engine
 
-    assert compose([]).rollout.engine == "static"
+    assert compose([]).rollout.engine == "auto"
     tok = build_char_tokenizer()
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=128,
                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                pad_token_id=tok.pad_token_id)).save_pretrained(gpt2)
     tok.save_pretrained(gpt2)
+    kw = {"engine": "auto", "teacher_stats": "full", "topk": 16, "sync_every": None, "compile": False,
+          "compact": True, "solver_iters": None}
+    llama = _load(tiny_pair / "student")
+    assert pick_engine(kw, llama, llama) == {**kw, "engine": "static"}
+    g = _load(gpt2)
+    assert pick_engine(kw, g, llama) == {"engine": "eager", "teacher_stats": "full", "topk": 16}
+    assert "model.student is not an architecture the static engine runs" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="model.student: rollout.engine=static supports .*use rollout.engine=eager") as e:
-        _train_rows(["method=opd", f"model.student={gpt2}"], tiny_pair, tmp_path / "s")
+        _train_rows(["method=opd", f"model.student={gpt2}", "rollout.engine=static"], tiny_pair, tmp_path / "s")
     assert "\n" not in str(e.value)
-    assert len(_train_rows(["method=opd", f"model.student={gpt2}", "rollout.engine=eager"], tiny_pair,
-                           tmp_path / "e")) == 3
+    assert len(_train_rows(["method=opd", f"model.student={gpt2}"], tiny_pair, tmp_path / "a")) == 3
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
 
 
 def test_topk_stats_refuse_a_full_vocabulary_loss(tiny_pair, tmp_path):

@@ -143,7 +143,8 @@ def _validate_model(cfg) -> None:
 
 
 def _validate_rollout(ro) -> None:
-    _require(ro.get("engine", "eager") in ("eager", "static"), "rollout.engine", ro.get("engine"), "use eager or static")
+    _require(ro.get("engine", "eager") in ("auto", "eager", "static"), "rollout.engine", ro.get("engine"),
+             "use auto (static where the architecture allows it), static or eager")
     _require(isinstance(ro.get("compile", False), bool), "rollout.compile", ro.get("compile"), "use true or false")
     _require(isinstance(ro.get("compact", True), bool), "rollout.compact", ro.get("compact"), "use true or false")
     se = ro.get("sync_every")

@@ -69,6 +69,25 @@ def _start(cfg) -> torch.device:
     return pick_device(cfg.device)
 
 
+def pick_engine(rollout_kw: dict, student, teacher) -> dict:
+    """``rollout.engine=auto`` (the default): the static engine when it can run both models (Llama, Qwen2/3,
+    Mistral), else the eager loop, said in one line; ``static`` on another architecture is a one-line error."""
+    from trb_exp.static_lm import UnsupportedModel, check_supported
+
+    if rollout_kw["engine"] == "eager":
+        return rollout_kw
+    for field, model in (("model.student", student), ("model.teacher", teacher)):
+        try:
+            check_supported(model)
+        except UnsupportedModel as e:
+            if rollout_kw["engine"] == "static":
+                raise ConfigError(f"{field}: {e}") from None
+            print(f"[rollout] rollout.engine=auto: {field} is not an architecture the static engine runs; "
+                  "decoding with the eager loop", flush=True)
+            return {k: v for k, v in rollout_kw.items() if k in ("teacher_stats", "topk")} | {"engine": "eager"}
+    return rollout_kw | {"engine": "static"}
+
+
 def setup(cfg) -> Experiment:
     """The training experiment of ``cfg`` (already validated): method, task, benchmarks, the pair."""
     method = Method.from_cfg(cfg.method, cfg.schedule)
@@ -121,14 +140,7 @@ def setup(cfg) -> Experiment:
     vocab = check_pair(tok, teacher_tok, student, teacher)
     set_vocab_size(student, vocab)  # padded embeddings: compare both models on the tokenizer's vocabulary
     set_vocab_size(teacher, vocab)
-    if rollout_kw["engine"] == "static":  # the default: an architecture it cannot run stops here, not at step 1
-        from trb_exp.static_lm import UnsupportedModel, check_supported
-
-        for field, model in (("model.student", student), ("model.teacher", teacher)):
-            try:
-                check_supported(model)
-            except UnsupportedModel as e:
-                raise ConfigError(f"{field}: {e}") from None
+    rollout_kw = pick_engine(rollout_kw, student, teacher)
     # different EOS ids (Base student, instruct teacher): one merged end-of-sequence event at the student's id
     eos_id, all_eos = pair_eos_ids(tok, teacher_tok, student, teacher)
     return Experiment(cfg=cfg, device=device, tok=tok, student=student, benchmarks=benchmarks, eos_id=eos_id,

@@ -289,7 +289,7 @@ def sample_kwargs(cfg, topk: int = 16) -> dict:
     rc = cfg.get("rollout") or {}
     kw = {"engine": str(rc.get("engine", "eager")), "teacher_stats": str(rc.get("teacher_stats", "full")),
           "topk": int(topk)}
-    if kw["engine"] == "static":
+    if kw["engine"] in ("static", "auto"):  # auto: static where it runs (experiment.pick_engine)
         kw.update(sync_every=rc.get("sync_every"), compile=bool(rc.get("compile", False)),
                   compact=bool(rc.get("compact", True)), solver_iters=rc.get("solver_iters"))
     return kw

@@ -206,7 +206,7 @@ def evaluate_student(exp: Experiment, step: int, logger: RunLogger, progress: bo
     tr, ev = exp.cfg.trainer, exp.cfg.get("eval") or {}
     kw = dict(n_samples=tr.eval_samples, temperature=1.0, max_new_tokens=tr.max_new_tokens, seed=exp.cfg.seed + 1,
               eos_ids=exp.eos_ids, batch_size=int(ev.get("batch_size") or 512),
-              progress=progress and exp.dist.is_main)
+              progress=progress and exp.dist.is_main, sample_kw=_eval_engine(exp.rollout_kw))
     scorer = sharded_evaluate(exp.dist, evaluate)
     if len(exp.benchmarks) == 1:  # one test set (the embedded default): eval/<metric>
         b = exp.benchmarks[0]
@@ -220,6 +220,12 @@ def evaluate_student(exp: Experiment, step: int, logger: RunLogger, progress: bo
         tqdm.write(f"[eval] step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items()))
     sys.stdout.flush()
     return {"step": step, **r}
+
+
+def _eval_engine(rollout_kw: dict) -> dict:
+    """The training rollouts' decode engine for the evaluation too (without the TRB solver's and the teacher
+    statistics' knobs, which a student-only decode does not take)."""
+    return {k: v for k, v in rollout_kw.items() if k in ("engine", "sync_every", "compile", "compact")}
 
 
 def warm_start(exp: Experiment, state: TrainState, logger: RunLogger) -> None:
