@@ -270,7 +270,10 @@ def full_state_dict(model: torch.nn.Module, ctx: DistContext) -> dict | None:
     (every rank must call this), or the model's own ``state_dict()`` otherwise."""
     if not is_fsdp(model):
         return unwrap(model).state_dict() if ctx.is_main else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return sd if ctx.is_main else None
@@ -316,3 +319,13 @@ def combine_evaluations(results: list[dict[str, float]], sizes: list[int]) -> di
         else:
             out[k] = sum(r[k] * n for r, n in zip(results, sizes)) / total
     return out
+
+
+def check_strategy(cfg, dist: DistContext) -> None:
+    """What the trainer runs under torchrun, checked before any model is loaded."""
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"trainer.strategy={strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if not dist.active:
+        return
+    dist.shard(list(range(int(cfg.trainer.prompts_per_step))))  # every rank gets the same number of prompts

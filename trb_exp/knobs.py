@@ -56,3 +56,30 @@ def ramp(step: int, start: float, end: float, K: int) -> float:
     if step >= K:
         return float(end)
     return start + (end - start) * step / K
+
+
+class Registry(dict):
+    """Components chosen by name from one config key (``method.rollout``: the rules; ``method.loss``: the
+    losses). ``@registry.register(name)`` adds a class (and sets its ``name``); ``registry.lookup(name)`` is
+    the class, or a one-line ``ConfigError`` naming the key and the choices (sorted, or in registration order)."""
+
+    def __init__(self, field: str, *, sort_choices: bool = False):
+        super().__init__()
+        self.field, self.sort_choices = field, sort_choices
+
+    def register(self, name: str):
+        def deco(cls):
+            if name in self and self[name] is not cls:
+                raise ValueError(f"two classes registered as {self.field}={name!r}: {self[name].__module__}, "
+                                 f"{cls.__module__}")
+            cls.name = name
+            self[name] = cls
+            return cls
+
+        return deco
+
+    def lookup(self, name: str):
+        if name not in self:
+            choices = sorted(self) if self.sort_choices else list(self)
+            raise ConfigError(f"{self.field}={name!r}: choose one of {', '.join(choices)}")
+        return self[name]

@@ -18,26 +18,15 @@ from typing import ClassVar
 from torch import Tensor
 
 from trb_exp import losses
-from trb_exp.config import ConfigError
-from trb_exp.knobs import NOT_A_KNOB, bad, knobs_from, ramp
+from trb_exp.knobs import NOT_A_KNOB, Registry, bad, knobs_from, ramp
 
-LOSSES: dict[str, type[Loss]] = {}
+LOSSES = Registry("method.loss")
+register_loss = LOSSES.register
 ESTIMATORS = ("full", "topk", "sampled")
 
 
-def register_loss(name: str):
-    def deco(cls):
-        cls.name = name
-        LOSSES[name] = cls
-        return cls
-
-    return deco
-
-
 def loss_class(name: str) -> type[Loss]:
-    if name not in LOSSES:
-        raise ConfigError(f"method.loss={name!r}: choose one of {', '.join(LOSSES)}")
-    return LOSSES[name]
+    return LOSSES.lookup(name)
 
 
 @dataclass(frozen=True)

@@ -84,3 +84,31 @@ def seed_metrics(src: Path, dst: Path, step: int) -> None:
     if src.is_file() and not dst.exists():
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in read_rows(src) if r.get("step", 0) <= step))
+
+
+def restore(state, train_student, ckpt: Path, run_dir: Path, dist) -> int:
+    """Load checkpoint ``ckpt`` into ``state`` (and the FSDP2 shards of ``train_student``), with this rank's
+    sampling stream; a checkpoint of another run starts this run's record with that run's rows (a fork).
+    Returns the step the run resumes at."""
+    from trb_exp.distributed import is_fsdp
+    from trb_exp.state import (
+        load_checkpoint,
+        load_sharded_checkpoint,
+        set_rng_state,
+        sharded,
+    )
+
+    if sharded(ckpt) != is_fsdp(train_student):
+        raise ConfigError(f"trainer.resume: {ckpt} holds {'sharded (FSDP2)' if sharded(ckpt) else 'whole'} "
+                          "student and optimizer states; resume it with the trainer.strategy that wrote it")
+    payload = load_sharded_checkpoint(state, train_student, ckpt) if sharded(ckpt) else load_checkpoint(state, ckpt)
+    if dist.active:
+        rngs = payload.get("meta", {}).get("rng_ranks") or []
+        if len(rngs) != dist.world:
+            raise ConfigError(f"trainer.resume: {ckpt} was written by {len(rngs) or 1} process(es); resume it "
+                              f"with the same --nproc_per_node (here {dist.world})")
+        set_rng_state(rngs[dist.rank], state.generator)
+    if ckpt.parent.parent.resolve() != run_dir.resolve():  # a checkpoint of another run: a fork
+        seed_metrics(ckpt.parent.parent / "metrics.jsonl", run_dir / "metrics.jsonl", state.step)
+        state.run_id = None
+    return state.step

@@ -7,7 +7,7 @@ sampling ``torch.Generator`` that rollouts draw from), the W&B run id, the evalu
 ``extras``: any further object with ``state_dict()`` / ``load_state_dict()`` (a budget controller,
 say) stored under its name. Restoring a state and running step k gives exactly what the
 uninterrupted run gave at step k, because nothing else in a run carries over between steps
-(``train.prompt_batch`` is a pure function of (seed, step), methods are functions of the step).
+(``data.prompt_batch`` is a pure function of (seed, step), methods are functions of the step).
 
 A checkpoint is a directory ``<run_dir>/checkpoints/step_<k>/``::
 

@@ -13,9 +13,7 @@ step), log, evaluate every ``trainer.eval_every`` steps, checkpoint every
 
 from __future__ import annotations
 
-import functools
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -27,10 +25,10 @@ from tqdm import tqdm
 from trb_exp import losses
 from trb_exp.blending import merge_eos
 from trb_exp.config import ConfigError, validate
-from trb_exp.data import encode_prompts
+from trb_exp.data import encode_prompts, prompt_batch
 from trb_exp.distributed import (
-    STRATEGIES,
     DistContext,
+    check_strategy,
     full_params,
     full_state_dict,
     is_fsdp,
@@ -44,7 +42,7 @@ from trb_exp.logger import NullLogger, RunLogger
 from trb_exp.methods import Method
 from trb_exp.optim import accumulate_step
 from trb_exp.preempt import Stopped, StopSignals
-from trb_exp.resume import resume_from, seed_metrics
+from trb_exp.resume import restore, resume_from
 from trb_exp.rollout import (
     concat_rollouts,
     response_logits,
@@ -54,37 +52,13 @@ from trb_exp.rollout import (
 )
 from trb_exp.state import (
     TrainState,
-    load_checkpoint,
-    load_sharded_checkpoint,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
     save_consolidated,
     save_sharded_checkpoint,
-    set_rng_state,
-    sharded,
 )
 from trb_exp.warm_start import sft_warm_start
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(seed: int, n_prompts: int, epoch: int) -> list[int]:
-    rng = random.Random(seed)
-    for _ in range(epoch + 1):  # epoch e is the (e+1)-th shuffle of one seeded stream
-        order = list(range(n_prompts))
-        rng.shuffle(order)
-    return order[::-1]
-
-
-def prompt_batch(seed: int, step: int, n_prompts: int, per_step: int) -> list[int]:
-    """The training prompts (indices) of step ``step``: consecutive slices of a seeded shuffle of the
-    training split, reshuffled every epoch. A pure function of (seed, step), so a warm start can
-    look ahead at the prompts of the first N steps without changing what the steps draw."""
-    out = []
-    for pos in range(step * per_step, (step + 1) * per_step):
-        epoch, i = divmod(pos, n_prompts)
-        out.append(_epoch_order(seed, n_prompts, epoch)[i])
-    return out
 
 
 def rollout_metrics(ro, texts, answers, grade, method: Method, step: int, temperature: float = 1.0) -> dict:
@@ -328,8 +302,44 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
     ``stop`` (a ``StopSignals``) makes the loop checkpoint and raise ``Stopped`` on a signal; ``dist``: this
     process's rank under torchrun (rank 0 alone checks and writes the run directory)."""
     dist = dist or DistContext()
-    validate(cfg)
     run_dir = Path(run_dir)
+    ckpt = accept(cfg, run_dir, dist)
+    if on_accept is not None:
+        on_accept(ckpt)
+    exp = build(cfg, dist)
+    state = TrainState.create(exp.student, cfg, exp.device)
+    if dist.active:  # a sampling stream per rank
+        state.generator.manual_seed(rank_seed(int(cfg.seed), dist.rank))
+    state.extras.update(exp.stateful)  # e.g. an adaptive budget: checkpointed and restored by name
+    resume_step = None
+    if ckpt is not None:
+        resume_step = restore(state, exp.train_student, ckpt, run_dir, dist)
+        print(f"[resume] {ckpt} (step {state.step} of {cfg.trainer.max_steps})", flush=True)
+    elif (run_dir / "metrics.jsonl").exists():  # the same run, stopped before its first checkpoint
+        resume_step = -1
+    logger = NullLogger() if not dist.is_main else RunLogger(
+        run_dir, backend=cfg.logger.backend, project=cfg.logger.project, name=f"{exp.method.name}-s{cfg.seed}",
+        mode=cfg.logger.mode, config=OmegaConf.to_container(cfg, resolve=True), run_id=state.run_id,
+        resume_step=resume_step)
+    state.run_id = logger.run_id
+    if ckpt is None:
+        with full_params(exp.student):
+            state.history = [evaluate_student(exp, 0, logger, progress=eval_bars(cfg.trainer))]
+        t0 = time.time()
+        if exp.method.sft_updates:
+            warm_start(exp, state, logger)
+        state.train_s += time.time() - t0
+    try:
+        train(exp, state, logger, run_dir, stop)
+    finally:
+        logger.close()
+    return finish(exp, state, run_dir)
+
+
+def accept(cfg: DictConfig, run_dir: Path, dist: DistContext):
+    """The config and the run directory's checks, before any model is loaded (rank 0 checks, every rank
+    raises the same error or gets the same checkpoint to resume from, None for a fresh start)."""
+    validate(cfg)
     check_strategy(cfg, dist)
     ckpt, err = None, None
     if dist.is_main:
@@ -343,8 +353,11 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
         raise err  # as raised (a FinishedRun stays one: a re-submitted sweep skips the job)
     if message is not None:
         raise ConfigError(message)
-    if on_accept is not None:
-        on_accept(ckpt)
+    return ckpt
+
+
+def build(cfg: DictConfig, dist: DistContext) -> Experiment:
+    """``experiment.setup`` plus this process's rank and the student as it trains (DDP / FSDP2 wrapped)."""
     exp = setup(cfg)
     exp.dist = dist
     exp.train_student = wrap_student(exp.student, dist, str(cfg.trainer.get("strategy", "auto")))
@@ -353,53 +366,18 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
         # (it computes the same tokens, bit for bit on a CPU)
         print("[rollout] trainer.strategy=fsdp shards the student: decoding with rollout.engine=eager", flush=True)
         exp.rollout_kw = {k: v for k, v in exp.rollout_kw.items() if k in ("teacher_stats", "topk")} | {"engine": "eager"}
-    tr = cfg.trainer
-    state = TrainState.create(exp.student, cfg, exp.device)
-    if dist.active:  # a sampling stream per rank
-        state.generator.manual_seed(rank_seed(int(cfg.seed), dist.rank))
-    state.extras.update(exp.stateful)  # e.g. an adaptive budget: checkpointed and restored by name
-    resume_step = None
-    if ckpt is not None:
-        if sharded(ckpt) != is_fsdp(exp.train_student):
-            raise ConfigError(f"trainer.resume: {ckpt} holds {'sharded (FSDP2)' if sharded(ckpt) else 'whole'} "
-                              "student and optimizer states; resume it with the trainer.strategy that wrote it")
-        payload = (load_sharded_checkpoint(state, exp.train_student, ckpt) if sharded(ckpt)
-                   else load_checkpoint(state, ckpt))
-        if dist.active:
-            rngs = payload.get("meta", {}).get("rng_ranks") or []
-            if len(rngs) != dist.world:
-                raise ConfigError(f"trainer.resume: {ckpt} was written by {len(rngs) or 1} process(es); resume it "
-                                  f"with the same --nproc_per_node (here {dist.world})")
-            set_rng_state(rngs[dist.rank], state.generator)
-        resume_step = state.step
-        if ckpt.parent.parent.resolve() != run_dir.resolve():  # a checkpoint of another run: a fork
-            seed_metrics(ckpt.parent.parent / "metrics.jsonl", run_dir / "metrics.jsonl", state.step)
-            state.run_id = None
-        print(f"[resume] {ckpt} (step {state.step} of {tr.max_steps})", flush=True)
-    elif (run_dir / "metrics.jsonl").exists():  # the same run, stopped before its first checkpoint
-        resume_step = -1
-    logger = NullLogger() if not dist.is_main else RunLogger(
-        run_dir, backend=cfg.logger.backend, project=cfg.logger.project, name=f"{exp.method.name}-s{cfg.seed}",
-        mode=cfg.logger.mode, config=OmegaConf.to_container(cfg, resolve=True), run_id=state.run_id,
-        resume_step=resume_step)
-    state.run_id = logger.run_id
-    if ckpt is None:
-        with full_params(exp.student):
-            state.history = [evaluate_student(exp, 0, logger, progress=eval_bars(tr))]
-        t0 = time.time()
-        if exp.method.sft_updates:
-            warm_start(exp, state, logger)
-        state.train_s += time.time() - t0
-    try:
-        train(exp, state, logger, run_dir, stop)
-    finally:
-        logger.close()
+    return exp
+
+
+def finish(exp: Experiment, state: TrainState, run_dir: Path) -> dict:
+    """The run's summary; rank 0 writes it and the trained student (one consolidated model under FSDP2)."""
+    tr, dist = exp.cfg.trainer, exp.dist
     summary = {
-        "method": exp.method.name, "seed": int(cfg.seed), "steps": int(tr.max_steps),
+        "method": exp.method.name, "seed": int(exp.cfg.seed), "steps": int(tr.max_steps),
         "train_s": round(state.train_s, 2), "initial": state.history[0], "final": state.history[-1],
         "peak_rss_mb": peak_rss_mb(),
     }
-    if tr.save_student and is_fsdp(exp.student):  # one consolidated model, gathered from the shards on rank 0
+    if tr.save_student and is_fsdp(exp.student):  # gathered from the shards on rank 0
         weights = full_state_dict(exp.student, dist)
         if dist.is_main:
             save_consolidated(exp.student, weights, run_dir / "student")
@@ -411,16 +389,6 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     dist.barrier()
     return summary
-
-
-def check_strategy(cfg, dist: DistContext) -> None:
-    """What the trainer runs under torchrun, checked before any model is loaded."""
-    strategy = str(cfg.trainer.get("strategy", "auto"))
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"trainer.strategy={strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    if not dist.active:
-        return
-    dist.shard(list(range(int(cfg.trainer.prompts_per_step))))  # every rank gets the same number of prompts
 
 
 def peak_rss_mb() -> float:

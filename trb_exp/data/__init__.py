@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import random
+
 import torch
 
 
@@ -249,3 +252,23 @@ def _read_rows(path, prompt_field: str, answer_field: str, field: str) -> list[t
             raise ConfigError(f"{field}={path!r}: row {i} has an empty or non-text {prompt_field!r}/{answer_field!r}")
         rows.append((p, str(a)))
     return rows
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, n_prompts: int, epoch: int) -> list[int]:
+    rng = random.Random(seed)
+    for _ in range(epoch + 1):  # epoch e is the (e+1)-th shuffle of one seeded stream
+        order = list(range(n_prompts))
+        rng.shuffle(order)
+    return order[::-1]
+
+
+def prompt_batch(seed: int, step: int, n_prompts: int, per_step: int) -> list[int]:
+    """The training prompts (indices) of step ``step``: consecutive slices of a seeded shuffle of the
+    training split, reshuffled every epoch. A pure function of (seed, step), so a warm start can
+    look ahead at the prompts of the first N steps without changing what the steps draw."""
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, i = divmod(pos, n_prompts)
+        out.append(_epoch_order(seed, n_prompts, epoch)[i])
+    return out

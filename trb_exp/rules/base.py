@@ -7,29 +7,18 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from trb_exp.config import ConfigError
-from trb_exp.knobs import knobs_from
+from trb_exp.knobs import Registry, knobs_from
 
-RULES: dict[str, type[Rule]] = {}
+RULES = Registry("method.rollout", sort_choices=True)  # name -> Rule class
 
 
 def register(name: str):
     """Class decorator: the rule ``method.rollout=<name>`` selects."""
-
-    def deco(cls):
-        if name in RULES and RULES[name] is not cls:
-            raise ValueError(f"two behaviour rules named {name!r}: {RULES[name].__module__}, {cls.__module__}")
-        cls.name = name
-        RULES[name] = cls
-        return cls
-
-    return deco
+    return RULES.register(name)
 
 
 def rule_class(name: str) -> type[Rule]:
-    if name not in RULES:
-        raise ConfigError(f"method.rollout={name!r}: choose one of {', '.join(sorted(RULES))}")
-    return RULES[name]
+    return RULES.lookup(name)
 
 
 class Sampler:
