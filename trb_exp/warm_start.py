@@ -45,27 +45,12 @@ def sft_warm_start(student, teacher, tok, prompts: list[str], answers: list[str]
     tr, op = cfg.trainer, cfg.optim
     dist, model = dist or DistContext(), model if model is not None else student
     device = next(student.parameters()).device
-    # 1. teacher responses, decoded one training step's worth of prompts at a time (this rank's share)
-    mine = dist.shard(list(range(len(prompts))), "method.sft_steps x trainer.prompts_per_step")
-    per_chunk = max(1, tr.prompts_per_step // dist.world)
-    rows: list[tuple[str, list[int]]] = []
-    reward = 0
-    for s in range(0, len(mine), per_chunk):
-        chunk = [i for i in mine[s : s + per_chunk] for _ in range(n_samples)]
-        ids, mask = encode_prompts(tok, [prompts[i] for i in chunk], device)
-        ro = sample(None, teacher, ids, mask, TeacherRule(tr.temperature), max_new_tokens=tr.max_new_tokens,
-                    eos_id=eos_id, pad_id=tok.pad_token_id, generator=generator, eos_ids=eos_ids,
-                    keep_teacher_logprobs=False)
-        texts = tok.batch_decode(ro.response_ids, skip_special_tokens=True)
-        for i, r, m, text in zip(chunk, ro.response_ids, ro.response_mask, texts):
-            rows.append((prompts[i], r[m].tolist()))
-            reward += grade(text, answers[i])
-    if dist.active:  # every rank holds all responses, in rank order (the prompts' order)
-        rows = [row for part in dist.gather(rows) for row in part]
-        reward = dist.all_sum(float(reward))
-    teacher_reward = reward / len(rows)
+    # 1. teacher responses (this rank's share of the prompts, gathered), 2. M cross-entropy updates on them
+    rows, teacher_reward = _teacher_responses(teacher, tok, prompts, answers, grade, n_samples=n_samples,
+                                              tr=tr, generator=generator, eos_id=eos_id, eos_ids=eos_ids,
+                                              dist=dist, device=device)
 
-    # 2. M cross-entropy updates: one shuffled pass, split into M mini-batches (cycling if M > rows)
+    # the updates: one shuffled pass, split into M mini-batches (cycling if M > rows)
     opt, sched = adamw_from_config(student.parameters(), op)
     order = list(range(len(rows)))
     random.Random(cfg.seed).shuffle(order)
@@ -94,6 +79,31 @@ def sft_warm_start(student, teacher, tok, prompts: list[str], answers: list[str]
         print(f"[sft] {len(rows)} teacher responses for {len(prompts)} prompts (reward {teacher_reward:.3f}); "
               f"{updates} updates, loss {logged[0]['sft/loss']:.3f} -> {logged[-1]['sft/loss']:.3f}", flush=True)
     return logged
+
+
+def _teacher_responses(teacher, tok, prompts, answers, grade, *, n_samples, tr, generator, eos_id, eos_ids, dist,
+                       device) -> tuple[list[tuple[str, list[int]]], float]:
+    """``n_samples`` teacher responses per prompt, decoded one training step's worth of prompts at a time
+    (under torchrun: this rank's share, then gathered on every rank in rank order), as (prompt, response ids)
+    rows, and the teacher's mean reward on them."""
+    mine = dist.shard(list(range(len(prompts))), "method.sft_steps x trainer.prompts_per_step")
+    per_chunk = max(1, tr.prompts_per_step // dist.world)
+    rows: list[tuple[str, list[int]]] = []
+    reward = 0
+    for s in range(0, len(mine), per_chunk):
+        chunk = [i for i in mine[s : s + per_chunk] for _ in range(n_samples)]
+        ids, mask = encode_prompts(tok, [prompts[i] for i in chunk], device)
+        ro = sample(None, teacher, ids, mask, TeacherRule(tr.temperature), max_new_tokens=tr.max_new_tokens,
+                    eos_id=eos_id, pad_id=tok.pad_token_id, generator=generator, eos_ids=eos_ids,
+                    keep_teacher_logprobs=False)
+        texts = tok.batch_decode(ro.response_ids, skip_special_tokens=True)
+        for i, r, m, text in zip(chunk, ro.response_ids, ro.response_mask, texts):
+            rows.append((prompts[i], r[m].tolist()))
+            reward += grade(text, answers[i])
+    if dist.active:  # every rank holds all responses, in rank order (the prompts' order)
+        rows = [row for part in dist.gather(rows) for row in part]
+        reward = dist.all_sum(float(reward))
+    return rows, reward / len(rows)
 
 
 def _ce_loss(model, tok, rows, n_tokens, device, eos_ids, eos_id, weight: float | None = None):
