@@ -12,6 +12,7 @@ The target q is the teacher pi_T, or Veto's geometric bridge q_b ∝ pi_T^b sg(p
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -30,7 +31,7 @@ def loss_class(name: str) -> type[Loss]:
 
 
 @dataclass(frozen=True)
-class Loss:
+class Loss(abc.ABC):
     name: ClassVar[str] = ""
     needs_teacher_logprobs: ClassVar[bool] = True
     estimator: str = "topk"  # reverse_kl's estimator: full | topk | sampled (unused by forward_kl and ce)
@@ -68,10 +69,10 @@ class Loss:
         return {"veto/b": self.bridge_b(step)} if self.b_start < 1 else {}
 
     # -- the loss -------------------------------------------------------------------------------
+    @abc.abstractmethod
     def per_token(self, student_logits: Tensor, teacher_logprobs: Tensor | None, tokens: Tensor,
                   step: int = 0) -> Tensor:
         """[B, T] per-token loss at step ``step``; reduce with ``losses.masked_token_mean``."""
-        raise NotImplementedError
 
     @property
     def sparse_ok(self) -> bool:

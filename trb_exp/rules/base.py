@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import ClassVar
 
@@ -35,7 +36,7 @@ class Sampler:
 
 
 @dataclasses.dataclass(frozen=True)
-class Rule:
+class Rule(abc.ABC):
     """A behaviour rule as a method configures it. Subclasses: frozen dataclasses of their knobs."""
 
     name: ClassVar[str] = ""
@@ -60,9 +61,9 @@ class Rule:
         """The schedule this rule reads (None: it reads none)."""
         return None
 
+    @abc.abstractmethod
     def at(self, step: int, temperature: float = 1.0, generator=None) -> Sampler:
         """The sampler of training step ``step`` at sampling temperature ``temperature``."""
-        raise NotImplementedError
 
     def knobs(self, step: int) -> dict[str, float]:
         """The rule's knob values at ``step``, logged with every training step. Every rule logs
