@@ -23,7 +23,7 @@ from trb_exp.distributed import DistContext
 from trb_exp.data import Benchmark, check_prompts, load_benchmark, load_benchmarks, load_task, prompt_formatter
 from trb_exp.methods import Method
 from trb_exp.prepare import embedded_pair_dir
-from trb_exp.rollout import sample_kwargs
+from trb_exp.rollout import eager_kwargs, sample_kwargs
 from trb_exp.models import (check_available, check_pair, eos_ids, load_model, load_tokenizer,
                             max_positions, pair_eos_ids, pick_device, set_vocab_size)
 
@@ -76,15 +76,15 @@ def pick_engine(rollout_kw: dict, student, teacher) -> dict:
 
     if rollout_kw["engine"] == "eager":
         return rollout_kw
-    for field, model in (("model.student", student), ("model.teacher", teacher)):
+    for name, model in (("model.student", student), ("model.teacher", teacher)):
         try:
             check_supported(model)
         except UnsupportedModel as e:
             if rollout_kw["engine"] == "static":
-                raise ConfigError(f"{field}: {e}") from None
-            print(f"[rollout] rollout.engine=auto: {field} is not an architecture the static engine runs; "
+                raise ConfigError(f"{name}: {e}") from None
+            print(f"[rollout] rollout.engine=auto: {name} is not an architecture the static engine runs; "
                   "decoding with the eager loop", flush=True)
-            return {k: v for k, v in rollout_kw.items() if k in ("teacher_stats", "topk")} | {"engine": "eager"}
+            return eager_kwargs(rollout_kw)
     return rollout_kw | {"engine": "static"}
 
 

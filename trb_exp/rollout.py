@@ -315,6 +315,12 @@ def sample_kwargs(cfg, topk: int = 16) -> dict:
     return kw
 
 
+def eager_kwargs(rollout_kw: dict) -> dict:
+    """``rollout_kw`` for the eager loop: the engine-independent keys (teacher statistics), without the static
+    engine's knobs."""
+    return {k: v for k, v in rollout_kw.items() if k in ("teacher_stats", "topk")} | {"engine": "eager"}
+
+
 def _base_model(model):
     return getattr(model, getattr(model, "base_model_prefix", "model"))
 

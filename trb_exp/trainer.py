@@ -45,6 +45,7 @@ from trb_exp.preempt import Stopped, StopSignals
 from trb_exp.resume import restore, resume_from
 from trb_exp.rollout import (
     concat_rollouts,
+    eager_kwargs,
     response_logits,
     sample,
     teacher_logprobs,
@@ -365,7 +366,7 @@ def build(cfg: DictConfig, dist: DistContext) -> Experiment:
         # FSDP2 shards the student in place; the static engine reads whole weights: the eager loop decodes
         # (it computes the same tokens, bit for bit on a CPU)
         print("[rollout] trainer.strategy=fsdp shards the student: decoding with rollout.engine=eager", flush=True)
-        exp.rollout_kw = {k: v for k, v in exp.rollout_kw.items() if k in ("teacher_stats", "topk")} | {"engine": "eager"}
+        exp.rollout_kw = eager_kwargs(exp.rollout_kw)
     return exp
 
 
