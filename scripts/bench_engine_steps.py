@@ -36,7 +36,7 @@ from trb_exp.data import encode_prompts, load_task, prompt_formatter  # noqa: E4
 from trb_exp.methods import Method  # noqa: E402
 from trb_exp.models import load_model, load_tokenizer  # noqa: E402
 from trb_exp.prepare import embedded_pair_dir  # noqa: E402
-from trb_exp.rollout import response_logits, sample, teacher_logprobs  # noqa: E402
+from trb_exp.decode.rollout import response_logits, sample, teacher_logprobs  # noqa: E402
 from trb_exp.trainer import prompt_batch  # noqa: E402
 
 CONFIGS = [("opd", "eager"), ("opd", "static"), ("trb", "eager"), ("trb", "static")]
@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
         methods[m] = Method.from_cfg(c.method, c.schedule)
     # the static engine's time inside each model's forward (prefill + decode steps), by role: where the TRB
     # decode goes (teacher forward, solver, the rest); a perf_counter pair per call, ~1 us
-    from trb_exp.static_lm import StaticLM
+    from trb_exp.decode.static_lm import StaticLM
 
     fwd_s = {"student": 0.0, "teacher": 0.0}
 

@@ -16,8 +16,8 @@ import torch
 from conftest import compose
 from safetensors.torch import load_file
 
-from trb_exp.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Stopped, StopSignals
-from trb_exp.state import list_checkpoints
+from trb_exp.run.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Stopped, StopSignals
+from trb_exp.run.state import list_checkpoints
 from trb_exp.trainer import run
 
 ROOT = Path(__file__).resolve().parents[1]

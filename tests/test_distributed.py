@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from trb_exp import losses
 from trb_exp.distributed import DistContext, combine_evaluations, init_distributed, rank_seed, unwrap, wrap_student
-from trb_exp.rollout import response_logits
+from trb_exp.decode.rollout import response_logits
 
 B, PROMPT, RESP, MICRO = 8, 5, 6, 2
 
@@ -128,8 +128,8 @@ def _trainer_update(ctx: DistContext, micro: int):
     from trb_exp.data.tokenizer import build_char_tokenizer
     from trb_exp.experiment import Experiment
     from trb_exp.methods import Method
-    from trb_exp.rollout import Rollout
-    from trb_exp.state import TrainState
+    from trb_exp.decode.rollout import Rollout
+    from trb_exp.run.state import TrainState
     from trb_exp.trainer import update
 
     cfg = compose(["method=opd", f"trainer.micro_batch_size={micro}", "optim.warmup_steps=0"])
@@ -242,7 +242,7 @@ def test_torchrun_fsdp_checkpoints_resumes_and_saves_one_student(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from trb_exp.state import list_checkpoints, sharded
+    from trb_exp.run.state import list_checkpoints, sharded
 
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     r = _torchrun(tmp_path, *FSDP_ARGS, "trainer.max_steps=4", "trainer.checkpoint_every=3", f"hydra.run.dir={full}")

@@ -10,7 +10,7 @@ import torch
 from trb_exp.blending import trust_region_blend, trust_region_blend_device
 from trb_exp.data import encode_prompts
 from trb_exp.models import EMBEDDED, load_model, load_tokenizer
-from trb_exp.rollout import (GreedyRule, SKDRule, StudentRule, TeacherRule, TrustRegionRule, sample,
+from trb_exp.decode.rollout import (GreedyRule, SKDRule, StudentRule, TeacherRule, TrustRegionRule, sample,
                              teacher_logprobs, teacher_logprobs_at)
 
 PROMPTS = ["1+2=", "12*3-4=", "9-9*9+1=", "5=", "7*7=", "3-8=", "40+2=", "6*6-6="]
@@ -148,7 +148,7 @@ def test_static_knobs_do_not_change_the_rollout(qwen3, kw):
 
 
 def test_static_rejects_unsupported_models(embedded):
-    from trb_exp.engine import StaticLM, UnsupportedModel
+    from trb_exp.decode.engine import StaticLM, UnsupportedModel
 
     class Fake:
         config = type("C", (), {"model_type": "gpt2"})()
@@ -188,7 +188,7 @@ def test_device_solver_matches_exact(eps):
 def test_device_solver_cpu_bookkeeping_is_the_torch_loop_bit_for_bit(eps, monkeypatch):
     """On a CPU the Newton rows' bookkeeping runs in NumPy (_newton_host); it must give the torch loop's
     bits (what a GPU runs), edge rows included."""
-    from trb_exp import blend_device
+    from trb_exp.blend import device as blend_device
 
     s, t = _logit_cases()
     s[6, 0], t[7, 1] = float("nan"), float("inf")
@@ -223,7 +223,7 @@ def test_topk_teacher_stats_give_the_loss_and_gradient_of_a_teacher_pass(qwen3, 
     teacher pass with the loss-time top-k; the micro-batch fallback (a gathered teacher pass) too."""
     from trb_exp import losses
     from trb_exp.objectives import ReverseKL
-    from trb_exp.rollout import response_logits
+    from trb_exp.decode.rollout import response_logits
 
     tok, student, teacher = qwen3
     ids, mask = encode_prompts(tok, PROMPTS)
@@ -315,7 +315,7 @@ def test_topk_rollout_never_allocates_B_T_V(embedded, engine):
 def test_static_buffers_are_reused_across_calls(qwen3):
     """The StaticLM (buffers, views, captured graphs) is kept per model and reset between calls: a rollout
     after a compacted one of another batch is still the eager rollout."""
-    from trb_exp.engine import _LMS
+    from trb_exp.decode.engine import _LMS
 
     tok, student, teacher = qwen3
     ids, mask = encode_prompts(tok, PROMPTS)
@@ -338,7 +338,7 @@ def test_paper_presets_use_the_static_engine(name):
     from conftest import compose
     from trb_exp.config import validate
     from trb_exp.methods import Method
-    from trb_exp.rollout import sample_kwargs
+    from trb_exp.decode.rollout import sample_kwargs
 
     cfg = compose([f"experiment={name}"])
     validate(cfg)
@@ -447,8 +447,8 @@ def test_decode_step_traces_as_one_graph(qwen3):
     uncaptured step's logits. Dynamo's eager backend on the CPU: CUDA graphs / inductor are not run here."""
     import torch._dynamo.testing
 
-    from trb_exp.engine import StaticLM
-    from trb_exp.rollout import positions_from_mask
+    from trb_exp.decode.engine import StaticLM
+    from trb_exp.decode.rollout import positions_from_mask
 
     tok, student, _ = qwen3
     ids, mask = encode_prompts(tok, PROMPTS[:4])

@@ -3,7 +3,7 @@ from budget import assert_budget_used
 
 from trb_exp.data import encode_prompts
 from trb_exp.models import load_model, load_tokenizer
-from trb_exp.rollout import (GreedyRule, StudentRule, TeacherRule, TrustRegionRule, response_logits, sample,
+from trb_exp.decode.rollout import (GreedyRule, StudentRule, TeacherRule, TrustRegionRule, response_logits, sample,
                              teacher_logprobs)
 
 PROMPTS = ["1+2=", "12*3-4=", "9-9*9+1=", "5="]

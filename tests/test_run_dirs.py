@@ -15,7 +15,7 @@ from conftest import compose
 
 from trb_exp.config import ConfigError
 from trb_exp.logger import RunLogger
-from trb_exp.rundir import RunDir
+from trb_exp.run.rundir import RunDir
 from trb_exp.trainer import run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from trb_exp.integrations.trl import (
     refusals,
 )
 from trb_exp.models import EMBEDDED
-from trb_exp.rollout import TrustRegionRule, positions_from_mask, response_logits, sample
+from trb_exp.decode.rollout import TrustRegionRule, positions_from_mask, response_logits, sample
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 PROMPTS = ["3+4*2-7=", "1+2=", "9*9-3+1=", "5-6="]

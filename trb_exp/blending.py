@@ -16,16 +16,16 @@ K ~ b^2 Var/2; H' = b Var / (2 sqrt K) is finite at 0), from b0 = sqrt(2 (eps - 
 bracket [lo feasible, hi] shrunk by every evaluation, bisecting whenever a Newton step leaves it.
 K is summed as sum_i q_i phi(v_i), v = log(mu/q), phi(v) = 1 + (v-1) e^v >= 0 (Taylor series for small |v|):
 non-negative terms, first-order insensitive to the rounding of log Z, so float32 stays accurate down to eps ~ 1e-7.
-Layout: ``blend_ops`` (the result type, NaN-free log-softmax, geometric mixture, KL divergences, EOS merge),
-``blend_kernel`` (the K / Var / log mu evaluation both solvers share), ``blend_solver`` (the exact solver
-:func:`trust_region_blend` and its bisection reference), ``blend_device`` (the sync-free
+Layout (the ``trb_exp.blend`` wing): ``ops`` (the result type, NaN-free log-softmax, geometric mixture, KL divergences, EOS merge),
+``kernel`` (the K / Var / log mu evaluation both solvers share), ``solver`` (the exact solver
+:func:`trust_region_blend` and its bisection reference), ``device`` (the sync-free
 :func:`trust_region_blend_device` of the static decode engine). Import the public names from here.
 """
 
 from __future__ import annotations
 
-from trb_exp.blend_device import trust_region_blend_device
-from trb_exp.blend_ops import (
+from trb_exp.blend.device import trust_region_blend_device
+from trb_exp.blend.ops import (
     BlendResult,
     geometric_mixture,
     kl_behavior_student,
@@ -34,7 +34,7 @@ from trb_exp.blend_ops import (
     merge_eos,
     safe_log_softmax,
 )
-from trb_exp.blend_solver import trust_region_blend, trust_region_blend_bisection
+from trb_exp.blend.solver import trust_region_blend, trust_region_blend_bisection
 
 __all__ = [
     "BlendResult",

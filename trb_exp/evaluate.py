@@ -24,7 +24,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from trb_exp import CONF_DIR, rundir  # noqa: F401  (the ${run_uid:} resolver of hydra.run.dir)
+from trb_exp import CONF_DIR
+from trb_exp.run import rundir  # noqa: F401  (the ${run_uid:} resolver of hydra.run.dir)
 from trb_exp.config import ConfigError
 from trb_exp.evaluation import evaluate_benchmarks
 from trb_exp.experiment import setup_eval

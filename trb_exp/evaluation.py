@@ -13,7 +13,7 @@ import math
 import torch
 
 from trb_exp.data import encode_prompts
-from trb_exp.rollout import GreedyRule, StudentRule, sample
+from trb_exp.decode.rollout import GreedyRule, StudentRule, sample
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

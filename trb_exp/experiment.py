@@ -23,7 +23,7 @@ from trb_exp.distributed import DistContext
 from trb_exp.data import Benchmark, check_prompts, load_benchmark, load_benchmarks, load_task, prompt_formatter
 from trb_exp.methods import Method
 from trb_exp.prepare import embedded_pair_dir
-from trb_exp.rollout import eager_kwargs, sample_kwargs
+from trb_exp.decode.rollout import eager_kwargs, sample_kwargs
 from trb_exp.models import (check_available, check_pair, eos_ids, load_model, load_tokenizer,
                             max_positions, pair_eos_ids, pick_device, set_vocab_size)
 
@@ -72,7 +72,7 @@ def _start(cfg) -> torch.device:
 def pick_engine(rollout_kw: dict, student, teacher) -> dict:
     """``rollout.engine=auto`` (the default): the static engine when it can run both models (Llama, Qwen2/3,
     Mistral), else the eager loop, said in one line; ``static`` on another architecture is a one-line error."""
-    from trb_exp.static_lm import UnsupportedModel, check_supported
+    from trb_exp.decode.static_lm import UnsupportedModel, check_supported
 
     if rollout_kw["engine"] == "eager":
         return rollout_kw

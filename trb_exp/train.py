@@ -25,8 +25,8 @@ from omegaconf import DictConfig
 
 from trb_exp import CONF_DIR
 from trb_exp.config import ConfigError
-from trb_exp.preempt import EXIT_INTERRUPTED, Stopped, StopSignals, submitit_signal
-from trb_exp.rundir import FinishedRun, RunDir
+from trb_exp.run.preempt import EXIT_INTERRUPTED, Stopped, StopSignals, submitit_signal
+from trb_exp.run.rundir import FinishedRun, RunDir
 
 
 def resume_command(run_dir: Path) -> str:
@@ -87,7 +87,7 @@ def main(cfg: DictConfig) -> float | None:
                   file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of the step in flight
-        from trb_exp.state import list_checkpoints
+        from trb_exp.run.state import list_checkpoints
 
         ckpts = list_checkpoints(run_dir / "checkpoints")
         where = f"last checkpoint {ckpts[-1]}; resume with: {resume_command(run_dir)}" if ckpts else "no checkpoint yet"

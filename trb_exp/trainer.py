@@ -41,9 +41,9 @@ from trb_exp.experiment import Experiment, setup
 from trb_exp.logger import NullLogger, RunLogger
 from trb_exp.methods import Method
 from trb_exp.optim import accumulate_step
-from trb_exp.preempt import Stopped, StopSignals
-from trb_exp.resume import restore, resume_from
-from trb_exp.rollout import (
+from trb_exp.run.preempt import Stopped, StopSignals
+from trb_exp.run.resume import restore, resume_from
+from trb_exp.decode.rollout import (
     concat_rollouts,
     eager_kwargs,
     response_logits,
@@ -51,7 +51,7 @@ from trb_exp.rollout import (
     teacher_logprobs,
     teacher_logprobs_at,
 )
-from trb_exp.state import (
+from trb_exp.run.state import (
     TrainState,
     prune_checkpoints,
     rng_state,

@@ -26,7 +26,7 @@ from transformers.generation.logits_process import (
 )
 
 from trb_exp.blending import merge_eos
-from trb_exp.rollout import TrustRegionRule, _step, positions_from_mask
+from trb_exp.decode.rollout import TrustRegionRule, _step, positions_from_mask
 from trb_exp.schedules import ADAPTIVE, SCHEDULES, budget_at
 
 

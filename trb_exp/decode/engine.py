@@ -4,7 +4,7 @@ device-side sampling, no per-token host sync.
 Same contract as the eager loop in ``rollout.sample`` (same behaviour rules, same ``Rollout``), in the style
 of pytorch-labs/gpt-fast:
 
-* ``StaticLM`` (``trb_exp.static_lm``) runs a Hugging Face Llama / Qwen2 / Qwen3 / Mistral causal LM (full
+* ``StaticLM`` (``trb_exp.decode.static_lm``) runs a Hugging Face Llama / Qwen2 / Qwen3 / Mistral causal LM (full
   attention) with the model's own weights through a small functional forward: one KV cache
   ``[B, H_kv, P + max_new, D]`` per layer allocated once, K/V of the new token written in place, a
   key-validity mask ``[B, P + max_new]`` updated in place, RoPE from a table built once per call, fused
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from trb_exp.blending import merge_eos
-from trb_exp.static_lm import (  # noqa: F401 (re-exported)
+from trb_exp.decode.static_lm import (  # noqa: F401 (re-exported)
     _LMS,
     MIN_ROWS,
     SUPPORTED,
@@ -122,7 +122,7 @@ class _Record:
             put(self.diags[k], v)
 
     def rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, t_used: int, alive: Tensor, t0: float, rule_s: float):
-        from trb_exp.rollout import Rollout
+        from trb_exp.decode.rollout import Rollout
 
         # trim the columns decoded after every row had finished (sync_every > 1)
         ah = self.alive_hist
@@ -218,7 +218,7 @@ def sample_static(
     sampled token and the teacher entropy), ``solver_iters`` (the TRB solver's fixed iteration budget;
     None = device-side stopping). ``trace(t, rows, logits)``, when given, sees the (EOS-merged) next-token
     logits of the decoded ``rows`` at every step (tests)."""
-    from trb_exp.rollout import positions_from_mask
+    from trb_exp.decode.rollout import positions_from_mask
 
     B, P = prompt_ids.shape
     device = prompt_ids.device

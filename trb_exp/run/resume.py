@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from trb_exp.config import ConfigError
 from trb_exp.logger import read_rows
-from trb_exp.rundir import FinishedRun
-from trb_exp.state import STATE_FILE, list_checkpoints
+from trb_exp.run.rundir import FinishedRun
+from trb_exp.run.state import STATE_FILE, list_checkpoints
 
 # keys a resumed run may change: how long it runs, how it checkpoints, logs and shows progress, where
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.resume", "trainer.checkpoint_every", "trainer.keep_checkpoints",
@@ -91,7 +91,7 @@ def restore(state, train_student, ckpt: Path, run_dir: Path, dist) -> int:
     sampling stream; a checkpoint of another run starts this run's record with that run's rows (a fork).
     Returns the step the run resumes at."""
     from trb_exp.distributed import is_fsdp
-    from trb_exp.state import (
+    from trb_exp.run.state import (
         load_checkpoint,
         load_sharded_checkpoint,
         set_rng_state,

@@ -8,8 +8,8 @@ from typing import NamedTuple, Tuple, Union
 import torch
 from torch import Tensor
 
-from trb_exp.blend_kernel import _evaluate
-from trb_exp.blend_ops import BlendResult
+from trb_exp.blend.kernel import _evaluate
+from trb_exp.blend.ops import BlendResult
 
 
 def _sanitize_logits_device(x: Tensor) -> Tuple[Tensor, Tensor]:

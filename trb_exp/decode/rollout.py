@@ -147,7 +147,7 @@ def sample(
     if teacher_stats not in TEACHER_STATS:
         raise ValueError(f"rollout.teacher_stats={teacher_stats!r}: use full or topk")
     if engine == "static":
-        from trb_exp.engine import sample_static
+        from trb_exp.decode.engine import sample_static
 
         return sample_static(student, teacher, prompt_ids, prompt_mask, rule, max_new_tokens=max_new_tokens,
                              eos_id=eos_id, pad_id=pad_id, generator=generator,
@@ -179,7 +179,7 @@ class _Record:
         if "teacher" in logits and self.keep_full:
             self.t_full.append(torch.log_softmax(logits["teacher"].float(), -1))
         if self.rec_topk:
-            from trb_exp.engine import topk_stats
+            from trb_exp.decode.engine import topk_stats
 
             stats = topk_stats(logits.get("student"), logits.get("teacher") if self.keep_teacher else None,
                                tok, self.topk)

@@ -8,8 +8,8 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from trb_exp.blend_kernel import _evaluate
-from trb_exp.blend_ops import BlendResult, _check_float_dtype, _sanitize_logits
+from trb_exp.blend.kernel import _evaluate
+from trb_exp.blend.ops import BlendResult, _check_float_dtype, _sanitize_logits
 
 
 class _Prepared(NamedTuple):
