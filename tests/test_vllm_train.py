@@ -157,20 +157,22 @@ def test_trb_rollout_on_the_pair_engine_recomputes_the_rule_exactly(vllm_pair):
     tok, student, teacher = _tiny_models(vllm_pair)
     backend = _backend(tok, student, teacher)
     ids, mask = encode_prompts(tok, ["1+2=", "3+45=", "12*5=", "7-3="] * 4)
-    try:
-        eps = 0.05
-        ro = backend.sample(ids, mask, TrustRegionRule(eps), max_new_tokens=12, eos_id=tok.eos_token_id,
-                            pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(1))
+    try:  # a relative budget (half of each prefix's KL(pi_T||pi_S)): it binds wherever the towers differ
+        ro = backend.sample(ids, mask, TrustRegionRule(0.5, budget="relative"), max_new_tokens=12,
+                            eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(1))
     finally:
         backend.close()
     m = ro.response_mask
     with torch.no_grad():
         s = response_logits(student, ro.input_ids, ro.attention_mask, ro.prompt_len).float()
         t = response_logits(teacher, ro.input_ids, ro.attention_mask, ro.prompt_len).float()
-    ref = trust_region_blend(s, t, torch.full(s.shape[:-1], eps))
+    gap = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1)  # KL(pi_T||pi_S), by hand
+    eps = 0.5 * gap
+    torch.testing.assert_close(ro.diagnostics["eps"][m], eps[m], atol=1e-6, rtol=1e-5)
+    ref = trust_region_blend(s, t, eps)
     torch.testing.assert_close(ro.diagnostics["beta"][m], ref.beta[m], atol=1e-6, rtol=0)
     torch.testing.assert_close(ro.diagnostics["kl_behavior_student"][m], ref.kl[m], atol=1e-6, rtol=0)
-    assert (ro.diagnostics["kl_behavior_student"][m] <= eps * (1 + 1e-4)).all()
+    assert (ro.diagnostics["kl_behavior_student"][m] <= eps[m] * (1 + 1e-4) + 1e-9).all()
     assert ((ro.diagnostics["beta"][m] > 0) & (ro.diagnostics["beta"][m] < 1)).any()  # the budget bound a token
     assert ro.teacher_logprobs is not None and ro.teacher_logprobs.shape[:2] == m.shape
 

@@ -167,6 +167,7 @@ class VLLMRollouts:
         weights = {k: v.detach() for k, v in _unwrap(self.student).state_dict().items()}
         for kind in stale:
             load_student_weights(self.engines[kind], weights, pair=kind == "pair")
+            verify_student(self.engines[kind], self.student, pair=kind == "pair")
             self.synced[kind] = self.version
         self.times.weight_sync_s = time.perf_counter() - t0
         return self.times.weight_sync_s
@@ -236,14 +237,50 @@ def set_rule(llm, rule) -> None:
         integ.set_mixture(llm, rule.alpha, temperature=rule.temperature)
 
 
-def load_student_weights(llm, weights: dict[str, Tensor], *, pair: bool) -> None:
-    """The training student's weights into an engine (the pair's student tower when ``pair``), verified."""
-    from trb_exp.integrations import vllm as integ
+class WeightSyncError(RuntimeError):
+    """The engine does not compute what the training student computes after a sync (it silently did nothing)."""
 
+
+def load_student_weights(llm, weights: dict[str, Tensor], *, pair: bool) -> None:
+    """The training student's weights into an engine (the pair's student tower when ``pair``), in place through
+    vLLM's ``reload_weights`` (which re-runs the CPU/GPU weight post-processing), then the prefix cache reset."""
+    prefix = "student." if pair else ""
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": [(prefix + k, v) for k, v in weights.items()]})
+    llm.reset_prefix_cache()
+
+
+PROBE_LEN = 16
+
+
+@torch.no_grad()
+def verify_student(llm, student, *, pair: bool) -> float:
+    """Check that the engine now computes the training student: the engine's log-prob of every token of a fixed
+    probe sequence (``prompt_logprobs``; the pair engine under the student rule) against the student's own
+    forward. Reading the weights back is no check on a CPU, where vLLM repacks the linear layers and leaves
+    their ``weight`` parameters empty. Raises ``WeightSyncError``; returns the largest difference (nats)."""
+    from vllm import SamplingParams
+
+    model = _unwrap(student)
+    V = int(getattr(model, "trb_vocab_size", None) or model.config.vocab_size)
+    probe = [(7 * i + 3) % V for i in range(PROBE_LEN)]
     if pair:
-        integ.sync_student_weights(llm, weights)
-    else:
-        integ.sync_weights(llm, weights)
+        from trb_exp.integrations import vllm as integ
+
+        integ.set_rule(llm, StudentRule(1.0))
+    out = llm.generate([{"prompt_token_ids": probe}], SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False),
+                       use_tqdm=False)[0]
+    got = torch.tensor([lp[t].logprob for lp, t in zip(out.prompt_logprobs[1:], probe[1:])])
+    ids = torch.tensor([probe], device=next(model.parameters()).device)
+    logits = model(input_ids=ids).logits[0, :-1].float()
+    if pair and getattr(model, "trb_vocab_size", None) is not None:
+        logits = logits[..., :V]  # the pair model compares both towers on the shared vocabulary
+    want = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1).cpu()
+    diff = (got - want).abs().max().item()
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    if not diff <= tol:
+        raise WeightSyncError(f"rollout.engine=vllm: the weight sync did not take: the engine's log-probs differ from "
+                              f"the training student's by {diff:.3g} nats (tolerance {tol}) on a probe sequence")
+    return diff
 
 
 def to_rollout(prompt_ids: Tensor, prompt_mask: Tensor, outs, *, eos_id: int, pad_id: int, eos_ids: Sequence[int],
