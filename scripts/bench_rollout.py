@@ -93,12 +93,11 @@ def word_tokenizer(vocab: int):
 
 def vllm_variants(student, teacher, ids, mask, spec, eps: float, g):
     """(e) vLLM student-only and (f) vLLM TRB pair (trb_exp.decode.vllm.VLLMRollouts, EOS ignored), as
-    (key, label, fn, models) rows like the others; the engines are built before the timing starts."""
+    (key, label, fn, models) rows like the others; each engine is built in its variant's first (untimed) call."""
     from trb_exp.decode.vllm import EngineSettings, VLLMRollouts
 
     settings = EngineSettings(dtype=spec["dtype"], max_model_len=spec["prompt"] + spec["new"] + 8, seed=0)
     backend = VLLMRollouts(student, teacher, word_tokenizer(spec["vocab"]), settings)
-    backend.engine("student"), backend.engine("pair")
     kw = dict(max_new_tokens=spec["new"], eos_id=-1, pad_id=0, generator=g, teacher_stats="topk",
               keep_teacher_logprobs=False)
 

@@ -158,7 +158,7 @@ def setup(cfg) -> Experiment:
     if rollout_kw["engine"] == "vllm":  # the run's engines (built on first use; decode/vllm.py)
         from trb_exp.decode.vllm import build_rollouts
 
-        rollout_kw["backend"] = build_rollouts(cfg, student, teacher, tok, vocab)
+        rollout_kw["backend"] = build_rollouts(cfg, student, teacher, tok, vocab, method)
     # different EOS ids (Base student, instruct teacher): one merged end-of-sequence event at the student's id
     eos_id, all_eos = pair_eos_ids(tok, teacher_tok, student, teacher)
     return Experiment(cfg=cfg, device=device, tok=tok, student=student, benchmarks=benchmarks, eos_id=eos_id,

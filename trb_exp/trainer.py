@@ -102,6 +102,8 @@ def rollouts(exp: Experiment, state: TrainState, step: int):
     ids, mask = encode_prompts(tok, [exp.train_prompts[i] for i in batch], exp.device)
     exp.student.eval()
     rule = exp.method.rule(step, tr.temperature, generator=state.generator)
+    if exp.rollout_kw.get("backend") is not None:  # vLLM: the pair engine is released once the rule needs no teacher
+        exp.rollout_kw["backend"].plan(rule)
     chunk = tr.get("rollout_batch_size") or len(batch)  # decode in row chunks: one chunk's KV caches at a time
     if exp.rollout_kw.get("engine") == "vllm":  # a paged engine: the whole step at once
         chunk = len(batch)

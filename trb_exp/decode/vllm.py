@@ -10,9 +10,12 @@ Which engine samples a step is decided by the step's behaviour sampler (``Rule.a
                                 (both towers, their own paged KV caches; ``compute_logits`` returns the rule's
                                 behaviour log-probs, vLLM's sampler draws from them). The rule's knob (eps, alpha)
                                 is set before every step; its student tower is synced like the student engine.
-                                Released (``release_pair``) once a student-only step comes: the teacher leaves the
-                                accelerator, as in the paper.
-    TeacherRule                 the TEACHER engine (offline_kd, sft_warmup's data): the teacher alone, never synced.
+                                Released once the training rule needs the teacher no more (``plan``): the teacher
+                                leaves the accelerator, as in the paper.
+    TeacherRule                 the pair engine under the teacher's own rule (offline_kd).
+
+One engine is alive at a time: while the method's training rule needs the teacher, the pair engine also samples
+the evaluation's student rule (``set_rule(StudentRule)``: exactly the student's distribution).
 
 After decoding, ONE batched pass over the finished sequences (``_replay``) gives the loss its teacher log-probs
 (``rollout.teacher_stats=full``) and, for the pair rules, recomputes the rule on the two models' logits at every
@@ -100,57 +103,55 @@ def _saved(*models_and_tok):
 
 
 class VLLMRollouts:
-    """The vLLM engines of one process (one rank) and the ``rollout.sample`` contract on top of them."""
+    """The vLLM engine of one process (one rank) and the ``rollout.sample`` contract on top of it. ONE engine is
+    alive at a time (a second ``vllm.LLM`` in the same process breaks the first one's parallel state): the pair
+    engine while the method's rule still needs the teacher (it then also samples the student's and the teacher's
+    own rules: ``set_rule(StudentRule)`` gives exactly the student's distribution), the student engine after."""
 
-    def __init__(self, student, teacher, tok, settings: EngineSettings, *, vocab_size: int | None = None):
+    def __init__(self, student, teacher, tok, settings: EngineSettings, *, vocab_size: int | None = None,
+                 pair_needed: bool = False):
         for k, v in ENV_DEFAULTS.items():
             os.environ.setdefault(k, v)
         self.student, self.teacher, self.tok, self.settings = student, teacher, tok, settings
         self.vocab_size = vocab_size  # the pair's shared vocabulary when an embedding matrix is padded, else None
-        self.engines: dict[str, object] = {}  # "student" | "pair" | "teacher" -> vllm.LLM
-        self.synced: dict[str, int] = {}  # engine -> the weights version it holds
+        self.pair_needed = pair_needed  # the current training rule needs the teacher (``plan``)
+        self.llm, self.kind = None, None  # the live engine and its kind ("student" | "pair")
+        self.synced = -1  # the weights version the live engine holds
         self.version = 0  # bumped by every optimizer step (mark_updated)
         self.times = StepTimes()
 
-    # ------------------------------------------------------------------ engines
-    def _llm(self, model_dir: Path, **kw):
-        from vllm import LLM
-
-        s = self.settings
-        return LLM(model=str(model_dir), skip_tokenizer_init=True, enforce_eager=True, dtype=s.dtype,
-                   seed=s.seed, max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
-                   trust_remote_code=False, **kw)
+    # ------------------------------------------------------------------ the engine
+    def plan(self, rule) -> None:
+        """The training rule of the coming step: once it no longer needs the teacher (TRB's budget, the
+        mixture's alpha reached 0), the pair engine is released at the next sampling and the student's takes over."""
+        self.pair_needed = engine_kind(rule) != "student"
 
     def engine(self, kind: str):
-        """The engine of ``kind`` ("student", "pair", "teacher"), built on first use."""
-        if kind not in self.engines:
+        """The live engine, of ``kind`` ("student" or "pair"): the other one is released first."""
+        if self.kind != kind:
+            self.release()
             if kind == "pair":
                 from trb_exp.integrations.vllm import make_pair_checkpoint
 
                 with _saved(("student", self.student, self.tok), ("teacher", self.teacher, self.tok)) as tmp:
-                    self.engines[kind] = self._llm(make_pair_checkpoint(tmp / "student", tmp / "teacher",
+                    self.llm = _llm(self.settings, make_pair_checkpoint(tmp / "student", tmp / "teacher",
                                                                         tmp / "pair"))
             else:
-                model = self.student if kind == "student" else self.teacher
-                with _saved((kind, model, None)) as tmp:
-                    self.engines[kind] = self._llm(tmp / kind)
-            self.synced[kind] = self.version
-        return self.engines[kind]
+                with _saved(("student", self.student, None)) as tmp:
+                    self.llm = _llm(self.settings, tmp / "student")
+            self.kind, self.synced = kind, self.version
+        return self.llm
 
-    def release(self, kind: str) -> None:
-        """Drop an engine (its weights and KV cache leave the accelerator)."""
-        llm = self.engines.pop(kind, None)
-        self.synced.pop(kind, None)
-        if llm is None:
+    def release(self) -> None:
+        """Drop the live engine (its weights and KV cache leave the accelerator)."""
+        if self.llm is None:
             return
-        del llm
+        self.llm, self.kind = None, None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def close(self) -> None:
-        for kind in list(self.engines):
-            self.release(kind)
+    close = release
 
     # ------------------------------------------------------------------ weights
     def mark_updated(self) -> None:
@@ -158,17 +159,15 @@ class VLLMRollouts:
         self.version += 1
 
     def sync(self) -> float:
-        """Push the training student's weights into every live engine holding it whose weights are older,
-        verified (a sync that silently changes nothing is refused); returns the seconds spent."""
-        stale = [k for k in ("student", "pair") if k in self.engines and self.synced[k] != self.version]
-        if not stale:
+        """Push the training student's weights into the live engine when it holds older ones, verified (a sync
+        that silently changes nothing is refused); returns the seconds spent."""
+        if self.llm is None or self.synced == self.version:
             return 0.0
         t0 = time.perf_counter()
         weights = {k: v.detach() for k, v in _unwrap(self.student).state_dict().items()}
-        for kind in stale:
-            load_student_weights(self.engines[kind], weights, pair=kind == "pair")
-            verify_student(self.engines[kind], self.student, pair=kind == "pair")
-            self.synced[kind] = self.version
+        load_student_weights(self.llm, weights, pair=self.kind == "pair")
+        verify_student(self.llm, self.student, pair=self.kind == "pair")
+        self.synced = self.version
         self.times.weight_sync_s = time.perf_counter() - t0
         return self.times.weight_sync_s
 
@@ -179,12 +178,10 @@ class VLLMRollouts:
                eos_ids: Sequence[int] = (), teacher_stats: str = "full", **_ignored) -> Rollout:
         """``rollout.sample``'s contract on vLLM (see the module docstring for which engine runs ``rule``)."""
         kind = engine_kind(rule)
-        if kind == "student" and "pair" in self.engines and isinstance(rule, StudentRule):
-            self.release("pair")  # the budget reached 0 (or alpha did): the student decodes alone from now on
-        llm = self.engine(kind)
+        llm = self.engine("pair" if kind != "student" or self.pair_needed else "student")
         self.sync()
-        if kind == "pair":
-            set_rule(llm, rule)
+        if self.kind == "pair":  # the rule's behaviour log-probs at temperature 1; vLLM applies the temperature
+            set_rule(llm, rule if kind == "pair" else TeacherRule(1.0) if kind == "teacher" else StudentRule(1.0))
         prompts = [row[m.bool()].tolist() for row, m in zip(prompt_ids, prompt_mask)]
         params = self._params(rule, kind, len(prompts), max_new_tokens, eos_id, eos_ids, generator)
         t0 = time.perf_counter()
@@ -200,19 +197,31 @@ class VLLMRollouts:
         return ro
 
     def _params(self, rule, kind, n, max_new_tokens, eos_id, eos_ids, generator):
+        """One SamplingParams per row, each with its own seed from ``generator``. Student and teacher rules: the
+        rule's temperature in vLLM (0: greedy), the sampled token's log-prob returned for a student rule (vLLM
+        returns the temperature-1 log-prob, as the other engines record); pair rules: temperature 1 (the pair
+        model's compute_logits applies the rule's)."""
         from vllm import SamplingParams
 
         seeds = torch.randint(0, 2**31 - 1, (n,), generator=generator,
                               device=generator.device if generator is not None else "cpu").tolist()
-        greedy = isinstance(rule, GreedyRule)
-        # the pair model's compute_logits already returns the behaviour's log-probs at the rule's temperature
-        temperature = 0.0 if greedy else (1.0 if kind == "pair" else float(rule.temperature))
+        temperature = 0.0 if isinstance(rule, GreedyRule) else 1.0 if kind == "pair" else float(rule.temperature)
         stop = [int(i) for i in dict.fromkeys([eos_id, *eos_ids]) if int(i) >= 0]  # eos_id=-1: EOS ignored (bench)
-        allowed = list(range(self.vocab_size)) if self.vocab_size is not None and kind != "pair" else None
+        allowed = list(range(self.vocab_size)) if self.vocab_size is not None and self.kind != "pair" else None
         return [SamplingParams(n=1, temperature=temperature, max_tokens=max_new_tokens, seed=int(s),
                                stop_token_ids=stop, ignore_eos=eos_id < 0, detokenize=False,
                                logprobs=0 if kind == "student" else None, allowed_token_ids=allowed)
                 for s in seeds]
+
+
+def _llm(settings: EngineSettings, model_dir: Path):
+    """An in-process ``vllm.LLM`` of ``model_dir`` (token ids in and out: no tokenizer; eager: starts in seconds)."""
+    from vllm import LLM
+
+    s = settings
+    return LLM(model=str(model_dir), skip_tokenizer_init=True, enforce_eager=True, dtype=s.dtype, seed=s.seed,
+               max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
+               trust_remote_code=False)
 
 
 def engine_kind(rule) -> str:
@@ -228,13 +237,11 @@ def engine_kind(rule) -> str:
 
 
 def set_rule(llm, rule) -> None:
-    """Set the pair engine's behaviour rule for the next step (TRB's eps and budget kind, the mixture's alpha)."""
+    """The pair engine's behaviour rule from its next ``generate`` on (TRB's eps, budget kind and temperature, the
+    mixture's alpha, or the student's / teacher's own distribution)."""
     from trb_exp.integrations import vllm as integ
 
-    if isinstance(rule, TrustRegionRule):
-        integ.set_budget(llm, rule.eps, budget=rule.budget, temperature=rule.temperature)
-    else:
-        integ.set_mixture(llm, rule.alpha, temperature=rule.temperature)
+    integ.set_rule(llm, rule)
 
 
 class WeightSyncError(RuntimeError):
@@ -396,7 +403,7 @@ def resolve_engine(rollout_kw: dict, method, student_cfg: dict, teacher_cfg: dic
     return {"engine": "vllm", "teacher_stats": rollout_kw["teacher_stats"], "topk": rollout_kw["topk"]}
 
 
-def build_rollouts(cfg, student, teacher, tok, vocab_size: int | None) -> VLLMRollouts:
+def build_rollouts(cfg, student, teacher, tok, vocab_size: int | None, method) -> VLLMRollouts:
     """The run's ``VLLMRollouts``: engines in the models' dtype, long enough for the longest prompt plus
     ``trainer.max_new_tokens`` (and the evaluation's), seeded by ``cfg.seed``."""
     dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
@@ -404,4 +411,5 @@ def build_rollouts(cfg, student, teacher, tok, vocab_size: int | None) -> VLLMRo
     max_len = int(ro.get("vllm_max_model_len") or getattr(student.config, "max_position_embeddings", 4096))
     settings = EngineSettings(dtype=dtype, max_model_len=max_len, seed=int(cfg.seed),
                               gpu_memory_utilization=float(ro.get("vllm_gpu_memory_utilization") or 0.3))
-    return VLLMRollouts(student, teacher, tok, settings, vocab_size=vocab_size)
+    return VLLMRollouts(student, teacher, tok, settings, vocab_size=vocab_size,
+                        pair_needed=_needs_teacher_engine(method))
