@@ -34,6 +34,8 @@ METHODS = {
     "fixed_blend": [],
     "mixed_sampling": ["method.anneal_steps=2"],
     "sft_warmup": ["method.sft_steps=1", "method.sft_updates=1", "method.sft_samples=1"],
+    # the paper presets' O(k) teacher statistics: the pair engine's teacher pass keeps them at the top-16 ids
+    "trb:topk": ["schedule.warmup_steps=2", "rollout.teacher_stats=topk", "method.estimator=topk", "method.topk=16"],
 }
 
 
@@ -69,7 +71,8 @@ def _train_keys(rows) -> list[set]:
 def test_every_method_three_steps_with_the_static_engines_metric_keys(method, vllm_pair, tmp_path):
     runs = {}
     for engine in ("static", "vllm"):
-        cfg = compose([f"method={method}", f"rollout.engine={engine}", *METHODS[method], *FAST, *_pair_args(vllm_pair)])
+        cfg = compose([f"method={method.split(':')[0]}", f"rollout.engine={engine}", *METHODS[method], *FAST,
+                       *_pair_args(vllm_pair)])
         summary = run(cfg, tmp_path / engine)
         assert summary["final"]["step"] == 3
         runs[engine] = _rows(tmp_path / engine)
@@ -79,7 +82,7 @@ def test_every_method_three_steps_with_the_static_engines_metric_keys(method, vl
     assert all(TIMING <= k for k in vllm)
     for r in runs["vllm"]:
         assert all(v == v for v in r.values() if isinstance(v, float)), r  # no NaN anywhere
-    if method == "trb":  # the pair engine's steps recomputed TRB's diagnostics; the budget bound some tokens
+    if method.startswith("trb"):  # the pair engine's steps recomputed TRB's diagnostics; the budget bound some tokens
         first = next(r for r in runs["vllm"] if "train/loss" in r)
         assert first["trb/eps"] > 0 and 0 < first["trb/frac_beta_pos"] <= 1
         assert first["trb/kl_behavior_student_max"] <= first["trb/eps"] * (1 + 1e-4)

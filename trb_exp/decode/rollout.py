@@ -150,7 +150,7 @@ def sample(
         return static_kw["backend"].sample(prompt_ids, prompt_mask, rule, max_new_tokens=max_new_tokens,
                                            eos_id=eos_id, pad_id=pad_id, generator=generator,
                                            keep_teacher_logprobs=keep_teacher_logprobs, eos_ids=eos_ids,
-                                           teacher_stats=teacher_stats)
+                                           teacher_stats=teacher_stats, topk=topk)
     if engine == "static":
         from trb_exp.decode.engine import sample_static
 

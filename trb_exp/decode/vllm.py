@@ -17,8 +17,9 @@ Which engine samples a step is decided by the step's behaviour sampler (``Rule.a
 One engine is alive at a time: while the method's training rule needs the teacher, the pair engine also samples
 the evaluation's student rule (``set_rule(StudentRule)``: exactly the student's distribution).
 
-After decoding, ONE batched pass over the finished sequences (``_replay``) gives the loss its teacher log-probs
-(``rollout.teacher_stats=full``) and, for the pair rules, recomputes the rule on the two models' logits at every
+After a pair rule's decode, ONE batched pass over the finished sequences (``_replay``) gives the loss its teacher
+log-probs (``rollout.teacher_stats=full``; with ``topk``, or after a student-only decode, the loss's own teacher
+pass runs in the update, as on the other engines) and recomputes the rule on the two models' logits at every
 response position: the per-token diagnostics (TRB's eps, beta, realised KL(mu||pi_S), solver iterations) are the
 same functions of the same logits the static engine records, so the ``trb/*`` / ``mixed/*`` metrics keep their
 names and meaning (vLLM itself returns only the behaviour's log-prob of each sampled token).
@@ -175,7 +176,7 @@ class VLLMRollouts:
     @torch.no_grad()
     def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, rule, *, max_new_tokens: int, eos_id: int,
                pad_id: int, generator: torch.Generator | None = None, keep_teacher_logprobs: bool = True,
-               eos_ids: Sequence[int] = (), teacher_stats: str = "full", **_ignored) -> Rollout:
+               eos_ids: Sequence[int] = (), teacher_stats: str = "full", topk: int = 16) -> Rollout:
         """``rollout.sample``'s contract on vLLM (see the module docstring for which engine runs ``rule``)."""
         kind = engine_kind(rule)
         llm = self.engine("pair" if kind != "student" or self.pair_needed else "student")
@@ -190,9 +191,9 @@ class VLLMRollouts:
         ro = to_rollout(prompt_ids, prompt_mask, [o.outputs[0] for o in outs], eos_id=eos_id, pad_id=pad_id,
                         eos_ids=eos_ids, decode_s=decode_s, student_logprobs=kind == "student")
         t1 = time.perf_counter()
-        keep_full = keep_teacher_logprobs and teacher_stats == "full" and self.teacher is not None
-        if kind == "pair" or keep_full:
-            _replay(ro, self.student, self.teacher, rule if kind == "pair" else None, keep_full, eos_ids, eos_id)
+        if kind == "pair":  # a student or teacher rule: the loss's teacher pass runs in the update, as on every engine
+            _replay(ro, self.student, self.teacher, rule, keep_teacher_logprobs and teacher_stats, topk, eos_ids,
+                    eos_id)
         self.times.decode_s, self.times.teacher_pass_s = decode_s, time.perf_counter() - t1
         return ro
 
@@ -316,33 +317,38 @@ def to_rollout(prompt_ids: Tensor, prompt_mask: Tensor, outs, *, eos_id: int, pa
                    decode_s=decode_s)
 
 
-def _replay(ro: Rollout, student, teacher, rule, keep_full: bool, eos_ids: Sequence[int], eos_id: int,
+def _replay(ro: Rollout, student, teacher, rule, keep: str | bool, topk: int, eos_ids: Sequence[int], eos_id: int,
             rows: int = 64) -> None:
-    """The one batched pass over the finished sequences, ``rows`` rows at a time: the teacher's log-probs at
-    every response position (kept when ``keep_full``) and, for a pair ``rule``, the student's too, the rule
-    recomputed on both (its per-token diagnostics) and the student's log-prob of each sampled token."""
+    """The one batched pass over the finished sequences of a pair rule's rollout, ``rows`` rows at a time: both
+    models' logits at every response position, the rule recomputed on them (its per-token diagnostics, as the
+    other engines record them while decoding), the student's log-prob of each sampled token, and the teacher's
+    log-probs as the other engines keep them when the teacher decoded: ``keep`` "full" [B, T, V], "topk" the
+    student's top-``topk`` ids and the teacher's log-probs there, at the sampled token and its entropy, False none."""
     all_eos = [int(eos_id), *(int(i) for i in dict.fromkeys(eos_ids) if int(i) != int(eos_id))]
     merge = (lambda x: merge_eos(x, all_eos, eos_id)) if len(all_eos) > 1 else (lambda x: x)
-    t_full, s_tok, diags = [], [], {}
+    out: dict[str, list[Tensor]] = {}
     for r in range(0, ro.input_ids.shape[0], rows):
         sl = slice(r, r + rows)
-        ids, attn = ro.input_ids[sl], ro.attention_mask[sl]
+        ids, attn, tok = ro.input_ids[sl], ro.attention_mask[sl], ro.response_ids[sl].clamp_min(0)
         t_logits = merge(response_logits(teacher, ids, attn, ro.prompt_len).float())
-        if keep_full:
-            t_full.append(torch.log_softmax(t_logits, -1))
-        if rule is None:
-            continue
         s_logits = merge(response_logits(student, ids, attn, ro.prompt_len).float())
         _, diag = rule(s_logits, t_logits)
-        for k, v in diag.items():
-            diags.setdefault(k, []).append(v)
-        s_lp = torch.log_softmax(s_logits, -1)
-        s_tok.append(s_lp.gather(-1, ro.response_ids[sl].clamp_min(0)[..., None]).squeeze(-1))
-    if keep_full:
-        ro.teacher_logprobs = torch.cat(t_full)
-    if rule is not None:
-        ro.diagnostics = {k: torch.cat(v) for k, v in diags.items()}
-        ro.token_logprobs_student = torch.cat(s_tok)
+        lt = torch.log_softmax(t_logits, -1)
+        parts = {**{f"diag.{k}": v for k, v in diag.items()},
+                 "token_logprobs_student": torch.log_softmax(s_logits, -1).gather(-1, tok[..., None]).squeeze(-1)}
+        if keep == "full":
+            parts["teacher_logprobs"] = lt
+        elif keep == "topk":
+            top = s_logits.topk(min(topk, s_logits.shape[-1]), dim=-1).indices
+            parts.update(topk_ids=top, teacher_topk_logprobs=lt.gather(-1, top),
+                         teacher_token_logprobs=lt.gather(-1, tok[..., None]).squeeze(-1),
+                         teacher_entropy=-(lt.exp() * lt.clamp_min(-1e4)).sum(-1))
+        for k, v in parts.items():
+            out.setdefault(k, []).append(v)
+    ro.diagnostics = {k.removeprefix("diag."): torch.cat(v) for k, v in out.items() if k.startswith("diag.")}
+    for k, v in out.items():
+        if not k.startswith("diag."):
+            setattr(ro, k, torch.cat(v))
 
 
 # ---------------------------------------------------------------------- setup (experiment.setup calls these)
