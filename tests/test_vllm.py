@@ -329,3 +329,40 @@ def test_docs_example_runs(pair_dirs, tmp_path, monkeypatch):
     outs = scope["outs"]
     assert len(outs) == len(scope["prompts"]) and all(o.outputs[0].token_ids for o in outs)
     assert (tmp_path / "pair" / "config.json").is_file()
+
+
+def test_behaviour_logprobs_cut_merge_pad():
+    """The pair's compute_logits maths on its own: padding rows dropped, two EOS ids merged into the first (as the
+    decode loop does), the rule applied, then -inf up to vLLM's width; against the solver on hand-merged logits."""
+    from trb_exp.integrations.vllm_pair import behaviour_logprobs
+    from trb_exp.rules.trust_region import TrustRegionRule
+
+    g = torch.Generator().manual_seed(0)
+    s, t = 3 * torch.randn(4, 30, generator=g), 3 * torch.randn(4, 36, generator=g)
+    out = behaviour_logprobs(s, t, TrustRegionRule(0.2), vocab=21, eos_ids=(2, 19), out_vocab=30)
+    assert out.shape == (4, 30) and torch.isneginf(out[:, 21:]).all() and torch.isneginf(out[:, 19]).all()
+
+    def merged(x):
+        x = x[:, :21].clone()
+        x[:, 2] = torch.logsumexp(x[:, [2, 19]], -1)
+        x[:, 19] = -math.inf
+        return x
+
+    ref = trust_region_blend(merged(s), merged(t), 0.2).logprobs
+    torch.testing.assert_close(out[:, :21], ref, atol=1e-6, rtol=0)
+    assert torch.allclose(out.exp().sum(-1), torch.ones(4))
+
+
+def test_pair_checkpoint_merges_every_eos_id(pair_dirs, tmp_path):
+    """A teacher that also ends on another id (its generation config): the pair's EOS ids are the student's first,
+    then the teacher's, so compute_logits merges them into the student's."""
+    import json
+    import shutil
+
+    from trb_exp.integrations.vllm import make_pair_checkpoint
+
+    shutil.copytree(pair_dirs / "teacher", tmp_path / "teacher")
+    gen = json.loads((tmp_path / "teacher" / "generation_config.json").read_text())
+    (tmp_path / "teacher" / "generation_config.json").write_text(json.dumps(gen | {"eos_token_id": [2, 19]}))
+    make_pair_checkpoint(pair_dirs / "student", tmp_path / "teacher", tmp_path / "pair")
+    assert json.loads((tmp_path / "pair" / "config.json").read_text())["trb_pair"]["eos_ids"] == [2, 19]

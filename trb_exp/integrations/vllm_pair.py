@@ -47,7 +47,7 @@ def behaviour_logprobs(student_logits: Tensor, teacher_logits: Tensor, sampler: 
         student_logits = merge_eos(student_logits, eos_ids, eos_ids[0])
         teacher_logits = merge_eos(teacher_logits, eos_ids, eos_ids[0])
     logp, _ = sampler(student_logits, teacher_logits)
-    logp = torch.nan_to_num(logp.float(), nan=float("-inf"))
+    logp = logp.float().masked_fill(logp.isnan(), float("-inf"))  # (nan_to_num would make -inf finite too)
     if logp.shape[-1] < out_vocab:
         logp = torch.nn.functional.pad(logp, (0, out_vocab - logp.shape[-1]), value=float("-inf"))
     return logp
