@@ -298,22 +298,29 @@ def test_weight_sync_pair_student_tower(pair_llm, hf):
 
 
 # ---------------------------------------------------------------------------------------- plugin and docs
-def test_plugin_entry_point_registers_the_pair():
-    """pyproject's ``vllm.general_plugins`` entry point names ``register``; where trb_exp is pip-installed, vLLM's
-    own plugin loader (what a separate vLLM process runs) registers TRBPair."""
+def test_plugin_entry_point_registers_the_pair(tmp_path):
+    """pyproject's ``vllm.general_plugins`` entry point names ``register``, and vLLM's own plugin loader, in a fresh
+    process that never imports trb_exp itself, registers TRBPair through it (where trb_exp is not pip-installed,
+    through a dist-info holding the entry point as pip would write it)."""
+    import subprocess
+    import sys
     import tomllib
 
     eps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["vllm.general_plugins"]
     assert eps == {"trb_pair": "trb_exp.integrations.vllm:register"}
-    installed = [e for e in importlib.metadata.entry_points(group="vllm.general_plugins") if e.name == "trb_pair"]
-    if not installed and os.environ.get("TRB_REQUIRE_VLLM") != "1":
-        pytest.skip("trb_exp is not pip-installed here, so vLLM cannot see its entry point")
-    assert installed and installed[0].value == eps["trb_pair"]
-    from vllm import ModelRegistry
-    from vllm.plugins import load_general_plugins
-
-    load_general_plugins()
-    assert "TRBPair" in ModelRegistry.get_supported_archs()
+    path = [str(ROOT)]
+    if not [e for e in importlib.metadata.entry_points(group="vllm.general_plugins") if e.name == "trb_pair"]:
+        info = tmp_path / "trb_exp_plugin_probe-0.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: trb_exp_plugin_probe\nVersion: 0.0\n")
+        (info / "entry_points.txt").write_text("[vllm.general_plugins]\ntrb_pair = " + eps["trb_pair"] + "\n")
+        path.insert(0, str(tmp_path))
+    code = ("from vllm import ModelRegistry; before = 'TRBPair' in ModelRegistry.get_supported_archs(); "
+            "from vllm.plugins import load_general_plugins; load_general_plugins(); "
+            "print(before, 'TRBPair' in ModelRegistry.get_supported_archs())")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(path + [os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "False True", out.stderr[-2000:]
 
 
 def test_docs_example_runs(pair_dirs, tmp_path, monkeypatch):
