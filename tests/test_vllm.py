@@ -245,9 +245,16 @@ def test_mixture_logprobs_are_the_mixture(pair_llm, hf):
 
 # ------------------------------------------------------------------------------------------------ weight sync
 def _perturbed(model, scale: float = 0.5) -> dict[str, torch.Tensor]:
+    """The state dict of a copy of ``model`` with noise on every matrix (tied ones stay tied, as after a step)."""
+    import copy
+
     g = torch.Generator().manual_seed(7)
-    return {k: v + scale * v.std() * torch.randn(v.shape, generator=g) if v.dim() == 2 else v.clone()
-            for k, v in model.state_dict().items()}
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            if p.dim() == 2:
+                p.add_(scale * p.std() * torch.randn(p.shape, generator=g))
+    return other.state_dict()
 
 
 def _check_engine_holds(hf, rollouts, state_dict):

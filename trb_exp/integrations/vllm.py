@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 from vllm import ModelRegistry
@@ -41,7 +42,7 @@ from trb_exp.rules.skd import SKDRule
 from trb_exp.rules.trust_region import TrustRegionRule
 from trb_exp.schedules import BUDGETS
 
-__all__ = ["ARCHITECTURES", "CPU_HEAD_SIZES", "WeightSyncError", "make_pair_checkpoint", "register", "set_budget",
+__all__ = ["ARCHITECTURES", "CPU_HEAD_SIZES", "Checksum", "WeightSyncError", "make_pair_checkpoint", "register", "set_budget",
            "set_rule", "sync_student_weights", "sync_weights", "vllm_support_problem", "weight_checksums"]
 
 ARCHITECTURE = "TRBPair"
@@ -99,38 +100,65 @@ def set_budget(llm, eps: float, budget: str = "absolute", temperature: float = 1
 
 
 # ------------------------------------------------------------------------------------------ weight sync
-def _checksum(w: torch.Tensor) -> tuple[float, float]:
+class Checksum(NamedTuple):
+    """A parameter's fingerprint in float64: ``kind="values"``: the sum and the sum of squares of its values (equal
+    values give equal sums, compared exactly); ``"row_sums"``: of its rows' sums, for a linear weight vLLM's CPU
+    backend packed away (an empty parameter), read by running the packed layer on a row of ones (compared to 1e-4)."""
+
+    kind: str
+    dtype: str
+    total: float
+    square: float
+
+
+def _fingerprint(kind: str, w: torch.Tensor) -> Checksum:
     w = w.detach().double()
-    return w.sum().item(), w.square().sum().item()
+    return Checksum(kind, str(w.dtype), w.sum().item(), w.square().sum().item())
 
 
-def _checksums(model, prefix: str) -> dict[str, tuple[str, float, float]]:
-    """(dtype, sum, sum of squares in float64) of every parameter under ``prefix`` (module path), by name."""
-    module = model.get_submodule(prefix) if prefix else model
-    return {name: (str(p.dtype).removeprefix("torch."), *_checksum(p)) for name, p in module.named_parameters()}
+def _checksums(model, prefix: str) -> dict[str, Checksum]:
+    """The fingerprint of every parameter under the module ``prefix``, by name (runs inside the engine)."""
+    out = {}
+    for mod_name, module in (model.get_submodule(prefix) if prefix else model).named_modules():
+        for leaf, p in module.named_parameters(recurse=False):
+            name, dtype = f"{mod_name}.{leaf}".lstrip("."), str(p.dtype).removeprefix("torch.")
+            if p.numel() > 0:
+                out[name] = _fingerprint("values", p)._replace(dtype=dtype)
+            elif leaf == "weight" and hasattr(module, "cpu_linear"):
+                ones = torch.ones(1, module.input_size_per_partition, dtype=p.dtype)
+                out[name] = _fingerprint("row_sums", module.cpu_linear(ones, p, None)[0])._replace(dtype=dtype)
+    return out
 
 
-def weight_checksums(llm, prefix: str = "") -> dict[str, tuple[str, float, float]]:
-    """The engine's per-parameter (dtype, sum, sum of squares) of the module ``prefix`` ("student" in a TRBPair)."""
+def weight_checksums(llm, prefix: str = "") -> dict[str, Checksum]:
+    """The engine's parameter fingerprints under the module ``prefix`` ("student" in a TRBPair), by name."""
     return llm.apply_model(functools.partial(_checksums, prefix=prefix))[0]
 
 
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-def _expected_checksums(state_dict: dict[str, torch.Tensor], have) -> dict[str, tuple[str, float, float]]:
-    """The checksums the engine's parameters (``have``: name -> dtype, ...) must have after loading ``state_dict``
-    (Hugging Face names), in the engine's dtype: the same tensor, or the concatenation of the fused projections
-    (q, k, v -> qkv_proj; gate, up -> gate_up_proj)."""
+def _expected_checksums(state_dict: dict[str, torch.Tensor], have: dict[str, Checksum]) -> dict[str, Checksum]:
+    """The fingerprints the engine's parameters must have after loading ``state_dict`` (Hugging Face names), in the
+    engine's dtype: of the same tensor, or of the concatenated fused projections (q, k, v -> qkv_proj; gate, up ->
+    gate_up_proj)."""
     out = {}
-    for name, (dtype, *_) in have.items():
+    for name, c in have.items():
         module, _, leaf = name.rpartition(".")
         parent, _, kind = module.rpartition(".")
         parts = [f"{parent}.{p}.{leaf}" for p in _FUSED[kind]] if kind in _FUSED else [name]
         if all(p in state_dict for p in parts):
-            w = torch.cat([state_dict[p].detach().to(getattr(torch, dtype)) for p in parts])
-            out[name] = (dtype, *_checksum(w))
+            w = torch.cat([state_dict[p].detach().to(getattr(torch, c.dtype)) for p in parts])
+            out[name] = _fingerprint(c.kind, w if c.kind == "values" else w.double().sum(1))._replace(dtype=c.dtype)
     return out
+
+
+def _same(have: Checksum, want: Checksum) -> bool:
+    if have.kind == "values":
+        return have == want  # the same values give the same float64 sums
+    scale = math.sqrt(max(want.square, 0.0))  # the GEMM's rounding: relative to the row sums' norm
+    return (math.isclose(have.square, want.square, rel_tol=1e-4, abs_tol=1e-8)
+            and abs(have.total - want.total) <= 1e-4 * scale + 1e-8)
 
 
 def _verify(llm, state_dict, prefix: str) -> None:
@@ -139,7 +167,7 @@ def _verify(llm, state_dict, prefix: str) -> None:
     if not want:
         raise WeightSyncError(f"weight sync: none of the engine's {len(have)} parameters is named in the state "
                               "dict; give the student's Hugging Face state_dict (model.state_dict())")
-    stale = [n for n, w in want.items() if have[n] != w]  # the same values give the same float64 sums
+    stale = [n for n, w in want.items() if not _same(have[n], w)]
     if stale:
         raise WeightSyncError(f"weight sync did not take: {len(stale)} of {len(want)} checked parameters differ "
                               f"from the state dict (first: {prefix + '.' if prefix else ''}{stale[0]})")
