@@ -18,6 +18,7 @@ reuses them instead of a second teacher pass), and per-token diagnostics of the 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -100,9 +101,19 @@ def _forward(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Ten
     return logits.to(home), out
 
 
+@functools.cache
+def _cache_field() -> str:
+    """The name transformers gives the KV cache, as a forward argument and an output field: ``cache`` from 5.2x
+    on, ``past_key_values`` in 5.19 (which would silently ignore ``cache=``)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def _step(model, ids, attention_mask, positions, cache):
-    logits, out = _forward(model, ids, attention_mask, positions, last_only=True, cache=cache, use_cache=True)
-    return logits, out.cache
+    name = _cache_field()
+    logits, out = _forward(model, ids, attention_mask, positions, last_only=True, use_cache=True, **{name: cache})
+    return logits, getattr(out, name)
 
 
 # --------------------------------------------------------------------------- the decode loop
