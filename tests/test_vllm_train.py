@@ -192,9 +192,9 @@ def test_a_resumed_run_continues_as_the_uninterrupted_one(vllm_pair, tmp_path):
     def train_rows(d):
         return [{k: v for k, v in r.items() if k not in drop} for r in _rows(tmp_path / d) if "train/loss" in r]
 
-    full, resumed = train_rows("full"), train_rows("resumed")
-    assert [r["step"] for r in resumed] == [3]
-    assert resumed[0] == full[2]  # the vLLM engines got the restored weights and the restored seeds
+    full, resumed = train_rows("full"), train_rows("resumed")  # the resumed dir carries the cut run's steps 1-2
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert resumed == full  # step 3: the vLLM engine got the restored weights, the restored stream its seeds
 
 
 def _cli(cwd, *args, timeout=300, torchrun=False):

@@ -32,6 +32,7 @@ sampling generator, so a resumed run draws what an uninterrupted one would.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import tempfile
@@ -89,15 +90,31 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
+def save_model_dir(model, out: Path, tok=None) -> Path:
+    """``model`` as a directory vLLM loads: config.json (with its architecture), model.safetensors, the tokenizer.
+    Written by every rank (``save_pretrained`` writes on torch.distributed's rank 0 only)."""
+    from safetensors.torch import save_file
+
+    model = _unwrap(model)
+    out.mkdir(parents=True)
+    cfg = model.config.to_dict() | {"architectures": [type(model).__name__]}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.to_json_file(out / "generation_config.json")
+    weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}  # tied: copies
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if tok is not None:
+        tok.save_pretrained(out)
+    return out
+
+
 @contextmanager
 def _saved(*models_and_tok):
     """A temporary directory with each (name, model, tokenizer) saved in ``<dir>/<name>``; deleted on exit."""
     tmp = Path(tempfile.mkdtemp(prefix="trb_vllm_"))
     try:
         for name, model, tok in models_and_tok:
-            _unwrap(model).save_pretrained(tmp / name)  # safetensors
-            if tok is not None:
-                tok.save_pretrained(tmp / name)
+            save_model_dir(model, tmp / name, tok)
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -214,9 +231,34 @@ class VLLMRollouts:
                 for s in seeds]
 
 
+def keep_trainer_process_group() -> None:
+    """Under torchrun, vLLM's in-process engine joins the trainer's default process group (each rank's engine:
+    tensor-parallel groups of one), and its teardown (``cleanup_dist_env_and_memory``, also when the engine is
+    garbage-collected) destroys that group: the trainer's next collective fails, or a new engine silently makes a
+    world of one. Here vLLM's teardown drops only the groups vLLM made; the default group stays the trainer's."""
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        return
+    from vllm.distributed import parallel_state as ps
+
+    if getattr(ps.destroy_distributed_environment, "keeps_trainer_group", False):
+        return
+
+    def destroy_distributed_environment():
+        if ps._WORLD:
+            ps._WORLD.destroy()
+        ps._WORLD, ps._NODE_COUNT = None, None
+
+    destroy_distributed_environment.keeps_trainer_group = True
+    ps.destroy_distributed_environment = destroy_distributed_environment
+
+
 def _llm(settings: EngineSettings, model_dir: Path):
     """An in-process ``vllm.LLM`` of ``model_dir`` (token ids in and out: no tokenizer; eager: starts in seconds)."""
     from vllm import LLM
+
+    keep_trainer_process_group()
 
     s = settings
     return LLM(model=str(model_dir), skip_tokenizer_init=True, enforce_eager=True, dtype=s.dtype, seed=s.seed,
