@@ -88,7 +88,7 @@ def word_tokenizer(vocab: int):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t1")  # EOS ignored
 
 
 def vllm_variants(student, teacher, ids, mask, spec, eps: float, g):
