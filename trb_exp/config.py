@@ -152,6 +152,11 @@ def _validate_rollout(ro) -> None:
     se = ro.get("sync_every")
     _require(se is None or (isinstance(se, int) and se >= 1), "rollout.sync_every", se,
              "must be null (1 on CPU, 16 on GPU) or an integer >= 1")
+    ml = ro.get("vllm_max_model_len")
+    _require(ml is None or (isinstance(ml, int) and not isinstance(ml, bool) and ml >= 1), "rollout.vllm_max_model_len",
+             ml, "must be null (the student's max positions) or an integer >= 1")
+    gm = ro.get("vllm_gpu_memory_utilization", 0.3)
+    _require(is_number(gm) and 0 < gm <= 1, "rollout.vllm_gpu_memory_utilization", gm, "must be a number in (0, 1]")
     si = ro.get("solver_iters")
     _require(si is None or (isinstance(si, int) and si >= 1), "rollout.solver_iters", si,
              "must be null (stop at convergence) or an integer >= 1")
