@@ -228,3 +228,20 @@ def test_refused_at_setup_in_one_line(args, line, vllm_pair, tmp_path):
     err = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(err) == 1 and err[0].startswith(line) and err[0].endswith("use rollout.engine=static"), err
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs" / "runs").iterdir())
+
+
+def test_evaluate_cli_on_vllm_scores_each_benchmark_at_its_own_n(vllm_pair, tmp_path):
+    """``python -m trb_exp.evaluate eval.engine=vllm``: the same table as the eager loop's (benchmarks, n per
+    benchmark, problems); the scores are samples of the same model from another random stream."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    out = {}
+    for engine in ("eager", "vllm"):
+        r = subprocess.run([sys.executable, "-m", "trb_exp.evaluate", f"model.student={vllm_pair / 'student'}",
+                            "dataset=arithmetic", "eval.size=4", "eval.max_new_tokens=8",
+                            f"eval.engine={engine}", f"hydra.run.dir={tmp_path / engine}"],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[engine] = json.loads((tmp_path / engine / "results.json").read_text())["results"]
+    counts = {e: {k: v for k, v in res.items() if k.endswith(("/n_samples", "/n_problems"))} for e, res in out.items()}
+    assert counts["vllm"] == counts["eager"] and counts["vllm"]
+    assert all(0 <= v <= 1 for k, v in out["vllm"].items() if k.endswith("pass@1"))
