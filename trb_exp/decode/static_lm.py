@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
-# Matmuls over fewer rows than this round differently on a CPU (MKL's sgemm takes another path for M <= 3), so
-# a row's logits would no longer be bit-identical to the eager loop's: never decode (or take logits of) fewer
-# rows than this, unless the whole batch is smaller (then the eager loop has the same row count).
-MIN_ROWS = 4
+# Matmuls over fewer rows than this round differently on a CPU (MKL's sgemm takes a small-matrix path: for M <= 3
+# on AVX-512 without AMX, M <= 15 on Sapphire Rapids with AMX, the reference machine), so a row's logits would no
+# longer be bit-identical to the eager loop's: never decode (or take logits of) fewer rows than this, unless the
+# whole batch is smaller (then the eager loop has the same row count).
+MIN_ROWS = 16
 
 
 class UnsupportedModel(ValueError):
