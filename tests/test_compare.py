@@ -311,8 +311,8 @@ def test_focus_and_baseline_are_arguments(tmp_path, capsys):
 
 
 COMMITTED = sorted(p.parent for p in (C.Path(__file__).parents[1] / "docs" / "results").rglob("comparison.md"))
-# figures that do not re-render byte for byte: drawn by older plotting code (another order of the families)
-NOT_REPRODUCIBLE = {"mini_a/trb_diagnostics.png", "mini_b/trb_diagnostics.png"}
+# figures that do not re-render byte for byte (none since mini's two trb_diagnostics.png were re-drawn)
+NOT_REPRODUCIBLE: set[str] = set()
 
 
 @pytest.mark.parametrize("report", COMMITTED, ids=[p.name for p in COMMITTED])
