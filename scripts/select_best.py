@@ -2,8 +2,8 @@
 
     python scripts/select_best.py SWEEP [--seed 0]
 
-Reads the runs of SWEEP, a directory of runs or a data file (as ``trb_exp.compare`` does) and prints one line per family:
-``<family> <overrides>``, where the overrides re-create that family's configuration whose run with
+Reads the runs of SWEEP, a directory of runs or a data file (as ``trb_exp.compare`` does), and prints one
+line per family: ``<family> <overrides>``, where the overrides re-create that family's configuration whose run with
 ``--seed`` has the highest pass@1 at the final step (ties: the first in sorted config order). The
 overrides are the run's own command-line overrides minus seed, sweep preset and hydra keys, plus
 ``method=<family>``: append ``seed=1,2,3`` to re-run the configuration on fresh seeds.

@@ -75,7 +75,8 @@ def main(root: Path, baseline: str = "opd", order=tuple(ORDER.split(","))) -> No
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(prog="python scripts/study_summary.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("root", nargs="?", default="docs/results/mini", help="the study (mini_a/runs.jsonl.gz or mini_a/runs/, the same for mini_b)")
+    p.add_argument("root", nargs="?", default="docs/results/mini",
+                   help="the study (mini_a/runs.jsonl.gz or mini_a/runs/, the same for mini_b)")
     p.add_argument("--baseline", default="opd", help="the family every other is paired against (first row)")
     p.add_argument("--order", default=ORDER, help="comma list: the other rows' order (others follow alphabetically)")
     a = p.parse_args()

@@ -4,9 +4,9 @@
 
 RUNS are run directories or data files. Every subdirectory of a directory holding ``metrics.jsonl`` and
 ``.hydra/config.yaml`` is a run (a multirun sweep dir works as is); a data file (``runs.jsonl.gz``,
-written by ``python -m trb_exp.analysis.runstore pack``) holds a study's runs. Runs are grouped by method family (``method.name``) and by
-configuration (the method's knobs, the schedule's for a run that logged a budget, and any other setting
-that varies within the family; never the seed). The report's roles are arguments: ``--focus`` (the
+written by ``python -m trb_exp.analysis.runstore pack``) holds a study's runs. Runs are grouped by method
+family (``method.name``) and by configuration (the method's knobs, the schedule's for a run that logged a
+budget, and any other setting that varies within the family; never the seed). The report's roles are arguments: ``--focus`` (the
 subject family, trb by default) and ``--baseline`` (the family every other is paired against, opd).
 Writes ``comparison.md`` (deterministic: re-running on the same runs reproduces it byte for byte) and
 PNG plots next to it:
@@ -41,9 +41,10 @@ from trb_exp.analysis.runs import (PASS1, InputError, Run, find_run_dirs, group_
 from trb_exp.analysis.stats import (best_checkpoint, closest_step, first_step_at_least, mean_ci, paired_difference,
                                     steps_to_target, t_quantile_975)
 
-__all__ = ["PASS1", "InputError", "Roles", "Run", "best_checkpoint", "build_report", "closest_step", "compare", "find_run_dirs",
-           "first_step_at_least", "group_runs", "headline_config", "headline_finals", "load_run", "load_runs", "main", "mean_ci",
-           "paired_difference", "render_paper_table", "steps_to_target", "t_quantile_975"]
+__all__ = ["PASS1", "InputError", "Roles", "Run", "best_checkpoint", "build_report", "closest_step", "compare",
+           "find_run_dirs", "first_step_at_least", "group_runs", "headline_config", "headline_finals", "load_run",
+           "load_runs", "main", "mean_ci", "paired_difference", "render_paper_table", "steps_to_target",
+           "t_quantile_975"]
 
 
 DEFAULT_ROLES = Roles(focus="trb", baseline="opd")  # the CLI's --focus / --baseline defaults
@@ -86,7 +87,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m trb_exp.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+", metavar="RUNS",
                    help="run dirs or multirun sweep dirs (searched recursively), or data files (runs.jsonl.gz)")
-    p.add_argument("--out", default=None, help="output dir (default: <common parent of RUNS (a data file: its folder)>/comparison)")
+    p.add_argument("--out", default=None,
+                   help="output dir (default: <common parent of RUNS (a data file: its folder)>/comparison)")
     p.add_argument("--target-frac", type=float, default=0.8, help="steps-to-target: fraction of the teacher")
     p.add_argument("--teacher-pass1", type=float, default=None, help="teacher pass@1 (else no steps-to-target)")
     p.add_argument("--ci-seeds", default=None,

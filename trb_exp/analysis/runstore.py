@@ -205,7 +205,8 @@ def _record(obj, path: Path, n: int) -> RunRecord:
 
 def _lines(path: Path) -> list[str]:
     if not path.is_file():
-        raise InputError(f"error: {path}: no such data file (python -m trb_exp.analysis.runstore pack ROOT {path} makes one)")
+        raise InputError(f"error: {path}: no such data file "
+                         f"(python -m trb_exp.analysis.runstore pack ROOT {path} makes one)")
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             return f.read().splitlines()
@@ -258,7 +259,8 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.cmd == "pack":
         if a.out.is_dir():
-            raise InputError(f"error: OUT {a.out} is a directory; give the data file to write, e.g. {a.out}/runs.jsonl.gz")
+            raise InputError(f"error: OUT {a.out} is a directory; give the data file to write, "
+                             f"e.g. {a.out}/runs.jsonl.gz")
         print(f"[runstore] {pack(a.root, a.out)} runs -> {a.out}", file=sys.stderr)
     else:
         print(f"[runstore] {unpack(a.data, a.dir)} runs -> {a.dir}", file=sys.stderr)
