@@ -10,7 +10,8 @@ version 1: gzip (mtime 0) of JSON lines, the first a header, then one run per li
      "summary": {summary.json}|null}
 
 ``name`` is the run directory's path relative to the packed root. ``seed`` is the config's; ``commit``
-and ``env`` are the summary's own records of them where it has them (null otherwise). A line's top-level
+and ``env`` are the summary's own records of them where it has them (null otherwise). Checkpoints,
+logs and ``.hydra/hydra.yaml`` are not kept: no report reads them. A line's top-level
 keys are sorted; the objects inside keep their files' order, so ``unpack`` writes the four files back
 byte for byte and re-packing the same runs gives the same bytes.
 
