@@ -419,7 +419,23 @@ def findings(runs: dict) -> list[str]:
             f"ahead of OPD: {c(sft)} pooled.",
             f"- **The adaptive budgets**, neither tuned nor given a horizon K, against the selected point of the "
             f"15-point linear grid: the reward-targeted budget {c(rew)} ({adaptive_verdict(rew).split(' (')[0]}), "
-            f"the gap-following budget {c(gap)} ({adaptive_verdict(gap).split(' (')[0]})."]
+            f"the gap-following budget {c(gap)} ({adaptive_verdict(gap).split(' (')[0]})."] + REPRODUCTION
+
+
+# measured, not computed from the runs: the commands are in the commit that wrote this
+REPRODUCTION = [
+    "", "## Reproducing the runs", "",
+    "`python scripts/powered_study.py run` re-runs the study, seed by seed, and `report` re-renders this page "
+    "from `runs.jsonl.gz` byte for byte (`tests/test_powered_study.py`). Whether a run repeats value for value "
+    "depends on the CPU. On 2026-11-26 the OPD seed-100 run of mini_a repeated all 256 logged rows, and earlier "
+    "on 2026-12-05 a mini_b `trb_reward` seed-105 run repeated all 5,021 values (issue 23). On the machine of "
+    "2026-12-05 08:00 UTC (AVX-512 with AMX, family 6 model 167) the same OPD seed-100 run does not repeat. "
+    "Its first difference is `train/grad_norm` at step 1 (1.618553 against 1.618552), and it ends at pass@1 "
+    "0.401 against the committed 0.286. The code of 7e31b40, which completed the study, gives the same step-1 "
+    "value, and so do AVX2 kernels (`ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 "
+    "ONEDNN_MAX_CPU_ISA=AVX2`) and `MKL_CBWR=AVX512`. `MKL_CBWR=COMPATIBLE` matches step 1, differs from "
+    "step 2 on and ends at 0.367. Bit-exact reproduction holds only on one CPU model and instruction set.",
+]
 
 
 def cmd_report(args) -> None:
