@@ -36,7 +36,9 @@ from trb_exp.data import encode_prompts, load_task, prompt_formatter  # noqa: E4
 from trb_exp.methods import Method  # noqa: E402
 from trb_exp.models import load_model, load_tokenizer  # noqa: E402
 from trb_exp.prepare import embedded_pair_dir  # noqa: E402
-from trb_exp.decode.rollout import response_logits, sample, teacher_logprobs  # noqa: E402
+from trb_exp.decode.backend import sample  # noqa: E402
+from trb_exp.decode.forward import response_logits  # noqa: E402
+from trb_exp.decode.teacher_pass import teacher_logprobs  # noqa: E402
 from trb_exp.trainer import prompt_batch  # noqa: E402
 
 CONFIGS = [("opd", "eager"), ("opd", "static"), ("trb", "eager"), ("trb", "static")]

@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trb_exp.decode.rollout import StudentRule, TrustRegionRule, sample  # noqa: E402
+from trb_exp.decode.backend import sample  # noqa: E402
+from trb_exp.rules import StudentRule, TrustRegionRule  # noqa: E402
 
 PAPER = dict(
     student=dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,

@@ -10,8 +10,10 @@ import torch
 from trb_exp.blending import trust_region_blend, trust_region_blend_device
 from trb_exp.data import encode_prompts
 from trb_exp.models import EMBEDDED, load_model, load_tokenizer
-from trb_exp.decode.rollout import (GreedyRule, SKDRule, StudentRule, TeacherRule, TrustRegionRule, sample,
-                             teacher_logprobs, teacher_logprobs_at)
+from trb_exp.decode.backend import sample
+from trb_exp.decode.static import sample_static
+from trb_exp.decode.teacher_pass import teacher_logprobs, teacher_logprobs_at
+from trb_exp.rules import GreedyRule, SKDRule, StudentRule, TeacherRule, TrustRegionRule
 
 PROMPTS = ["1+2=", "12*3-4=", "9-9*9+1=", "5=", "7*7=", "3-8=", "40+2=", "6*6-6="]
 CPU = torch.device("cpu")
@@ -76,9 +78,9 @@ def _run_both(pair, rule_name, n=24, **static_kw):
     eager = sample(student, teacher, ids, mask, rec, generator=g, **kw)
     g = torch.Generator().manual_seed(3)
     seen = []
-    static = sample(student, teacher, ids, mask, RULES[rule_name](g), generator=g, engine="static",
-                    trace=lambda t, rows, lg: seen.append((rows.clone(), {k: v.clone() for k, v in lg.items()})),
-                    **static_kw, **kw)
+    static = sample_static(student, teacher, ids, mask, RULES[rule_name](g), generator=g,
+                           trace=lambda t, rows, lg: seen.append((rows.clone(), {k: v.clone() for k, v in lg.items()})),
+                           **static_kw, **kw)
     return eager, static, rec.seen, seen
 
 
@@ -148,7 +150,7 @@ def test_static_knobs_do_not_change_the_rollout(qwen3, kw):
 
 
 def test_static_rejects_unsupported_models(embedded):
-    from trb_exp.decode.engine import StaticLM, UnsupportedModel
+    from trb_exp.decode.static import StaticLM, UnsupportedModel
 
     class Fake:
         config = type("C", (), {"model_type": "gpt2"})()
@@ -223,7 +225,7 @@ def test_topk_teacher_stats_give_the_loss_and_gradient_of_a_teacher_pass(qwen3, 
     teacher pass with the loss-time top-k; the micro-batch fallback (a gathered teacher pass) too."""
     from trb_exp import losses
     from trb_exp.objectives import ReverseKL
-    from trb_exp.decode.rollout import response_logits
+    from trb_exp.decode.forward import response_logits
 
     tok, student, teacher = qwen3
     ids, mask = encode_prompts(tok, PROMPTS)
@@ -315,7 +317,7 @@ def test_topk_rollout_never_allocates_B_T_V(embedded, engine):
 def test_static_buffers_are_reused_across_calls(qwen3):
     """The StaticLM (buffers, views, captured graphs) is kept per model and reset between calls: a rollout
     after a compacted one of another batch is still the eager rollout."""
-    from trb_exp.decode.engine import _LMS
+    from trb_exp.decode.static import _LMS
 
     tok, student, teacher = qwen3
     ids, mask = encode_prompts(tok, PROMPTS)
@@ -338,15 +340,17 @@ def test_paper_presets_use_the_static_engine(name):
     from conftest import compose
     from trb_exp.config import validate
     from trb_exp.methods import Method
-    from trb_exp.decode.rollout import sample_kwargs
+    from trb_exp.decode.config import RolloutConfig
 
     cfg = compose([f"experiment={name}"])
     validate(cfg)
     assert cfg.rollout.engine == "static" and cfg.rollout.compile and cfg.rollout.teacher_stats == "auto"
     assert 64 * 4 % cfg.trainer.rollout_batch_size == 0  # every chunk reuses the same buffers and graphs
-    kw = sample_kwargs(cfg, 16)
-    assert kw["engine"] == "static" and kw["compile"] and kw["sync_every"] == 16 and kw["solver_iters"] == 12
-    assert Method.from_cfg(cfg.method, cfg.schedule).sparse_teacher_ok  # trb: topk statistics apply
+    method = Method.from_cfg(cfg.method, cfg.schedule)
+    assert method.sparse_teacher_ok  # trb: topk statistics apply
+    rc = RolloutConfig.from_cfg(cfg, method)
+    assert rc.engine == "static" and rc.compile and rc.sync_every == 16 and rc.solver_iters == 12
+    assert rc.teacher_stats == "topk" and rc.sparse_teacher  # auto resolved from the method's loss
 
 
 @pytest.mark.parametrize("override, field", [("rollout.engine=fast", "rollout.engine"),
@@ -355,10 +359,11 @@ def test_paper_presets_use_the_static_engine(name):
                                              ("rollout.solver_iters=0", "rollout.solver_iters")])
 def test_rollout_config_errors_are_one_line(override, field):
     from conftest import compose
-    from trb_exp.config import ConfigError, validate
+    from trb_exp.config import ConfigError
+    from trb_exp.decode.config import RolloutConfig
 
     with pytest.raises(ConfigError, match=field) as e:
-        validate(compose([override]))
+        RolloutConfig.from_cfg(compose([override]))
     assert "\n" not in str(e.value)
 
 
@@ -404,7 +409,8 @@ def test_auto_engine_is_the_default_static_where_it_runs_eager_elsewhere(tiny_pa
     from conftest import compose
     from trb_exp.config import ConfigError
     from trb_exp.data.tokenizer import build_char_tokenizer
-    from trb_exp.experiment import pick_engine
+    from trb_exp.decode.backend import resolve_engine
+    from trb_exp.decode.config import RolloutConfig
 
     assert compose([]).rollout.engine == "auto"
     tok = build_char_tokenizer()
@@ -413,12 +419,11 @@ def test_auto_engine_is_the_default_static_where_it_runs_eager_elsewhere(tiny_pa
                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                pad_token_id=tok.pad_token_id)).save_pretrained(gpt2)
     tok.save_pretrained(gpt2)
-    kw = {"engine": "auto", "teacher_stats": "full", "topk": 16, "sync_every": None, "compile": False,
-          "compact": True, "solver_iters": None}
+    rc = RolloutConfig(engine="auto", sync_every=4, solver_iters=3)
     llama = _load(tiny_pair / "student")
-    assert pick_engine(kw, llama, llama) == {**kw, "engine": "static"}
+    assert resolve_engine(rc, llama, llama) == RolloutConfig(engine="static", sync_every=4, solver_iters=3)
     g = _load(gpt2)
-    assert pick_engine(kw, g, llama) == {"engine": "eager", "teacher_stats": "full", "topk": 16}
+    assert resolve_engine(rc, g, llama) == RolloutConfig(engine="eager", sync_every=4, solver_iters=3)
     assert "model.student is not an architecture the static engine runs" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="model.student: rollout.engine=static supports .*use rollout.engine=eager") as e:
         _train_rows(["method=opd", f"model.student={gpt2}", "rollout.engine=static"], tiny_pair, tmp_path / "s")
@@ -447,8 +452,8 @@ def test_decode_step_traces_as_one_graph(qwen3):
     uncaptured step's logits. Dynamo's eager backend on the CPU: CUDA graphs / inductor are not run here."""
     import torch._dynamo.testing
 
-    from trb_exp.decode.engine import StaticLM
-    from trb_exp.decode.rollout import positions_from_mask
+    from trb_exp.decode.static import StaticLM
+    from trb_exp.decode.record import positions_from_mask
 
     tok, student, _ = qwen3
     ids, mask = encode_prompts(tok, PROMPTS[:4])

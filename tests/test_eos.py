@@ -18,7 +18,9 @@ from trb_exp.data import encode_prompts
 from trb_exp.data.tokenizer import build_char_tokenizer
 from trb_exp.methods import Method
 from trb_exp.models import load_model, load_tokenizer, pair_eos_ids, tiny_llama
-from trb_exp.decode.rollout import StudentRule, TeacherRule, TrustRegionRule, response_logits, sample
+from trb_exp.decode.backend import sample
+from trb_exp.decode.forward import response_logits
+from trb_exp.rules import StudentRule, TeacherRule, TrustRegionRule
 
 NINF = float("-inf")
 PROMPTS = ["1+2=", "12*3-4=", "9-9*9+1=", "5=", "7*7=", "3-8="]

@@ -26,7 +26,9 @@ from trb_exp.config import ConfigError
 from trb_exp.data import encode_prompts, load_benchmarks, load_task, prompt_formatter
 from trb_exp.data.hub import load_rows
 from trb_exp.models import check_available, check_pair, load_model, load_tokenizer, pair_eos_ids, set_vocab_size
-from trb_exp.decode.rollout import StudentRule, TrustRegionRule, response_logits, sample
+from trb_exp.decode.backend import sample
+from trb_exp.decode.forward import response_logits
+from trb_exp.rules import StudentRule, TrustRegionRule
 from trb_exp.trainer import run
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -277,7 +279,7 @@ def test_train_through_hf_preset(case, hf, tmp_path, monkeypatch):
 
 
 def test_rollouts_decoded_in_chunks_concatenate(hf):
-    from trb_exp.decode.rollout import concat_rollouts
+    from trb_exp.decode.record import concat_rollouts
 
     tok = load_tokenizer(str(hf["llama_student"]))
     s = load_model(str(hf["llama_student"]), device=torch.device("cpu"), train=False)

@@ -18,7 +18,8 @@ from trb_exp.config import ConfigError
 from trb_exp.data import encode_prompts
 from trb_exp.methods import Method
 from trb_exp.models import load_model, load_tokenizer
-from trb_exp.decode.rollout import SKDRule, StudentRule, TeacherRule, TrustRegionRule, sample
+from trb_exp.decode.backend import sample
+from trb_exp.rules import SKDRule, StudentRule, TeacherRule, TrustRegionRule
 from trb_exp.trainer import prompt_batch, run
 
 FAST = ["logger=none", "trainer.max_steps=3", "trainer.eval_every=0", "trainer.eval_size=4",

@@ -14,7 +14,8 @@ from conftest import compose
 
 from trb_exp.config import ConfigError
 from trb_exp.methods import Method
-from trb_exp.decode.rollout import StudentRule, TeacherRule, sample
+from trb_exp.decode.backend import sample
+from trb_exp.rules import StudentRule, TeacherRule
 from trb_exp.rules.mixture import MixtureRule, mixture_logprobs
 from trb_exp.trainer import run
 

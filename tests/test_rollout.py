@@ -3,8 +3,10 @@ from budget import assert_budget_used
 
 from trb_exp.data import encode_prompts
 from trb_exp.models import load_model, load_tokenizer
-from trb_exp.decode.rollout import (GreedyRule, StudentRule, TeacherRule, TrustRegionRule, response_logits, sample,
-                             teacher_logprobs)
+from trb_exp.decode.backend import sample
+from trb_exp.decode.forward import response_logits
+from trb_exp.decode.teacher_pass import teacher_logprobs
+from trb_exp.rules import GreedyRule, StudentRule, TeacherRule, TrustRegionRule
 
 PROMPTS = ["1+2=", "12*3-4=", "9-9*9+1=", "5="]
 

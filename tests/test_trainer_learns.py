@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 import trb_exp.trainer as train_mod
 from trb_exp.data import encode_prompts, load_task
 from trb_exp.models import EMBEDDED, load_model, load_tokenizer
-from trb_exp.decode.rollout import StudentRule, sample
+from trb_exp.decode.backend import sample
+from trb_exp.rules import StudentRule
 
 STEPS = 40
 LEARN = ["logger=none", f"trainer.max_steps={STEPS}", "trainer.eval_every=0", "trainer.eval_size=1",

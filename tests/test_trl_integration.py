@@ -23,7 +23,10 @@ from trb_exp.integrations.trl import (
     refusals,
 )
 from trb_exp.models import EMBEDDED
-from trb_exp.decode.rollout import TrustRegionRule, positions_from_mask, response_logits, sample
+from trb_exp.decode.backend import sample
+from trb_exp.decode.forward import response_logits
+from trb_exp.decode.record import positions_from_mask
+from trb_exp.rules import TrustRegionRule
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 PROMPTS = ["3+4*2-7=", "1+2=", "9*9-3+1=", "5-6="]

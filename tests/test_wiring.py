@@ -19,7 +19,7 @@ from omegaconf import open_dict
 
 from trb_exp.config import ConfigError
 from trb_exp.methods import Method
-from trb_exp.decode.rollout import SKDRule, StudentRule, TeacherRule, TrustRegionRule
+from trb_exp.rules import SKDRule, StudentRule, TeacherRule, TrustRegionRule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))

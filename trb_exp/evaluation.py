@@ -13,7 +13,9 @@ import math
 import torch
 
 from trb_exp.data import encode_prompts
-from trb_exp.decode.rollout import GreedyRule, StudentRule, sample
+from trb_exp.decode.backend import sample
+from trb_exp.decode.config import RolloutConfig
+from trb_exp.rules import GreedyRule, StudentRule
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -35,7 +37,7 @@ def pass_at_1_se(correct_per_problem: list[int], n: int) -> float:
 
 
 def _generate(model, tokenizer, prompts, rule, *, max_new_tokens, batch_size, generator, device, eos_ids=(),
-              progress: str | None = None, sample_kw: dict | None = None):
+              progress: str | None = None, rollout: RolloutConfig | None = None):
     texts, lengths, finished = [], [], []
     starts = range(0, len(prompts), batch_size)
     if progress:  # the evaluation's own bar (one tick per decoded batch), gone when it is done
@@ -46,7 +48,7 @@ def _generate(model, tokenizer, prompts, rule, *, max_new_tokens, batch_size, ge
         ids, mask = encode_prompts(tokenizer, prompts[i : i + batch_size], device)
         ro = sample(model, None, ids, mask, rule, max_new_tokens=max_new_tokens,
                     eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator,
-                    eos_ids=eos_ids, **(sample_kw or {}))
+                    eos_ids=eos_ids, config=rollout)
         texts += tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
         lengths += ro.response_mask.sum(1).tolist()
         finished += ro.finished.tolist()
@@ -58,12 +60,12 @@ def evaluate(model, tokenizer, prompts: list[str], answers: list[str], grade, *,
              temperature: float = 1.0, greedy: bool = True, max_new_tokens: int = 64,
              batch_size: int = 512, seed: int = 0, ks: tuple[int, ...] = (1,),
              eos_ids: tuple[int, ...] = (), progress: bool | str = False,
-             sample_kw: dict | None = None) -> dict[str, float]:
+             rollout: RolloutConfig | None = None) -> dict[str, float]:
     """Sampled pass@1 (+ pass@k for k in ``ks`` up to n) and greedy accuracy on ``prompts``.
 
     ``eos_ids``: extra end-of-sequence ids (the teacher's) merged into the tokenizer's EOS, as in training.
-    ``progress``: show a progress bar over the decoded batches (a string: its label). ``sample_kw``: the decode
-    engine and its knobs (``rollout.sample``'s keywords; default the eager loop)."""
+    ``progress``: show a progress bar over the decoded batches (a string: its label). ``rollout``: the decode
+    engine and its knobs (default the eager loop)."""
     label = (progress if isinstance(progress, str) else "eval") if progress else None
     was_training = model.training
     model.eval()
@@ -73,7 +75,7 @@ def evaluate(model, tokenizer, prompts: list[str], answers: list[str], grade, *,
     texts, lengths, finished = _generate(model, tokenizer, rep_prompts, StudentRule(temperature),
                                          max_new_tokens=max_new_tokens, batch_size=batch_size,
                                          generator=gen, device=device, eos_ids=eos_ids, progress=label,
-                                         sample_kw=sample_kw)
+                                         rollout=rollout)
     correct = [grade(t, answers[i // n_samples]) for i, t in enumerate(texts)]
     per_problem = [sum(correct[j * n_samples : (j + 1) * n_samples]) for j in range(len(prompts))]
     out = {
@@ -89,7 +91,7 @@ def evaluate(model, tokenizer, prompts: list[str], answers: list[str], grade, *,
     if greedy:
         gtexts, _, _ = _generate(model, tokenizer, list(prompts), GreedyRule(), max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, generator=gen, device=device, eos_ids=eos_ids,
-                                 progress=label and f"{label} (greedy)", sample_kw=sample_kw)
+                                 progress=label and f"{label} (greedy)", rollout=rollout)
         out["greedy_acc"] = sum(grade(t, a) for t, a in zip(gtexts, answers)) / len(prompts)
     model.train(was_training)
     return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,6 +27,11 @@ from trb_exp import losses
 from trb_exp.blending import merge_eos
 from trb_exp.config import ConfigError, validate
 from trb_exp.data import encode_prompts, prompt_batch
+from trb_exp.decode.backend import sample
+from trb_exp.decode.config import RolloutConfig
+from trb_exp.decode.forward import response_logits
+from trb_exp.decode.record import concat_rollouts
+from trb_exp.decode.teacher_pass import teacher_logprobs, teacher_logprobs_at
 from trb_exp.distributed import (
     DistContext,
     check_strategy,
@@ -43,14 +49,6 @@ from trb_exp.methods import Method
 from trb_exp.optim import accumulate_step
 from trb_exp.run.preempt import Stopped, StopSignals
 from trb_exp.run.resume import restore, resume_from
-from trb_exp.decode.rollout import (
-    concat_rollouts,
-    eager_kwargs,
-    response_logits,
-    sample,
-    teacher_logprobs,
-    teacher_logprobs_at,
-)
 from trb_exp.run.state import (
     TrainState,
     prune_checkpoints,
@@ -103,10 +101,10 @@ def rollouts(exp: Experiment, state: TrainState, step: int):
     exp.student.eval()
     rule = exp.method.rule(step, tr.temperature, generator=state.generator)
     chunk = tr.get("rollout_batch_size") or len(batch)  # decode in row chunks: one chunk's KV caches at a time
-    keep = exp.method.needs_teacher_logprobs and (exp.teacher_pass == "rollout" or exp.sparse_teacher)
+    keep = exp.method.needs_teacher_logprobs and (exp.rollout.teacher_pass == "rollout" or exp.rollout.sparse_teacher)
     parts = [sample(exp.student, exp.teacher, ids[c : c + chunk], mask[c : c + chunk], rule,
                     max_new_tokens=tr.max_new_tokens, eos_id=exp.eos_id, pad_id=tok.pad_token_id,
-                    generator=state.generator, eos_ids=exp.eos_ids, keep_teacher_logprobs=keep, **exp.rollout_kw)
+                    generator=state.generator, eos_ids=exp.eos_ids, keep_teacher_logprobs=keep, config=exp.rollout)
              for c in range(0, len(batch), chunk)]
     exp.student.train()
     return (parts[0] if len(parts) == 1 else concat_rollouts(parts, tok.pad_token_id)), batch
@@ -118,7 +116,7 @@ def update(exp: Experiment, state: TrainState, ro, step: int) -> dict:
     (teacher_pass=micro_batch: one teacher pass per micro-batch, so [B, T, V] never exists for the step)."""
     tr, method, eos_ids, eos_id = exp.cfg.trainer, exp.method, exp.eos_ids, exp.eos_id
     t_lp = ro.teacher_logprobs
-    if t_lp is None and method.needs_teacher_logprobs and exp.teacher_pass == "rollout" and not exp.sparse_teacher:
+    if t_lp is None and method.needs_teacher_logprobs and exp.rollout.teacher_pass == "rollout" and not exp.rollout.sparse_teacher:
         t_lp = teacher_logprobs(exp.teacher, ro)
     if t_lp is not None:  # one merged EOS event (idempotent; a no-op for a single EOS id)
         t_lp = merge_eos(t_lp, eos_ids, eos_id)
@@ -154,7 +152,7 @@ def _micro_batch_loss(exp: Experiment, ro, t_lp, sl: slice, n_tokens, step: int,
     method, eos_ids, eos_id = exp.method, exp.eos_ids, exp.eos_id
     logits = response_logits(model, ro.input_ids[sl], ro.attention_mask[sl], ro.prompt_len)
     logits = merge_eos(logits, eos_ids, eos_id)  # the loss sees the merged EOS event too
-    if exp.sparse_teacher:  # rollout.teacher_stats=topk: O(k) teacher statistics, from the rollout or one gathered pass
+    if exp.rollout.sparse_teacher:  # rollout.teacher_stats=topk: O(k) teacher statistics, from the rollout or one gathered pass
         ids_k = ro.topk_ids[sl] if ro.topk_ids is not None else logits.detach().topk(
             min(method.topk, logits.shape[-1]), dim=-1).indices
         t_k, t_tok = ro.teacher_topk_logprobs, ro.teacher_token_logprobs
@@ -181,7 +179,7 @@ def evaluate_student(exp: Experiment, step: int, logger: RunLogger, progress: bo
     tr, ev = exp.cfg.trainer, exp.cfg.get("eval") or {}
     kw = dict(n_samples=tr.eval_samples, temperature=1.0, max_new_tokens=tr.max_new_tokens, seed=exp.cfg.seed + 1,
               eos_ids=exp.eos_ids, batch_size=int(ev.get("batch_size") or 512),
-              progress=progress and exp.dist.is_main, sample_kw=_eval_engine(exp.rollout_kw))
+              progress=progress and exp.dist.is_main, rollout=exp.rollout.student_only())
     scorer = sharded_evaluate(exp.dist, evaluate)
     if len(exp.benchmarks) == 1:  # one test set (the embedded default): eval/<metric>
         b = exp.benchmarks[0]
@@ -195,12 +193,6 @@ def evaluate_student(exp: Experiment, step: int, logger: RunLogger, progress: bo
         tqdm.write(f"[eval] step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items()))
     sys.stdout.flush()
     return {"step": step, **r}
-
-
-def _eval_engine(rollout_kw: dict) -> dict:
-    """The training rollouts' decode engine for the evaluation too (without the TRB solver's and the teacher
-    statistics' knobs, which a student-only decode does not take)."""
-    return {k: v for k, v in rollout_kw.items() if k in ("engine", "sync_every", "compile", "compact")}
 
 
 def warm_start(exp: Experiment, state: TrainState, logger: RunLogger) -> None:
@@ -304,10 +296,10 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
     process's rank under torchrun (rank 0 alone checks and writes the run directory)."""
     dist = dist or DistContext()
     run_dir = Path(run_dir)
-    ckpt = accept(cfg, run_dir, dist)
+    ckpt, method, rollout = accept(cfg, run_dir, dist)
     if on_accept is not None:
         on_accept(ckpt)
-    exp = build(cfg, dist)
+    exp = build(cfg, dist, method, rollout)
     state = TrainState.create(exp.student, cfg, exp.device)
     if dist.active:  # a sampling stream per rank
         state.generator.manual_seed(rank_seed(int(cfg.seed), dist.rank))
@@ -337,37 +329,39 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
     return finish(exp, state, run_dir)
 
 
-def accept(cfg: DictConfig, run_dir: Path, dist: DistContext):
+def accept(cfg: DictConfig, run_dir: Path, dist: DistContext) -> tuple[Path | None, Method, RolloutConfig]:
     """The config and the run directory's checks, before any model is loaded (rank 0 checks, every rank
-    raises the same error or gets the same checkpoint to resume from, None for a fresh start)."""
+    raises the same error or gets the same checkpoint to resume from, None for a fresh start). Returns that
+    checkpoint, the method and the rollout config, built here once (their errors come before any model loads)."""
     validate(cfg)
     check_strategy(cfg, dist)
-    ckpt, err = None, None
-    if dist.is_main:
-        try:
+    ckpt = method = rollout = err = None
+    try:
+        if dist.is_main:
             ckpt = resume_from(cfg, run_dir)
-            Method.from_cfg(cfg.method, cfg.schedule)  # method and schedule errors before any model is loaded
-        except ConfigError as e:
-            err = e
+        method = Method.from_cfg(cfg.method, cfg.schedule)  # every rank builds the same one from the same config
+        rollout = RolloutConfig.from_cfg(cfg, method)
+    except ConfigError as e:
+        err = e
     ckpt, message = dist.broadcast((ckpt, None if err is None else str(err)))  # every rank stops, or resumes alike
     if err is not None:
         raise err  # as raised (a FinishedRun stays one: a re-submitted sweep skips the job)
     if message is not None:
         raise ConfigError(message)
-    return ckpt
+    return ckpt, method, rollout
 
 
-def build(cfg: DictConfig, dist: DistContext) -> Experiment:
+def build(cfg: DictConfig, dist: DistContext, method: Method, rollout: RolloutConfig) -> Experiment:
     """``experiment.setup`` plus this process's rank and the student as it trains (DDP / FSDP2 wrapped)."""
-    exp = setup(cfg)
-    exp.dist = dist
-    exp.train_student = wrap_student(exp.student, dist, str(cfg.trainer.get("strategy", "auto")))
-    if exp.train_student is exp.student and dist.active and exp.rollout_kw.get("engine") == "static":
+    exp = setup(cfg, method, rollout)
+    train_student = wrap_student(exp.student, dist, str(cfg.trainer.get("strategy", "auto")))
+    rollout = exp.rollout
+    if train_student is exp.student and dist.active and rollout.engine == "static":
         # FSDP2 shards the student in place; the static engine reads whole weights: the eager loop decodes
         # (it computes the same tokens, bit for bit on a CPU)
         print("[rollout] trainer.strategy=fsdp shards the student: decoding with rollout.engine=eager", flush=True)
-        exp.rollout_kw = eager_kwargs(exp.rollout_kw)
-    return exp
+        rollout = rollout.eager()
+    return replace(exp, dist=dist, train_student=train_student, rollout=rollout)
 
 
 def finish(exp: Experiment, state: TrainState, run_dir: Path) -> dict:

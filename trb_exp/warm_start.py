@@ -19,7 +19,9 @@ from trb_exp.blending import merge_eos
 from trb_exp.data import encode_prompts, pad_right
 from trb_exp.distributed import DistContext
 from trb_exp.optim import accumulate_step, adamw_from_config
-from trb_exp.decode.rollout import TeacherRule, response_logits, sample
+from trb_exp.decode.backend import sample
+from trb_exp.decode.forward import response_logits
+from trb_exp.rules import TeacherRule
 
 
 def pack(tok, prompts: list[str], responses: list[list[int]], device):

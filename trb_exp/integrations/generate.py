@@ -26,7 +26,9 @@ from transformers.generation.logits_process import (
 )
 
 from trb_exp.blending import merge_eos
-from trb_exp.decode.rollout import TrustRegionRule, _step, positions_from_mask
+from trb_exp.decode.forward import decode_step
+from trb_exp.decode.record import positions_from_mask
+from trb_exp.rules import TrustRegionRule
 from trb_exp.schedules import ADAPTIVE, SCHEDULES, budget_at
 
 
@@ -138,7 +140,7 @@ class TRBLogitsProcessor(LogitsProcessor):
                     "with num_return_sequences=1")
             self._mask = self.prompt_mask.to(input_ids.device)
             pos = positions_from_mask(self._mask)
-            logits, self._cache = _step(self.teacher, input_ids, self._mask, pos, None)
+            logits, self._cache = decode_step(self.teacher, input_ids, self._mask, pos, None)
             self._next_pos = pos[:, -1:] + 1
             self._alive = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         else:
@@ -151,7 +153,7 @@ class TRBLogitsProcessor(LogitsProcessor):
             self._mask = torch.cat([self._mask, self._alive.long()[:, None]], 1)
             if self.eos_ids:
                 self._alive = self._alive & ~torch.isin(tok, torch.tensor(self.eos_ids, device=tok.device))
-            logits, self._cache = _step(self.teacher, tok[:, None], self._mask, self._next_pos, self._cache)
+            logits, self._cache = decode_step(self.teacher, tok[:, None], self._mask, self._next_pos, self._cache)
             self._next_pos = self._next_pos + 1
         self._len = input_ids.shape[1]
         return logits

@@ -10,7 +10,7 @@ Change one class and keep your accelerate/DeepSpeed setup, dataset and loss::
 While the step's budget ``eps_k = budget_at(k, schedule, eps0, warmup_steps)`` is > 0, the student's rollouts
 are drawn from the blend ``mu_b ∝ pi_S^(1-b) pi_T^b`` with the largest ``b`` such that
 ``KL(mu_b || pi_S) <= eps_k`` at every decoded token (``trb_exp.blending.trust_region_blend``, through
-``trb_exp.decode.rollout.TrustRegionRule``: the project's own solver and rule). Evaluation and the steps after the
+``trb_exp.rules.TrustRegionRule``: the project's own solver and rule). Evaluation and the steps after the
 warmup take TRL's own path unchanged. TRL's loss is untouched: TRB only changes which prefixes are visited.
 
 How: TRL offers no way to hand ``generate`` a ``logits_processor``. ``TRBDistillationTrainer`` overrides the

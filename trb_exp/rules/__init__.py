@@ -21,7 +21,16 @@ import pkgutil
 
 from trb_exp.rules.base import RULES, Rule, Sampler, register, rule_class
 
-__all__ = ["RULES", "Rule", "Sampler", "register", "rule_class"]
-
 for _m in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_m}")
+
+# the samplers, importable from the package (the decode loops call them)
+from trb_exp.rules.greedy import GreedyRule  # noqa: E402
+from trb_exp.rules.mixture import MixtureRule  # noqa: E402
+from trb_exp.rules.skd import SKDRule  # noqa: E402
+from trb_exp.rules.student import StudentRule  # noqa: E402
+from trb_exp.rules.teacher import TeacherRule  # noqa: E402
+from trb_exp.rules.trust_region import TrustRegionRule  # noqa: E402
+
+__all__ = ["RULES", "GreedyRule", "MixtureRule", "Rule", "SKDRule", "Sampler", "StudentRule", "TeacherRule",
+           "TrustRegionRule", "register", "rule_class"]
