@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
         batch = [i for i in prompt_batch(0, step, len(prompts), tr.prompts_per_step) for _ in range(tr.rollouts_per_prompt)]
         ids, mask = encode_prompts(tok, [prompts[i] for i in batch], cpu)
         student.eval()
-        ro = sample(student, teacher, ids, mask, method.rule(step, tr.temperature, generator=st["gen"]),
+        ro = sample(student, teacher, ids, mask, method.sampler(step, tr.temperature, generator=st["gen"]),
                     max_new_tokens=tr.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                     generator=st["gen"], keep_teacher_logprobs=True, engine=engine)
         student.train()

@@ -114,8 +114,8 @@ MUTANTS = [
            (("    return 1.0 - math.comb(n - c, k) / math.comb(n, k)\n", "    return 1.0 - (1 - c / n) ** k\n"),),
            "pass@k uses the biased with-replacement estimate 1 - (1 - c/n)^k"),
     Mutant("relative_budget_ignored", "trb_exp/rules/trust_region.py",
-           (("return TrustRegionRule(eps, budget=self.budget_schedule.budget, temperature=temperature)",
-             "return TrustRegionRule(eps, temperature=temperature)"),),
+           (("return TrustRegionSampler(eps, budget=self.budget_schedule.budget, temperature=temperature)",
+             "return TrustRegionSampler(eps, temperature=temperature)"),),
            "schedule.budget=relative never reaches the behaviour rule (always absolute)"),
 ]
 CONTROL = "unmutated"

@@ -13,7 +13,7 @@ from trb_exp.models import EMBEDDED, load_model, load_tokenizer
 from trb_exp.decode.backend import sample
 from trb_exp.decode.static import sample_static
 from trb_exp.decode.teacher_pass import teacher_logprobs, teacher_logprobs_at
-from trb_exp.rules import GreedyRule, SKDRule, StudentRule, TeacherRule, TrustRegionRule
+from trb_exp.rules import GreedySampler, SKDSampler, StudentSampler, TeacherSampler, TrustRegionSampler
 
 PROMPTS = ["1+2=", "12*3-4=", "9-9*9+1=", "5=", "7*7=", "3-8=", "40+2=", "6*6-6="]
 CPU = torch.device("cpu")
@@ -48,12 +48,12 @@ def qwen3(embedded):
 
 
 RULES = {
-    "student": lambda g: StudentRule(),
-    "teacher": lambda g: TeacherRule(),
-    "trust_region": lambda g: TrustRegionRule(eps=0.3),
-    "trust_region_relative": lambda g: TrustRegionRule(eps=0.5, budget="relative"),
-    "skd": lambda g: SKDRule(top_k=3, generator=g),
-    "greedy": lambda g: GreedyRule(),
+    "student": lambda g: StudentSampler(),
+    "teacher": lambda g: TeacherSampler(),
+    "trust_region": lambda g: TrustRegionSampler(eps=0.3),
+    "trust_region_relative": lambda g: TrustRegionSampler(eps=0.5, budget="relative"),
+    "skd": lambda g: SKDSampler(top_k=3, generator=g),
+    "greedy": lambda g: GreedySampler(),
 }
 
 
@@ -230,7 +230,7 @@ def test_topk_teacher_stats_give_the_loss_and_gradient_of_a_teacher_pass(qwen3, 
     tok, student, teacher = qwen3
     ids, mask = encode_prompts(tok, PROMPTS)
     kw = dict(max_new_tokens=16, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, engine=engine, topk=8)
-    ro = sample(student, teacher, ids, mask, TrustRegionRule(eps=0.2), generator=torch.Generator().manual_seed(0),
+    ro = sample(student, teacher, ids, mask, TrustRegionSampler(eps=0.2), generator=torch.Generator().manual_seed(0),
                 teacher_stats="topk", **kw)
     assert ro.teacher_logprobs is None and ro.topk_ids.shape == (*ro.response_mask.shape, 8)
     m = ro.response_mask
@@ -298,7 +298,7 @@ def test_topk_rollout_never_allocates_B_T_V(embedded, engine):
         student, teacher = _qwen3_pair(tok, vocab=V)
         for stats, k in (("topk", 4), ("topk", 16), ("full", 16)):
             def run():
-                return sample(student, teacher, ids, mask, TrustRegionRule(eps=0.2), max_new_tokens=T,
+                return sample(student, teacher, ids, mask, TrustRegionSampler(eps=0.2), max_new_tokens=T,
                               eos_id=-1, pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),
                               engine=engine, teacher_stats=stats, topk=k)  # eos_id=-1: no row ends early
             biggest, ro = _max_alloc_bytes(run)
@@ -322,14 +322,14 @@ def test_static_buffers_are_reused_across_calls(qwen3):
     tok, student, teacher = qwen3
     ids, mask = encode_prompts(tok, PROMPTS)
     kw = dict(max_new_tokens=20, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
-    sample(student, teacher, ids[:5], mask[:5], TrustRegionRule(eps=0.3), engine="static",
+    sample(student, teacher, ids[:5], mask[:5], TrustRegionSampler(eps=0.3), engine="static",
            generator=torch.Generator().manual_seed(9), **kw)
     first = _LMS[student][1]
-    runs = [sample(student, teacher, ids, mask, TrustRegionRule(eps=0.3), engine=e,
+    runs = [sample(student, teacher, ids, mask, TrustRegionSampler(eps=0.3), engine=e,
                    generator=torch.Generator().manual_seed(4), **kw) for e in ("static", "static", "eager")]
     assert _LMS[student][1] is not first  # a new shape replaced it ...
     again = _LMS[student][1]
-    sample(student, teacher, ids, mask, StudentRule(), engine="static", generator=torch.Generator().manual_seed(1), **kw)
+    sample(student, teacher, ids, mask, StudentSampler(), engine="static", generator=torch.Generator().manual_seed(1), **kw)
     assert _LMS[student][1] is again  # ... the same shape reuses it
     for r in runs[:2]:
         assert torch.equal(r.input_ids, runs[2].input_ids)

@@ -1,7 +1,7 @@
 """Evaluation: sampled pass@1 (the paper's metric), unbiased pass@k, greedy accuracy.
 
 pass@1 is the mean over problems of c/n, with n samples per problem at temperature 1 drawn by
-the same decode loop the trainer uses (``StudentRule``); ``pass@1_se`` is its standard error from
+the same decode loop the trainer uses (``StudentSampler``); ``pass@1_se`` is its standard error from
 that sampling alone (the evaluation noise of a fixed model, unbiased per-problem variances). Graders are plain functions
 ``grade(response_text, reference) -> bool``.
 """
@@ -15,7 +15,7 @@ import torch
 from trb_exp.data import encode_prompts
 from trb_exp.decode.backend import sample
 from trb_exp.decode.config import RolloutConfig
-from trb_exp.rules import GreedyRule, StudentRule
+from trb_exp.rules import GreedySampler, StudentSampler
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -72,7 +72,7 @@ def evaluate(model, tokenizer, prompts: list[str], answers: list[str], grade, *,
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     rep_prompts = [p for p in prompts for _ in range(n_samples)]
-    texts, lengths, finished = _generate(model, tokenizer, rep_prompts, StudentRule(temperature),
+    texts, lengths, finished = _generate(model, tokenizer, rep_prompts, StudentSampler(temperature),
                                          max_new_tokens=max_new_tokens, batch_size=batch_size,
                                          generator=gen, device=device, eos_ids=eos_ids, progress=label,
                                          rollout=rollout)
@@ -89,7 +89,7 @@ def evaluate(model, tokenizer, prompts: list[str], answers: list[str], grade, *,
         if 1 < k <= n_samples:
             out[f"pass@{k}"] = sum(pass_at_k(n_samples, c, k) for c in per_problem) / len(prompts)
     if greedy:
-        gtexts, _, _ = _generate(model, tokenizer, list(prompts), GreedyRule(), max_new_tokens=max_new_tokens,
+        gtexts, _, _ = _generate(model, tokenizer, list(prompts), GreedySampler(), max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, generator=gen, device=device, eos_ids=eos_ids,
                                  progress=label and f"{label} (greedy)", rollout=rollout)
         out["greedy_acc"] = sum(grade(t, a) for t, a in zip(gtexts, answers)) / len(prompts)

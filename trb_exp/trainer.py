@@ -99,7 +99,7 @@ def rollouts(exp: Experiment, state: TrainState, step: int):
     batch = [i for i in prompts for _ in range(tr.rollouts_per_prompt)]  # this rank's share of the step
     ids, mask = encode_prompts(tok, [exp.train_prompts[i] for i in batch], exp.device)
     exp.student.eval()
-    rule = exp.method.rule(step, tr.temperature, generator=state.generator)
+    rule = exp.method.sampler(step, tr.temperature, generator=state.generator)
     chunk = tr.get("rollout_batch_size") or len(batch)  # decode in row chunks: one chunk's KV caches at a time
     keep = exp.method.needs_teacher_logprobs and (exp.rollout.teacher_pass == "rollout" or exp.rollout.sparse_teacher)
     parts = [sample(exp.student, exp.teacher, ids[c : c + chunk], mask[c : c + chunk], rule,

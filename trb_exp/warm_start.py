@@ -1,7 +1,7 @@
 """Warm starts that run once before training step 0 (``sft_warmup``).
 
 ``sft_warm_start`` samples ``n`` teacher responses per prompt with the same decode loop as training
-(``TeacherRule``: the student is never called), then fits the student to them with cross-entropy for
+(``TeacherSampler``: the student is never called), then fits the student to them with cross-entropy for
 ``M`` optimizer updates (one pass over the responses, split into M shuffled mini-batches; each
 update is normalised by its response tokens). Its optimizer is its own, so OPD then starts from the
 SFT checkpoint with a fresh AdamW and learning-rate warmup.
@@ -21,7 +21,7 @@ from trb_exp.distributed import DistContext
 from trb_exp.optim import accumulate_step, adamw_from_config
 from trb_exp.decode.backend import sample
 from trb_exp.decode.forward import response_logits
-from trb_exp.rules import TeacherRule
+from trb_exp.rules import TeacherSampler
 
 
 def pack(tok, prompts: list[str], responses: list[list[int]], device):
@@ -95,7 +95,7 @@ def _teacher_responses(teacher, tok, prompts, answers, grade, *, n_samples, tr, 
     for s in range(0, len(mine), per_chunk):
         chunk = [i for i in mine[s : s + per_chunk] for _ in range(n_samples)]
         ids, mask = encode_prompts(tok, [prompts[i] for i in chunk], device)
-        ro = sample(None, teacher, ids, mask, TeacherRule(tr.temperature), max_new_tokens=tr.max_new_tokens,
+        ro = sample(None, teacher, ids, mask, TeacherSampler(tr.temperature), max_new_tokens=tr.max_new_tokens,
                     eos_id=eos_id, pad_id=tok.pad_token_id, generator=generator, eos_ids=eos_ids,
                     keep_teacher_logprobs=False)
         texts = tok.batch_decode(ro.response_ids, skip_special_tokens=True)

@@ -28,7 +28,7 @@ from transformers.generation.logits_process import (
 from trb_exp.blending import merge_eos
 from trb_exp.decode.forward import decode_step
 from trb_exp.decode.record import positions_from_mask
-from trb_exp.rules import TrustRegionRule
+from trb_exp.rules import TrustRegionSampler
 from trb_exp.schedules import ADAPTIVE, SCHEDULES, budget_at
 
 
@@ -99,7 +99,7 @@ class TRBLogitsProcessor(LogitsProcessor):
     to ``generate``. On its first call (``input_ids`` = the prompts) it runs the teacher over the prompts; on
     every later call it advances the teacher by the one token ``generate`` appended, with its own KV cache, the
     attention mask and the position ids of ``rollout.sample`` (a row that has emitted an EOS stops being
-    attended). It then applies ``TrustRegionRule(eps, budget, temperature, tol)`` to the (student scores,
+    attended). It then applies ``TrustRegionSampler(eps, budget, temperature, tol)`` to the (student scores,
     teacher logits) pair, after merging the EOS ids into one event at ``eos_token_id[0]`` when there are several
     (``blending.merge_eos``, as ``rollout.sample``), and returns ``log mu`` times ``temperature`` (the
     temperature warper that ``generate`` applies after custom processors divides it back).
@@ -115,7 +115,7 @@ class TRBLogitsProcessor(LogitsProcessor):
             raise TRBConfigError(f"temperature={temperature!r}: TRB samples, the temperature must be > 0")
         self.teacher = teacher
         self.prompt_mask = prompt_attention_mask.long()
-        self.rule = TrustRegionRule(eps=float(eps), budget=budget, temperature=float(temperature), tol=tol)
+        self.rule = TrustRegionSampler(eps=float(eps), budget=budget, temperature=float(temperature), tol=tol)
         self.temperature = float(temperature)
         self.eos_ids = _eos_list(eos_token_id)
         self.keep_teacher_logits = keep_teacher_logits

@@ -10,7 +10,7 @@ Change one class and keep your accelerate/DeepSpeed setup, dataset and loss::
 While the step's budget ``eps_k = budget_at(k, schedule, eps0, warmup_steps)`` is > 0, the student's rollouts
 are drawn from the blend ``mu_b ∝ pi_S^(1-b) pi_T^b`` with the largest ``b`` such that
 ``KL(mu_b || pi_S) <= eps_k`` at every decoded token (``trb_exp.blending.trust_region_blend``, through
-``trb_exp.rules.TrustRegionRule``: the project's own solver and rule). Evaluation and the steps after the
+``trb_exp.rules.TrustRegionSampler``: the project's own solver and rule). Evaluation and the steps after the
 warmup take TRL's own path unchanged. TRL's loss is untouched: TRB only changes which prefixes are visited.
 
 How: TRL offers no way to hand ``generate`` a ``logits_processor``. ``TRBDistillationTrainer`` overrides the
@@ -21,7 +21,7 @@ afterwards (also on errors). The processor advances the teacher by one token per
 its own KV cache (prompt attention mask and positions as ``rollout.sample``), blends, and returns ``log mu``
 (times T when T != 1, because transformers' temperature warper runs after custom processors), so the token
 transformers samples is drawn from ``mu``. Same seed, same tokens and betas as
-``rollout.sample(..., TrustRegionRule(eps))``.
+``rollout.sample(..., TrustRegionSampler(eps))``.
 
 Refused with one ``TRBConfigError`` message (they would silently change the distribution after blending, or
 hang): top-k/top-p/min-p/typical/epsilon/eta sampling, repetition and n-gram penalties and other
