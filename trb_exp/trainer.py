@@ -19,19 +19,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from trb_exp import losses
-from trb_exp.blending import merge_eos
 from trb_exp.config import ConfigError, validate
 from trb_exp.data import encode_prompts, prompt_batch
 from trb_exp.decode.backend import sample
 from trb_exp.decode.config import RolloutConfig
 from trb_exp.decode.forward import response_logits
 from trb_exp.decode.record import concat_rollouts
-from trb_exp.decode.teacher_pass import teacher_logprobs, teacher_logprobs_at
+from trb_exp.decode.teacher_pass import TeacherTargets
 from trb_exp.distributed import (
     DistContext,
     check_strategy,
@@ -101,7 +99,7 @@ def rollouts(exp: Experiment, state: TrainState, step: int):
     exp.student.eval()
     rule = exp.method.sampler(step, tr.temperature, generator=state.generator)
     chunk = tr.get("rollout_batch_size") or len(batch)  # decode in row chunks: one chunk's KV caches at a time
-    keep = exp.method.needs_teacher_logprobs and (exp.rollout.teacher_pass == "rollout" or exp.rollout.sparse_teacher)
+    keep = exp.rollout.keeps_teacher(exp.method.needs_teacher_logprobs)
     parts = [sample(exp.student, exp.teacher, ids[c : c + chunk], mask[c : c + chunk], rule,
                     max_new_tokens=tr.max_new_tokens, eos_id=exp.eos_id, pad_id=tok.pad_token_id,
                     generator=state.generator, eos_ids=exp.eos_ids, keep_teacher_logprobs=keep, config=exp.rollout)
@@ -112,14 +110,11 @@ def rollouts(exp: Experiment, state: TrainState, step: int):
 
 def update(exp: Experiment, state: TrainState, ro, step: int) -> dict:
     """One optimizer step on the rollouts: the loss over micro-batches, normalised by the response
-    tokens of the whole step. Teacher statistics come from the rollout, else one batched pass
-    (teacher_pass=micro_batch: one teacher pass per micro-batch, so [B, T, V] never exists for the step)."""
-    tr, method, eos_ids, eos_id = exp.cfg.trainer, exp.method, exp.eos_ids, exp.eos_id
-    t_lp = ro.teacher_logprobs
-    if t_lp is None and method.needs_teacher_logprobs and exp.rollout.teacher_pass == "rollout" and not exp.rollout.sparse_teacher:
-        t_lp = teacher_logprobs(exp.teacher, ro)
-    if t_lp is not None:  # one merged EOS event (idempotent; a no-op for a single EOS id)
-        t_lp = merge_eos(t_lp, eos_ids, eos_id)
+    tokens of the whole step. Each micro-batch's teacher targets come from ``TeacherTargets`` (from the
+    rollout, one batched pass, or one pass per micro-batch: ``decode/teacher_pass.py``)."""
+    tr, method = exp.cfg.trainer, exp.method
+    targets = TeacherTargets(exp.teacher, ro, exp.rollout, needs_teacher=method.needs_teacher_logprobs,
+                             estimator=method.estimator, topk=method.topk, eos_ids=exp.eos_ids, eos_id=exp.eos_id)
     n_tokens, dist, model = ro.response_mask.sum(), exp.dist, exp.train_student or exp.student
     if dist.active:  # the step's tokens on every rank, over the ranks DDP averages gradients across
         n_tokens = dist.all_sum(n_tokens) / dist.world
@@ -127,7 +122,7 @@ def update(exp: Experiment, state: TrainState, ro, step: int) -> dict:
 
     def micro_batch(sl: slice):
         def loss_of():
-            loss, est = _micro_batch_loss(exp, ro, t_lp, sl, n_tokens, step, model)
+            loss, est = _micro_batch_loss(method, model, ro, targets, sl, n_tokens, step)
             if est is not None:  # the sampled loss is a surrogate: log a real KL estimate
                 kl_sum[0] += losses.masked_token_mean(est, ro.response_mask[sl], n_tokens).item()
             return loss
@@ -146,30 +141,17 @@ def update(exp: Experiment, state: TrainState, ro, step: int) -> dict:
     return out
 
 
-def _micro_batch_loss(exp: Experiment, ro, t_lp, sl: slice, n_tokens, step: int, model):
+def _micro_batch_loss(method: Method, model, ro, targets: TeacherTargets, sl: slice, n_tokens, step: int):
     """The loss of micro-batch ``sl`` (its share of the step's token mean) and, for the sampled estimator,
     the per-token KL estimate ``log pS(y) - log q(y)`` that is logged in its place (else None)."""
-    method, eos_ids, eos_id = exp.method, exp.eos_ids, exp.eos_id
-    logits = response_logits(model, ro.input_ids[sl], ro.attention_mask[sl], ro.prompt_len)
-    logits = merge_eos(logits, eos_ids, eos_id)  # the loss sees the merged EOS event too
-    if exp.rollout.sparse_teacher:  # rollout.teacher_stats=topk: O(k) teacher statistics, from the rollout or one gathered pass
-        ids_k = ro.topk_ids[sl] if ro.topk_ids is not None else logits.detach().topk(
-            min(method.topk, logits.shape[-1]), dim=-1).indices
-        t_k, t_tok = ro.teacher_topk_logprobs, ro.teacher_token_logprobs
-        if t_tok is None or (t_k is None and method.estimator == "topk"):
-            both = teacher_logprobs_at(exp.teacher, ro, torch.cat([ids_k, ro.response_ids[sl, :, None]], -1), sl,
-                                       merge=lambda x: merge_eos(x, eos_ids, eos_id))
-            t_k, t_tok = both[..., :-1], both[..., -1]
-        else:
-            t_k, t_tok = (None if t_k is None else t_k[sl]), t_tok[sl]
-        per_tok = method.per_token_loss_sparse(logits, ids_k, t_k, ro.response_ids[sl], t_tok)
-        est = losses.sampled_kl_estimate_gathered(logits, ro.response_ids[sl], t_tok) if method.logs_kl_estimate else None
+    logits = targets.merge(response_logits(model, ro.input_ids[sl], ro.attention_mask[sl], ro.prompt_len))
+    tg, tokens = targets.for_micro_batch(sl, logits), ro.response_ids[sl]
+    if tg.sparse:  # rollout.teacher_stats=topk: O(k) teacher statistics
+        per_tok = method.per_token_loss_sparse(logits, tg.topk_ids, tg.topk_logprobs, tokens, tg.token_logprobs)
+        est = losses.sampled_kl_estimate_gathered(logits, tokens, tg.token_logprobs) if method.logs_kl_estimate else None
     else:
-        t_sl = None if t_lp is None else t_lp[sl]
-        if t_sl is None and method.needs_teacher_logprobs:  # teacher_pass=micro_batch
-            t_sl = merge_eos(teacher_logprobs(exp.teacher, ro, sl), eos_ids, eos_id)
-        per_tok = method.per_token_loss(logits, t_sl, ro.response_ids[sl], step)
-        est = method.kl_estimate(logits, t_sl, ro.response_ids[sl], step) if method.logs_kl_estimate else None
+        per_tok = method.per_token_loss(logits, tg.full, tokens, step)
+        est = method.kl_estimate(logits, tg.full, tokens, step) if method.logs_kl_estimate else None
     return losses.masked_token_mean(per_tok, ro.response_mask[sl], n_tokens), est
 
 

@@ -80,6 +80,11 @@ class RolloutConfig:
                    solver_iters=ro.get("solver_iters"), teacher_pass=str(mc.get("teacher_pass", "rollout")),
                    sparse_teacher=sparse)
 
+    def keeps_teacher(self, needs_teacher: bool) -> bool:
+        """Whether the rollout keeps the teacher's statistics for the loss: when the loss reads a teacher and
+        either its log-probs come from the rollout (``teacher_pass=rollout``) or they are the O(k) ones."""
+        return needs_teacher and (self.teacher_pass == "rollout" or self.sparse_teacher)
+
     def eager(self) -> RolloutConfig:
         """The same rollouts on the eager loop (``engine=auto`` on another architecture, an FSDP-sharded student)."""
         return replace(self, engine="eager")
