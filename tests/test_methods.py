@@ -11,6 +11,7 @@ import torch
 from budget import assert_budget_used, record_rollouts
 from conftest import compose
 
+import trb_exp.decode.teacher_pass as teacher_pass_mod
 import trb_exp.trainer as train_mod
 import trb_exp.warm_start as warm_mod
 from trb_exp import losses
@@ -223,7 +224,7 @@ def test_offline_kd_student_never_samples(loss, tiny_pair, tmp_path, monkeypatch
         raise AssertionError("the teacher log-probs must come from the teacher's rollout")
 
     monkeypatch.setattr(train_mod, "sample", guarded)
-    monkeypatch.setattr(train_mod, "teacher_logprobs", no_second_pass)
+    monkeypatch.setattr(teacher_pass_mod, "teacher_logprobs", no_second_pass)  # TeacherTargets' teacher pass
     run(compose(["method=offline_kd", f"method.loss={loss}", *FAST, *_pair(tiny_pair)]), tmp_path)
     assert len(rollouts) == 3 and all(ro.token_logprobs_student is None for ro in rollouts)
     assert all((ro.teacher_logprobs is not None) == (loss == "forward_kl") for ro in rollouts)

@@ -29,7 +29,7 @@ from trb_exp.blending import merge_eos
 from trb_exp.decode.forward import decode_step
 from trb_exp.decode.record import positions_from_mask
 from trb_exp.rules import TrustRegionSampler
-from trb_exp.schedules import ADAPTIVE, SCHEDULES, budget_at
+from trb_exp.schedules import ADAPTIVE, SCHEDULES, budget_at, check_eps0
 
 
 class TRBConfigError(ValueError):
@@ -59,17 +59,14 @@ class TRBConfig:
         if self.schedule not in SCHEDULES:
             raise TRBConfigError(f"TRBConfig.schedule={self.schedule!r}: choose one of "
                                  f"{', '.join(s for s in SCHEDULES if s not in ADAPTIVE)}")
-        if not (isinstance(self.eps0, (int, float)) and math.isfinite(self.eps0) and self.eps0 >= 0):
-            raise TRBConfigError(f"TRBConfig.eps0={self.eps0!r}: a KL budget must be a finite number >= 0 "
-                                 "(0 = plain on-policy distillation)")
+        check_eps0(self.eps0, relative=self.budget == "relative", finite=True, field="TRBConfig.eps0",
+                   error=TRBConfigError)
         if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
             raise TRBConfigError(f"TRBConfig.warmup_steps={self.warmup_steps!r}: the horizon K must be an "
                                  "integer >= 0")
         if self.budget not in ("absolute", "relative"):
             raise TRBConfigError(f"TRBConfig.budget={self.budget!r}: use 'absolute' (nats per token) or "
                                  "'relative' (a fraction of KL(pi_T||pi_S))")
-        if self.budget == "relative" and self.eps0 > 1:
-            raise TRBConfigError(f"TRBConfig.eps0={self.eps0}: a relative budget is a fraction in [0, 1]")
         if not 0 < self.final_ratio <= 1:
             raise TRBConfigError(f"TRBConfig.final_ratio={self.final_ratio}: must be in (0, 1]")
         if not self.tol > 0:
