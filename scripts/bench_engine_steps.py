@@ -7,7 +7,7 @@ differ by more than the effect measured. Here the four configurations (OPD eager
 TRB static) each get their own copy of the student, optimizer and generator, and advance one training step
 each in turn, in a rotating order, for ``--steps`` rounds: step k of every configuration ran within the
 same few seconds. The step is the trainer's (same functions, same order as ``train.py``): the rollout
-(``rollout.sample`` with the method's rule), the teacher statistics (from the rollout, else one batched
+(``decode.backend.sample`` with the method's rule), the teacher statistics (from the rollout, else one batched
 teacher pass), the micro-batch loss and backward, clip, AdamW. Reported: medians of the step time and of
 ``decode_s`` per configuration, and the medians of the per-round paired ratios.
 

@@ -1,8 +1,8 @@
 """Rollout throughput at the paper's shapes: tokens/s and peak memory of
 
   (a) Hugging Face ``generate`` on the student (eager, dynamic cache: how TRL's trainers sample without vLLM),
-  (b) our student-only rollout (``rollout.sample``, StudentSampler),
-  (c) our TRB two-model rollout (``rollout.sample``, TrustRegionSampler, teacher statistics kept at top-16),
+  (b) our student-only rollout (``decode.backend.sample``, StudentSampler),
+  (c) our TRB two-model rollout (``decode.backend.sample``, TrustRegionSampler, teacher statistics kept at top-16),
   (d) the memory-bandwidth roofline of each: bytes of weights + KV cache read per decode step / bandwidth,
 
 on a randomly initialised pair with the paper's architectures (nothing is downloaded): a Qwen3-0.6B-shaped

@@ -60,7 +60,7 @@ MUTANTS = [
     Mutant("no_optimizer_step", "trb_exp/optim.py",
            (("    optimizer.step()\n    schedule.step()\n", "    schedule.step()\n"),),
            "(a) the accumulation step (trainer.update's) never steps the optimizer: gradients are computed, the weights never move"),
-    Mutant("teacher_logprobs_shifted", "trb_exp/decode/rollout.py",
+    Mutant("teacher_logprobs_shifted", "trb_exp/decode/eager.py",
            (("teacher_logprobs=torch.stack(self.t_full, 1) if self.t_full else None,",
              "teacher_logprobs=torch.stack(self.t_full[1:] + self.t_full[-1:], 1) if self.t_full else None,"),),
            "(b) the rollout's teacher log-probs shifted by one position (position t gets the teacher at t+1)"),

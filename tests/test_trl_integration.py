@@ -103,7 +103,7 @@ def test_cached_teacher_equals_one_batched_forward(pair):
 
 @pytest.mark.parametrize("T", [1.0, 0.7])
 def test_same_seed_same_tokens_and_beta_as_rollout_sample(pair, T):
-    """student.generate + TRBLogitsProcessor and the project's rollout.sample(TrustRegionSampler) draw the same
+    """student.generate + TRBLogitsProcessor and the project's decode.backend.sample(TrustRegionSampler) draw the same
     tokens and the same betas from the same seed (seeds 0-4)."""
     tok, student, teacher = pair
     ids, mask = encode_prompts(tok, PROMPTS)
@@ -125,7 +125,7 @@ def test_same_seed_same_tokens_and_beta_as_rollout_sample(pair, T):
 
 def test_eos_accounting_with_pad_equal_to_eos(pair):
     """pad == eos: a completion's tokens are those up to and including its first EOS, exactly TRL's completion
-    mask; the padding EOS ids that follow are not counted, and rollout.sample agrees."""
+    mask; the padding EOS ids that follow are not counted, and decode.backend.sample agrees."""
     _, student, teacher = pair
     tok = _tok(pad_is_eos=True)
     ids, mask = encode_prompts(tok, PROMPTS)

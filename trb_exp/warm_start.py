@@ -37,7 +37,7 @@ def sft_warm_start(student, teacher, tok, prompts: list[str], answers: list[str]
                    model=None) -> list[dict]:
     """SFT ``student`` on ``n_samples`` teacher responses per prompt for ``updates`` updates. Logs one
     ``sft/*`` row per update (at step 0) and returns the rows. ``eos_id``/``eos_ids``: as in
-    ``rollout.sample`` (one merged end-of-sequence event, for the CE too).
+    ``decode.backend.sample`` (one merged end-of-sequence event, for the CE too).
 
     Under torchrun (``dist``; ``model``: the DDP / FSDP2-wrapped student the losses run through) every rank
     decodes its contiguous share of the prompts with its own sampling stream, the responses are gathered on

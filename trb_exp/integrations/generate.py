@@ -95,10 +95,10 @@ class TRBLogitsProcessor(LogitsProcessor):
     Built for ONE ``generate`` call on left-padded prompts: ``prompt_attention_mask`` [B, P] is the mask given
     to ``generate``. On its first call (``input_ids`` = the prompts) it runs the teacher over the prompts; on
     every later call it advances the teacher by the one token ``generate`` appended, with its own KV cache, the
-    attention mask and the position ids of ``rollout.sample`` (a row that has emitted an EOS stops being
+    attention mask and the position ids of ``decode.backend.sample`` (a row that has emitted an EOS stops being
     attended). It then applies ``TrustRegionSampler(eps, budget, temperature, tol)`` to the (student scores,
     teacher logits) pair, after merging the EOS ids into one event at ``eos_token_id[0]`` when there are several
-    (``blending.merge_eos``, as ``rollout.sample``), and returns ``log mu`` times ``temperature`` (the
+    (``blending.merge_eos``, as ``decode.backend.sample``), and returns ``log mu`` times ``temperature`` (the
     temperature warper that ``generate`` applies after custom processors divides it back).
 
     Per decoded token it records ``beta``, ``kl`` (realised KL(mu || pi_S)), ``eps`` and ``alive`` (the token
@@ -166,7 +166,7 @@ class TRBLogitsProcessor(LogitsProcessor):
                 f"{teacher_logits.shape[-1]}; student and teacher must share one vocabulary (same tokenizer, same "
                 "embedding rows)")
         s, t = scores, teacher_logits
-        if len(self.eos_ids) > 1:  # one shared end-of-sequence event at eos_ids[0], as rollout.sample
+        if len(self.eos_ids) > 1:  # one shared end-of-sequence event at eos_ids[0], as decode.backend.sample
             s = merge_eos(s, self.eos_ids, self.eos_ids[0])
             t = merge_eos(t, self.eos_ids, self.eos_ids[0])
         t0 = time.perf_counter()

@@ -18,10 +18,10 @@ private ``DistillationTrainer._generate`` (once per generation batch: the step's
 ``_generate_single_turn`` (hence the pin to the tested TRL range): for the duration of the latter the unwrapped
 student's ``generate`` is replaced by a wrapper that adds a ``TRBLogitsProcessor``, and it is restored
 afterwards (also on errors). The processor advances the teacher by one token per call with
-its own KV cache (prompt attention mask and positions as ``rollout.sample``), blends, and returns ``log mu``
+its own KV cache (prompt attention mask and positions as ``decode.backend.sample``), blends, and returns ``log mu``
 (times T when T != 1, because transformers' temperature warper runs after custom processors), so the token
 transformers samples is drawn from ``mu``. Same seed, same tokens and betas as
-``rollout.sample(..., TrustRegionSampler(eps))``.
+``decode.backend.sample(..., TrustRegionSampler(eps))``.
 
 Refused with one ``TRBConfigError`` message (they would silently change the distribution after blending, or
 hang): top-k/top-p/min-p/typical/epsilon/eta sampling, repetition and n-gram penalties and other
