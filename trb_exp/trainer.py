@@ -148,7 +148,8 @@ def _micro_batch_loss(method: Method, model, ro, targets: TeacherTargets, sl: sl
     tg, tokens = targets.for_micro_batch(sl, logits), ro.response_ids[sl]
     if tg.sparse:  # rollout.teacher_stats=topk: O(k) teacher statistics
         per_tok = method.per_token_loss_sparse(logits, tg.topk_ids, tg.topk_logprobs, tokens, tg.token_logprobs)
-        est = losses.sampled_kl_estimate_gathered(logits, tokens, tg.token_logprobs) if method.logs_kl_estimate else None
+        est = (losses.sampled_kl_estimate_gathered(logits, tokens, tg.token_logprobs) if method.logs_kl_estimate
+               else None)
     else:
         per_tok = method.per_token_loss(logits, tg.full, tokens, step)
         est = method.kl_estimate(logits, tg.full, tokens, step) if method.logs_kl_estimate else None

@@ -65,8 +65,10 @@ class EagerRecord:
         )
 
 
+@torch.no_grad()
 def sample_eager(student, teacher, prompt_ids, prompt_mask, rule, *, max_new_tokens, eos_id, pad_id, generator=None,
-                 keep_teacher_logprobs: bool = True, eos_ids=(), teacher_stats: str = "full", topk: int = 16) -> Rollout:
+                 keep_teacher_logprobs: bool = True, eos_ids=(), teacher_stats: str = "full",
+                 topk: int = 16) -> Rollout:
     """The eager loop: one Hugging Face forward per model and decoded token, the attention mask grown by one
     column per token, a host check of "all rows finished?" after each. ``teacher_stats`` and ``topk``: what it keeps
     of the teacher (``EagerRecord``)."""
