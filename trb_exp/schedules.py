@@ -60,6 +60,14 @@ def check_eps0(eps0, *, relative: bool = False, finite: bool = False, field: str
     return float(eps0)
 
 
+def check_controller(handover: float, target_reward: float) -> None:
+    """The one check of the adaptive controllers' knobs (the schedule group and ``AdaptiveBudget``)."""
+    if not 0 <= handover < 1:
+        bad("schedule.handover", handover, "the hand-over fraction of the initial gap must be in [0, 1)")
+    if not 0 < target_reward <= 1:
+        bad("schedule.target_reward", target_reward, "a target mean reward must be in (0, 1]")
+
+
 def budget_at(step: int, name: str, eps0: float, warmup_steps: int, final_ratio: float = 0.01) -> float:
     """The budget eps_k of training step ``step`` under schedule ``name``."""
     if name not in SCHEDULES:
@@ -107,10 +115,7 @@ class AdaptiveBudget:
         if name not in ADAPTIVE:
             raise ValueError(f"schedule.name={name!r}: the adaptive schedules are {', '.join(ADAPTIVE)}")
         check_eps0(eps0, finite=True)
-        if not 0 <= handover < 1:
-            raise ValueError(f"schedule.handover={handover}: the hand-over fraction of the initial gap must be in [0, 1)")
-        if not 0 < target_reward <= 1:
-            raise ValueError(f"schedule.target_reward={target_reward}: a target mean reward must be in (0, 1]")
+        check_controller(handover, target_reward)
         self.name, self.eps0, self.handover, self.target_reward = name, float(eps0), handover, target_reward
         self.cap = min(REWARD_EPS_CAP * self.eps0, 1.0) if relative else REWARD_EPS_CAP * self.eps0
         self.eps = float(eps0)
@@ -180,10 +185,7 @@ class Schedule:
         check_eps0(self.eps0, relative=self.budget == "relative")
         if self.warmup_steps < 1 and self.name in HORIZON:
             bad("schedule.warmup_steps", self.warmup_steps, "the warmup horizon K must be >= 1")
-        if not 0 <= self.handover < 1:
-            bad("schedule.handover", self.handover, "the hand-over fraction of the initial gap must be in [0, 1)")
-        if not 0 < self.target_reward <= 1:
-            bad("schedule.target_reward", self.target_reward, "a target mean reward must be in (0, 1]")
+        check_controller(self.handover, self.target_reward)
         if self.name == "exponential" and not 0 < self.final_ratio <= 1:
             bad("schedule.final_ratio", self.final_ratio, "the decay ratio of the exponential schedule must be in (0, 1]")
         if self.budget not in BUDGETS:
