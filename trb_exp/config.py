@@ -2,7 +2,9 @@
 
 ``validate(cfg)`` runs before any model is loaded: a bad value stops the run with a
 ``ConfigError`` whose message names the field and the fix; the entrypoint prints it as one line.
-Method and schedule fields are checked by ``methods.Method.validate``.
+Method and schedule fields are checked by ``methods.Method.from_cfg``, the ``rollout`` group and
+``model.teacher_pass`` by ``decode.config.RolloutConfig`` (both built once in ``trainer.accept``, before any
+model is loaded).
 """
 
 from __future__ import annotations
@@ -83,7 +85,6 @@ def validate(cfg) -> None:
     _require(th is None or (isinstance(th, int) and not isinstance(th, bool) and th >= 0), "threads", th,
              "must be an integer >= 0 (0 = torch's default)")
     _validate_model(cfg)
-    _validate_rollout(cfg.get("rollout") or {})
     _require(cfg.logger.backend in ("wandb", "none"), "logger.backend", cfg.logger.backend,
              "use logger=wandb or logger=none")
 
@@ -140,22 +141,6 @@ def _validate_model(cfg) -> None:
     pair = cfg.model.get("embedded_pair", "a")
     _require(pair in ("a", "b"), "model.embedded_pair", pair,
              "use a (the default tiny pair) or b (the larger one, model=embedded_b)")
-
-
-def _validate_rollout(ro) -> None:
-    _require(ro.get("engine", "eager") in ("auto", "eager", "static"), "rollout.engine", ro.get("engine"),
-             "use auto (static where the architecture allows it), static or eager")
-    _require(isinstance(ro.get("compile", False), bool), "rollout.compile", ro.get("compile"), "use true or false")
-    _require(isinstance(ro.get("compact", True), bool), "rollout.compact", ro.get("compact"), "use true or false")
-    se = ro.get("sync_every")
-    _require(se is None or (isinstance(se, int) and se >= 1), "rollout.sync_every", se,
-             "must be null (1 on CPU, 16 on GPU) or an integer >= 1")
-    si = ro.get("solver_iters")
-    _require(si is None or (isinstance(si, int) and si >= 1), "rollout.solver_iters", si,
-             "must be null (stop at convergence) or an integer >= 1")
-    _require(ro.get("teacher_stats", "full") in ("full", "topk", "auto"), "rollout.teacher_stats",
-             ro.get("teacher_stats"), "use full ([B, T, V] teacher log-probs), topk (O(B*T*k)) or auto (topk where "
-             "the method's loss allows it)")
 
 
 def validate_eval(cfg) -> None:

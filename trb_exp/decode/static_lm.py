@@ -1,5 +1,5 @@
 """``StaticLM``: the functional forward of the static decode engine (``rollout.engine=static``, see
-``trb_exp.decode.engine``) over a preallocated KV cache.
+``trb_exp.decode.static``) over a preallocated KV cache.
 
 It runs a Hugging Face Llama / Qwen2 / Qwen3 / Mistral causal LM (full attention) with the model's own
 weights: one KV cache ``[B, H_kv, P + max_new, D]`` per layer allocated once, K/V of the new token written

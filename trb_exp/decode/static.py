@@ -1,7 +1,7 @@
 """The static decode engine (``rollout.engine=static``): preallocated KV caches, fixed-shape decode steps,
 device-side sampling, no per-token host sync.
 
-Same contract as the eager loop in ``rollout.sample`` (same behaviour rules, same ``Rollout``), in the style
+Same contract as the eager loop (``decode/eager.py``) (same behaviour rules, same ``Rollout``), in the style
 of pytorch-labs/gpt-fast:
 
 * ``StaticLM`` (``trb_exp.decode.static_lm``) runs a Hugging Face Llama / Qwen2 / Qwen3 / Mistral causal LM (full
@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from trb_exp.blending import merge_eos
+from trb_exp.decode.record import Rollout, positions_from_mask, topk_stats
 from trb_exp.decode.static_lm import (  # noqa: F401 (re-exported)
     _LMS,
     MIN_ROWS,
@@ -55,23 +56,6 @@ def _bucket(n: int, compiled: bool) -> int:
     """Batch size after compaction: a power of two under capture (few graph shapes); uncaptured, the live
     rows padded with finished ones to ``MIN_ROWS``."""
     return 1 << max(0, math.ceil(math.log2(max(n, 1)))) if compiled else max(n, MIN_ROWS)
-
-
-def topk_stats(student_logits: Tensor | None, teacher_logits: Tensor | None, tok: Tensor, k: int):
-    """The O(k) teacher statistics of one decode step: the student's top-k ids [B, k] (by logit), the
-    teacher's log-probs (temperature 1) there [B, k] and at the sampled token [B], and the teacher's
-    entropy [B]. Any missing model gives None for what depends on it."""
-    ids = t_ids = t_tok = ent = None
-    if student_logits is not None:
-        s = torch.nan_to_num(student_logits.float(), nan=-math.inf)
-        ids = s.topk(min(k, s.shape[-1]), dim=-1).indices
-    if teacher_logits is not None:
-        lt = torch.log_softmax(teacher_logits.float(), -1)
-        t_tok = lt.gather(-1, tok[:, None]).squeeze(-1)
-        ent = -(lt.exp() * lt.clamp_min(-1e4)).sum(-1)
-        if ids is not None:
-            t_ids = lt.gather(-1, ids)
-    return ids, t_ids, t_tok, ent
 
 
 class _Record:
@@ -122,8 +106,6 @@ class _Record:
             put(self.diags[k], v)
 
     def rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, t_used: int, alive: Tensor, t0: float, rule_s: float):
-        from trb_exp.decode.rollout import Rollout
-
         # trim the columns decoded after every row had finished (sync_every > 1)
         ah = self.alive_hist
         last = int(ah.any(0).nonzero().max()) + 1 if bool(ah.any()) else 1
@@ -211,15 +193,13 @@ def sample_static(
     solver_iters: int | None = None,
     trace=None,
 ):
-    """``rollout.sample`` on the static engine (see the module docstring). Extra knobs: ``sync_every``
+    """``decode.backend.sample`` on the static engine (see the module docstring). Extra knobs: ``sync_every``
     (tokens between reads of "all rows finished?"; None = 1 on CPU, 16 on GPU), ``compile`` (capture the
     decode steps on a GPU), ``compact`` (drop finished rows at the checks), ``teacher_stats`` ("full":
     [B, T, V] teacher log-probs as the eager loop; "topk": only the student's top-``topk`` support, the
     sampled token and the teacher entropy), ``solver_iters`` (the TRB solver's fixed iteration budget;
     None = device-side stopping). ``trace(t, rows, logits)``, when given, sees the (EOS-merged) next-token
     logits of the decoded ``rows`` at every step (tests)."""
-    from trb_exp.decode.rollout import positions_from_mask
-
     B, P = prompt_ids.shape
     device = prompt_ids.device
     if sync_every is None:
