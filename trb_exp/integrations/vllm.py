@@ -42,8 +42,8 @@ from trb_exp.rules.skd import SKDRule
 from trb_exp.rules.trust_region import TrustRegionRule
 from trb_exp.schedules import BUDGETS
 
-__all__ = ["ARCHITECTURES", "CPU_HEAD_SIZES", "Checksum", "WeightSyncError", "make_pair_checkpoint", "register", "set_budget",
-           "set_rule", "sync_student_weights", "sync_weights", "vllm_support_problem", "weight_checksums"]
+__all__ = ["ARCHITECTURES", "CPU_HEAD_SIZES", "Checksum", "WeightSyncError", "make_pair_checkpoint", "register",
+           "set_budget", "set_rule", "sync_student_weights", "sync_weights", "vllm_support_problem", "weight_checksums"]
 
 ARCHITECTURE = "TRBPair"
 
