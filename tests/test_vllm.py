@@ -136,9 +136,11 @@ def test_unsupported_head_size_is_refused_in_one_line(pair_dirs):
     from trb_exp.integrations.vllm import vllm_support_problem
     from trb_exp.models import EMBEDDED
 
-    assert vllm_support_problem(EMBEDDED / "student", EMBEDDED / "teacher") == (
-        "rollout.engine=vllm: the student's head_dim=24 is not supported by vLLM's CPU attention (head sizes 32, 64, "
-        "80, 96, 112, 128, 160, 192, 224, 256, 512); use rollout.engine=static")
+    line = ("rollout.engine=vllm: the student's head_dim=24 is not supported by vLLM's CPU attention (head sizes 32, "
+            "64, 80, 96, 112, 128, 160, 192, 224, 256, 512); use rollout.engine=static")
+    assert vllm_support_problem(EMBEDDED / "student", EMBEDDED / "teacher") == line
+    assert vllm_support_problem("embedded:student", "embedded:teacher") == line  # the trainer's model names
+    assert vllm_support_problem(EMBEDDED / "teacher") is None  # head 32: a student-only engine runs it
     assert vllm_support_problem(EMBEDDED / "student", device="cuda") is None
     assert vllm_support_problem(pair_dirs / "student", pair_dirs / "teacher") is None
 
