@@ -191,6 +191,28 @@ def test_skd_is_refused(pair_llm):
         set_rule(pair_llm, SKDRule(5))
 
 
+@pytest.mark.parametrize("args,line", [
+    ((-0.1,), "eps=-0.1: the trust-region budget must be a number >= 0 (nats per token; inf: the teacher)"),
+    ((math.nan,), "eps=nan: the trust-region budget must be a number >= 0 (nats per token; inf: the teacher)"),
+    ((1.5, "relative"), "eps=1.5: a relative budget is a fraction of KL(pi_T||pi_S): use a value in [0, 1]"),
+    ((0.1, "nats"), "budget='nats': use one of absolute, relative"),
+])
+def test_set_budget_refusals(args, line):
+    from trb_exp.integrations.vllm import set_budget
+
+    with pytest.raises(ConfigError) as e:
+        set_budget(None, *args)  # refused before the engine is touched
+    assert str(e.value) == line
+
+
+def test_rule_on_a_student_only_engine_is_refused(student_llm):
+    from trb_exp.integrations.vllm import set_budget
+
+    with pytest.raises(ConfigError, match=r"^vllm: the engine's model is LlamaForCausalLM, not TRBPair; a rule is "
+                                          r"set on an engine built from make_pair_checkpoint's directory$"):
+        set_budget(student_llm, 0.1)
+
+
 # ------------------------------------------------------------------------------------------------ exactness
 def test_eps_zero_is_student_only_sampling(pair_llm, student_llm):
     from trb_exp.integrations.vllm import set_budget

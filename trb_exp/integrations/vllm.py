@@ -89,7 +89,7 @@ def set_budget(llm, eps: float, budget: str = "absolute", temperature: float = 1
     temperature (both towers' logits are divided by it before blending)."""
     if budget not in BUDGETS:
         raise ConfigError(f"budget={budget!r}: use one of {', '.join(BUDGETS)}")
-    if not (isinstance(eps, (int, float)) and eps >= 0) or math.isnan(eps):
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and eps >= 0):  # NaN fails >= 0
         raise ConfigError(f"eps={eps!r}: the trust-region budget must be a number >= 0 (nats per token; inf: the "
                           "teacher)")
     if budget == "relative" and eps > 1:
