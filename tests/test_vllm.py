@@ -161,6 +161,10 @@ def test_pair_checkpoint_refusals(pair_dirs, tmp_path):
     with pytest.raises(ConfigError, match=r"^teacher_dir: student and teacher tokenizers differ \(e\.g\. \[\('B', "
                                           r"21\)\]\); a TRB pair needs one shared vocabulary"):
         make_pair_checkpoint(s, tmp_path / "other", tmp_path / "out")
+    tiny_llama(other, hidden=64, layers=1, heads=2, intermediate=64).save_pretrained(tmp_path / "no_tokenizer")
+    with pytest.raises(ConfigError, match=r"^teacher_dir='.*no_tokenizer': no loadable tokenizer there; save it "
+                                          r"beside the model \(tokenizer.save_pretrained\)$"):
+        make_pair_checkpoint(s, tmp_path / "no_tokenizer", tmp_path / "out")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"^teacher_dir='.*empty': no config.json there"):
         make_pair_checkpoint(s, tmp_path / "empty", tmp_path / "out")

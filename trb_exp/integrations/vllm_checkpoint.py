@@ -109,7 +109,13 @@ def _shared_vocab(student_dir: Path, teacher_dir: Path, cfgs: dict[str, dict]) -
 
     from trb_exp.models import pair_eos_ids
 
-    toks = {role: AutoTokenizer.from_pretrained(str(d)) for role, d in zip(TOWERS, (student_dir, teacher_dir))}
+    toks = {}
+    for role, d in zip(TOWERS, (student_dir, teacher_dir)):
+        try:
+            toks[role] = AutoTokenizer.from_pretrained(str(d))
+        except (OSError, ValueError):
+            raise ConfigError(f"{role}_dir={str(d)!r}: no loadable tokenizer there; save it beside the model "
+                              "(tokenizer.save_pretrained)") from None
     s, t = toks["student"].get_vocab(), toks["teacher"].get_vocab()
     if s != t:
         diff = sorted(set(s.items()) ^ set(t.items()))[:3]
