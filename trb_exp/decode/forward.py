@@ -4,6 +4,8 @@ logits) and ``response_logits`` (one batched forward over prompt+response)."""
 
 from __future__ import annotations
 
+import functools
+
 from torch import Tensor
 
 from trb_exp.decode.record import positions_from_mask
@@ -27,10 +29,20 @@ def model_logits(model, input_ids: Tensor, attention_mask: Tensor, position_ids:
     return logits.to(home), out
 
 
+@functools.cache
+def _cache_field() -> str:
+    """The name transformers gives the KV cache, as a forward argument and an output field: ``cache`` from 5.2x
+    on, ``past_key_values`` in 5.19 (which would silently ignore ``cache=``)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def decode_step(model, ids, attention_mask, positions, cache):
     """One KV-cached decode step: the next-token logits [B, V] of the last position and the grown cache."""
-    logits, out = model_logits(model, ids, attention_mask, positions, last_only=True, cache=cache, use_cache=True)
-    return logits, out.cache
+    name = _cache_field()
+    logits, out = model_logits(model, ids, attention_mask, positions, last_only=True, use_cache=True, **{name: cache})
+    return logits, getattr(out, name)
 
 
 def response_logits(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
