@@ -7,7 +7,7 @@ differ by more than the effect measured. Here the four configurations (OPD eager
 TRB static) each get their own copy of the student, optimizer and generator, and advance one training step
 each in turn, in a rotating order, for ``--steps`` rounds: step k of every configuration ran within the
 same few seconds. The step is the trainer's (same functions, same order as ``train.py``): the rollout
-(``rollout.sample`` with the method's rule), the teacher statistics (from the rollout, else one batched
+(``decode.backend.sample`` with the method's rule), the teacher statistics (from the rollout, else one batched
 teacher pass), the micro-batch loss and backward, clip, AdamW. Reported: medians of the step time and of
 ``decode_s`` per configuration, and the medians of the per-round paired ratios.
 
@@ -36,7 +36,9 @@ from trb_exp.data import encode_prompts, load_task, prompt_formatter  # noqa: E4
 from trb_exp.methods import Method  # noqa: E402
 from trb_exp.models import load_model, load_tokenizer  # noqa: E402
 from trb_exp.prepare import embedded_pair_dir  # noqa: E402
-from trb_exp.decode.rollout import response_logits, sample, teacher_logprobs  # noqa: E402
+from trb_exp.decode.backend import sample  # noqa: E402
+from trb_exp.decode.forward import response_logits  # noqa: E402
+from trb_exp.decode.teacher_pass import teacher_logprobs  # noqa: E402
 from trb_exp.trainer import prompt_batch  # noqa: E402
 
 CONFIGS = [("opd", "eager"), ("opd", "static"), ("trb", "eager"), ("trb", "static")]
@@ -100,7 +102,7 @@ def main(argv=None) -> dict:
         batch = [i for i in prompt_batch(0, step, len(prompts), tr.prompts_per_step) for _ in range(tr.rollouts_per_prompt)]
         ids, mask = encode_prompts(tok, [prompts[i] for i in batch], cpu)
         student.eval()
-        ro = sample(student, teacher, ids, mask, method.rule(step, tr.temperature, generator=st["gen"]),
+        ro = sample(student, teacher, ids, mask, method.sampler(step, tr.temperature, generator=st["gen"]),
                     max_new_tokens=tr.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                     generator=st["gen"], keep_teacher_logprobs=True, engine=engine)
         student.train()

@@ -1,8 +1,8 @@
 """Rollout throughput at the paper's shapes: tokens/s and peak memory of
 
   (a) Hugging Face ``generate`` on the student (eager, dynamic cache: how TRL's trainers sample without vLLM),
-  (b) our student-only rollout (``rollout.sample``, StudentRule),
-  (c) our TRB two-model rollout (``rollout.sample``, TrustRegionRule, teacher statistics kept at top-16),
+  (b) our student-only rollout (``decode.backend.sample``, StudentSampler),
+  (c) our TRB two-model rollout (``decode.backend.sample``, TrustRegionSampler, teacher statistics kept at top-16),
   (d) the memory-bandwidth roofline of each: bytes of weights + KV cache read per decode step / bandwidth,
 
 on a randomly initialised pair with the paper's architectures (nothing is downloaded): a Qwen3-0.6B-shaped
@@ -40,7 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trb_exp.decode.rollout import StudentRule, TrustRegionRule, sample  # noqa: E402
+from trb_exp.decode.backend import sample  # noqa: E402
+from trb_exp.rules import StudentSampler, TrustRegionSampler  # noqa: E402
 
 PAPER = dict(
     student=dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
@@ -102,10 +103,10 @@ def vllm_variants(student, teacher, ids, mask, spec, eps: float, g):
               keep_teacher_logprobs=False)
 
     def student_only():
-        backend.sample(ids, mask, StudentRule(), **kw)
+        backend.sample(ids, mask, StudentSampler(), **kw)
 
     def trb():
-        backend.sample(ids, mask, TrustRegionRule(eps=eps), **kw)
+        backend.sample(ids, mask, TrustRegionSampler(eps=eps), **kw)
 
     return [("vllm_student", "(e) vLLM student-only", student_only, [student]),
             ("vllm_trb", "(f) vLLM TRB pair (+ its teacher pass)", trb, [student, teacher])], backend
@@ -212,10 +213,10 @@ def main(argv=None) -> dict:
             student.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
 
     def ours_student():
-        sample(student, None, ids, mask, StudentRule(), generator=g, **kw)
+        sample(student, None, ids, mask, StudentSampler(), generator=g, **kw)
 
     def ours_trb():
-        sample(student, teacher, ids, mask, TrustRegionRule(eps=a.eps), generator=g, teacher_stats="topk", topk=16, **kw)
+        sample(student, teacher, ids, mask, TrustRegionSampler(eps=a.eps), generator=g, teacher_stats="topk", topk=16, **kw)
 
     variants = [("hf", "(a) HF generate, student, eager", hf, [student]),
                 ("student", f"(b) ours student-only ({a.engine})", ours_student, [student]),

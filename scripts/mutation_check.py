@@ -60,7 +60,7 @@ MUTANTS = [
     Mutant("no_optimizer_step", "trb_exp/optim.py",
            (("    optimizer.step()\n    schedule.step()\n", "    schedule.step()\n"),),
            "(a) the accumulation step (trainer.update's) never steps the optimizer: gradients are computed, the weights never move"),
-    Mutant("teacher_logprobs_shifted", "trb_exp/decode/rollout.py",
+    Mutant("teacher_logprobs_shifted", "trb_exp/decode/eager.py",
            (("teacher_logprobs=torch.stack(self.t_full, 1) if self.t_full else None,",
              "teacher_logprobs=torch.stack(self.t_full[1:] + self.t_full[-1:], 1) if self.t_full else None,"),),
            "(b) the rollout's teacher log-probs shifted by one position (position t gets the teacher at t+1)"),
@@ -114,8 +114,8 @@ MUTANTS = [
            (("    return 1.0 - math.comb(n - c, k) / math.comb(n, k)\n", "    return 1.0 - (1 - c / n) ** k\n"),),
            "pass@k uses the biased with-replacement estimate 1 - (1 - c/n)^k"),
     Mutant("relative_budget_ignored", "trb_exp/rules/trust_region.py",
-           (("return TrustRegionRule(eps, budget=self.budget_schedule.budget, temperature=temperature)",
-             "return TrustRegionRule(eps, temperature=temperature)"),),
+           (("return TrustRegionSampler(eps, budget=self.budget_schedule.budget, temperature=temperature)",
+             "return TrustRegionSampler(eps, temperature=temperature)"),),
            "schedule.budget=relative never reaches the behaviour rule (always absolute)"),
 ]
 CONTROL = "unmutated"

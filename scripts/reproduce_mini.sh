@@ -7,12 +7,13 @@
 #   3. seeds:  those configurations (OPD's too; not offline_kd, a reference outside the paper's table) on
 #              seeds 1,2 of mini_a (seed 0 is the sweep's run) and, unchanged, on seeds 0,1,2 of mini_b
 #              (14 + 21 runs; mini_b is never used for selection);
-#   4. report: python -m trb_exp.compare per setting -> docs/results/mini/{mini_a,mini_b}/comparison.md.
+#   4. report: the runs packed into docs/results/mini/{mini_a,mini_b}/runs.jsonl.gz (scripts/collect_runs.py),
+#              python -m trb_exp.compare per setting -> docs/results/mini/{mini_a,mini_b}/comparison.md.
 # Sweep points run JOBS at a time through Hydra's joblib launcher (one torch thread each); the families of a
 # stage run one after another. Measured runtime: see README ("Miniature study").
 #   bash scripts/reproduce_mini.sh                   # everything
 #   STAGES="report" bash scripts/reproduce_mini.sh   # only some stages (report alone, on a fresh clone:
-#                                                    # re-renders the committed reports from the committed runs)
+#                                                    # re-renders the committed reports from the committed data files)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/study}
@@ -61,9 +62,9 @@ if [[ $STAGES == *report* ]]; then
     pair=$([[ $setting == mini_a ]] && echo embedded || echo embedded_b)
     teacher=$(python -c "import json; print(json.load(open('trb_exp/assets/$pair/prepare.json'))['teacher']['eval']['pass@1'])")
     if [[ -d $OUT/$setting ]]; then  # else: re-render the committed runs' reports
-      rm -rf "$DOCS/$setting/runs" && python scripts/collect_runs.py "$OUT/$setting" "$DOCS/$setting/runs"
+      rm -f "$DOCS/$setting/runs.jsonl.gz" && python scripts/collect_runs.py "$OUT/$setting" "$DOCS/$setting/runs.jsonl.gz"
     fi
-    python -m trb_exp.compare "$DOCS/$setting/runs" --out "$DOCS/$setting" --teacher-pass1 "$teacher" \
+    python -m trb_exp.compare "$DOCS/$setting/runs.jsonl.gz" --out "$DOCS/$setting" --teacher-pass1 "$teacher" \
       --paper docs/results/paper_table1.json --title "Miniature study, $setting"
   done
 fi

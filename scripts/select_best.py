@@ -1,9 +1,9 @@
 """Pick each method family's best configuration from a sweep, for the seeded stage of a study.
 
-    python scripts/select_best.py SWEEP_ROOT [--seed 0]
+    python scripts/select_best.py SWEEP [--seed 0]
 
-Reads the runs under SWEEP_ROOT (as ``trb_exp.compare`` does) and prints one line per family:
-``<family> <overrides>``, where the overrides re-create that family's configuration whose run with
+Reads the runs of SWEEP, a directory of runs or a data file (as ``trb_exp.compare`` does), and prints one
+line per family: ``<family> <overrides>``, where the overrides re-create that family's configuration whose run with
 ``--seed`` has the highest pass@1 at the final step (ties: the first in sorted config order). The
 overrides are the run's own command-line overrides minus seed, sweep preset and hydra keys, plus
 ``method=<family>``: append ``seed=1,2,3`` to re-run the configuration on fresh seeds.
@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from trb_exp.compare import find_run_dirs, group_runs, load_run
+from trb_exp.compare import group_runs, load_runs
 
 _DROP = ("seed=", "sweep=", "hydra.", "logger=", "experiment=", "trainer.resume=", "trainer.progress=",
          "trainer.checkpoint_every=", "trainer.keep_checkpoints=")
@@ -24,9 +22,8 @@ _DROP = ("seed=", "sweep=", "hydra.", "logger=", "experiment=", "trainer.resume=
 
 def select(root: Path, seed: int = 0) -> dict[str, tuple[str, float, list[str]]]:
     """{family: (config label, final pass@1, overrides)} of each family's best configuration."""
-    runs = [load_run(p, str(p.relative_to(root.resolve()))) for p in find_run_dirs([root])]
     best = {}
-    for fam, configs in group_runs(runs).items():
+    for fam, configs in group_runs(load_runs([root])).items():
         scored = []
         for label, rs in configs.items():
             r = next((r for r in rs if r.seed == seed), None)
@@ -36,7 +33,7 @@ def select(root: Path, seed: int = 0) -> dict[str, tuple[str, float, list[str]]]
         if not scored:
             continue
         neg, label, r = min(scored, key=lambda t: t[:2])
-        overrides = [o for o in OmegaConf.load(r.path / ".hydra" / "overrides.yaml") if not o.startswith(_DROP)]
+        overrides = [o for o in r.overrides if not o.startswith(_DROP)]
         best[fam] = (label, -neg, [f"method={fam}", *sorted(o for o in overrides if not o.startswith("method="))])
     return best
 

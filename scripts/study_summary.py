@@ -2,6 +2,9 @@
 
     python scripts/study_summary.py [docs/results/mini] [--baseline opd] [--order trb,fixed_blend,...]
 
+Each setting's runs are ``<root>/<setting>/runs.jsonl.gz`` (a data file) or, where there is none, the run
+directories under ``<root>/<setting>/runs``.
+
 Its rows: the families present in every setting, the baseline first, then in ``--order`` (the committed
 table's order by default; the runs alone do not give it), then any other alphabetically. Per family, the
 configuration selected on mini_a (its headline configuration: the one with the most
@@ -16,16 +19,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trb_exp.compare import (find_run_dirs, group_runs, headline_config, headline_finals, load_run, mean_ci,
-                             paired_difference)
+from trb_exp.compare import group_runs, headline_config, headline_finals, load_runs, mean_ci, paired_difference
 
 ORDER = "trb,fixed_blend,skd,veto,temp_warmup,sft_warmup"  # the committed table's row order (after the baseline)
 UNSELECTED = {"mini_a": {1, 2}, "mini_b": {0, 1, 2}}  # seed 0 of mini_a chose every configuration
 
 
-def load(root: Path) -> dict:
-    runs = [load_run(p, str(p.relative_to(root.resolve()))) for p in find_run_dirs([root])]
-    return group_runs([r for r in runs if r.summary is not None and r.evals])
+def load(source: Path) -> dict:
+    """The finished runs of ``source`` (a data file or a directory of runs), grouped."""
+    return group_runs([r for r in load_runs([source]) if r.summary is not None and r.evals])
+
+
+def setting_runs(root: Path, name: str) -> Path:
+    """A setting's runs: its data file, else its run directories."""
+    data = root / name / "runs.jsonl.gz"
+    return data if data.is_file() else root / name / "runs"
 
 
 def _ci(mean, half, signed=False) -> str:
@@ -44,7 +52,7 @@ def families(settings: dict, baseline: str, order) -> list[str]:
 
 
 def main(root: Path, baseline: str = "opd", order=tuple(ORDER.split(","))) -> None:
-    settings = {name: load(root / name / "runs") for name in ("mini_a", "mini_b")}
+    settings = {name: load(setting_runs(root, name)) for name in ("mini_a", "mini_b")}
     B = baseline.upper()
     print(f"| family | config (selected on mini_a, seed 0) | mini_a final (seeds 0-2) | − {B}, paired | "
           f"mini_b final (seeds 0-2) | − {B}, paired | − {B}, the 5 unselected pairs | paper protocol, mini_a sweep |")
@@ -67,7 +75,8 @@ def main(root: Path, baseline: str = "opd", order=tuple(ORDER.split(","))) -> No
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(prog="python scripts/study_summary.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("root", nargs="?", default="docs/results/mini", help="the study (mini_a/runs, mini_b/runs)")
+    p.add_argument("root", nargs="?", default="docs/results/mini",
+                   help="the study (mini_a/runs.jsonl.gz or mini_a/runs/, the same for mini_b)")
     p.add_argument("--baseline", default="opd", help="the family every other is paired against (first row)")
     p.add_argument("--order", default=ORDER, help="comma list: the other rows' order (others follow alphabetically)")
     a = p.parse_args()

@@ -199,8 +199,8 @@ def test_extras_and_resume_from_another_runs_checkpoint(tiny_pair, tmp_path, mon
 
     made = []
 
-    def setup_with_counter(cfg):
-        exp = real_setup(cfg)
+    def setup_with_counter(cfg, *built):
+        exp = real_setup(cfg, *built)
         exp.stateful["budget"] = Counter(n=7 if not made else 0)  # the first run's counter has moved
         made.append(exp.stateful["budget"])
         return exp

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from trb_exp import losses
 from trb_exp.distributed import DistContext, combine_evaluations, init_distributed, rank_seed, unwrap, wrap_student
-from trb_exp.decode.rollout import response_logits
+from trb_exp.decode.forward import response_logits
 
 B, PROMPT, RESP, MICRO = 8, 5, 6, 2
 
@@ -128,7 +128,7 @@ def _trainer_update(ctx: DistContext, micro: int):
     from trb_exp.data.tokenizer import build_char_tokenizer
     from trb_exp.experiment import Experiment
     from trb_exp.methods import Method
-    from trb_exp.decode.rollout import Rollout
+    from trb_exp.decode.record import Rollout
     from trb_exp.run.state import TrainState
     from trb_exp.trainer import update
 

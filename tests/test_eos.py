@@ -18,7 +18,9 @@ from trb_exp.data import encode_prompts
 from trb_exp.data.tokenizer import build_char_tokenizer
 from trb_exp.methods import Method
 from trb_exp.models import load_model, load_tokenizer, pair_eos_ids, tiny_llama
-from trb_exp.decode.rollout import StudentRule, TeacherRule, TrustRegionRule, response_logits, sample
+from trb_exp.decode.backend import sample
+from trb_exp.decode.forward import response_logits
+from trb_exp.rules import StudentSampler, TeacherSampler, TrustRegionSampler
 
 NINF = float("-inf")
 PROMPTS = ["1+2=", "12*3-4=", "9-9*9+1=", "5=", "7*7=", "3-8="]
@@ -130,14 +132,14 @@ def test_teacher_rule_stops_on_the_merged_event_and_emits_the_student_eos(eos_pa
     s_tok, t_tok, student, teacher = _load(eos_pair)
     eos, unk = s_tok.eos_token_id, t_tok.eos_token_id
     teacher = Biased(teacher, unk, 4.0)  # the teacher now ends most sequences within a few tokens
-    ro = _sample(s_tok, None, teacher, TeacherRule(), eos_ids=(eos, unk))
+    ro = _sample(s_tok, None, teacher, TeacherSampler(), eos_ids=(eos, unk))
     _check_stops_on_student_eos(ro, eos, unk)
     assert ro.finished.all() and ro.response_mask.sum(1).float().mean() < 10
     # the stored teacher log-probs are the merged distribution
     t = ro.teacher_logprobs[ro.response_mask]
     assert torch.isneginf(t[:, unk]).all() and (t.exp().sum(-1) - 1).abs().max() < 1e-5
     # without the merge the teacher's <unk> is emitted and does not end the sequence
-    raw = _sample(s_tok, None, teacher, TeacherRule(), eos_ids=())
+    raw = _sample(s_tok, None, teacher, TeacherSampler(), eos_ids=())
     assert (raw.response_ids == unk).any() and not raw.finished.all()
 
 
@@ -146,7 +148,7 @@ def test_trust_region_rule_blends_the_merged_distributions(eos_pair):
     eos, unk = s_tok.eos_token_id, t_tok.eos_token_id
     teacher = Biased(teacher, unk, 3.0)
     eps = 0.05
-    ro = _sample(s_tok, student, teacher, TrustRegionRule(eps=eps), eos_ids=(eos, unk))
+    ro = _sample(s_tok, student, teacher, TrustRegionSampler(eps=eps), eos_ids=(eos, unk))
     _check_stops_on_student_eos(ro, eos, unk)
     m = ro.response_mask
     d = ro.diagnostics
@@ -175,7 +177,7 @@ def test_trust_region_rule_blends_the_merged_distributions(eos_pair):
 def test_a_single_eos_id_changes_nothing(eos_pair):
     s_tok, _, student, teacher = _load(eos_pair)
     eos = s_tok.eos_token_id
-    for rule in (StudentRule(), TrustRegionRule(eps=0.05)):
+    for rule in (StudentSampler(), TrustRegionSampler(eps=0.05)):
         a = _sample(s_tok, student, teacher, rule, eos_ids=(), seed=4)
         b = _sample(s_tok, student, teacher, rule, eos_ids=(eos,), seed=4)
         assert torch.equal(a.input_ids, b.input_ids)

@@ -26,7 +26,9 @@ from trb_exp.config import ConfigError
 from trb_exp.data import encode_prompts, load_benchmarks, load_task, prompt_formatter
 from trb_exp.data.hub import load_rows
 from trb_exp.models import check_available, check_pair, load_model, load_tokenizer, pair_eos_ids, set_vocab_size
-from trb_exp.decode.rollout import StudentRule, TrustRegionRule, response_logits, sample
+from trb_exp.decode.backend import sample
+from trb_exp.decode.forward import response_logits
+from trb_exp.rules import StudentSampler, TrustRegionSampler
 from trb_exp.trainer import run
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -221,11 +223,11 @@ def test_padded_vocab_and_differing_eos(hf):
     assert set(eos_ids) == {eos_id, tok.convert_tokens_to_ids("<|im_end|>")}
     ids, mask = encode_prompts(tok, ["What is 1+1?", "Find x."])
     with pytest.raises(ValueError, match="vocab sizes differ"):  # uncut, the two distributions do not line up
-        rule = TrustRegionRule(eps=0.1)
+        rule = TrustRegionSampler(eps=0.1)
         sample(s, t, ids, mask, rule, max_new_tokens=3, eos_id=eos_id, pad_id=tok.pad_token_id)
     set_vocab_size(s, V)
     set_vocab_size(t, V)
-    ro = sample(s, t, ids, mask, TrustRegionRule(eps=0.1), max_new_tokens=5, eos_id=eos_id,
+    ro = sample(s, t, ids, mask, TrustRegionSampler(eps=0.1), max_new_tokens=5, eos_id=eos_id,
                 pad_id=tok.pad_token_id, eos_ids=eos_ids, generator=torch.Generator().manual_seed(0))
     assert ro.teacher_logprobs.shape[-1] == V and (ro.response_ids < V).all()
     assert response_logits(s, ro.input_ids, ro.attention_mask, ro.prompt_len).shape[-1] == V
@@ -236,7 +238,7 @@ def test_padded_vocab_and_differing_eos(hf):
     # same sizes as the tokenizer: nothing is cut
     assert check_pair(tok, tok, s, s) is None
     set_vocab_size(s, None)
-    ro = sample(s, None, ids, mask, StudentRule(), max_new_tokens=2, eos_id=eos_id, pad_id=tok.pad_token_id)
+    ro = sample(s, None, ids, mask, StudentSampler(), max_new_tokens=2, eos_id=eos_id, pad_id=tok.pad_token_id)
     assert ro.response_ids.shape[0] == 2
 
 
@@ -277,14 +279,14 @@ def test_train_through_hf_preset(case, hf, tmp_path, monkeypatch):
 
 
 def test_rollouts_decoded_in_chunks_concatenate(hf):
-    from trb_exp.decode.rollout import concat_rollouts
+    from trb_exp.decode.record import concat_rollouts
 
     tok = load_tokenizer(str(hf["llama_student"]))
     s = load_model(str(hf["llama_student"]), device=torch.device("cpu"), train=False)
     t = load_model(str(hf["llama_teacher"]), device=torch.device("cpu"), train=False)
     ids, mask = encode_prompts(tok, ["What is 1+1?", "x", "Find the remainder when 2^10 is divided by 7."])
     kw = dict(max_new_tokens=5, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
-    parts = [sample(s, t, ids[i : i + 2], mask[i : i + 2], TrustRegionRule(eps=0.2),
+    parts = [sample(s, t, ids[i : i + 2], mask[i : i + 2], TrustRegionSampler(eps=0.2),
                     generator=torch.Generator().manual_seed(i), **kw) for i in (0, 2)]
     ro = concat_rollouts(parts, tok.pad_token_id)
     T = max(p.response_mask.shape[1] for p in parts)

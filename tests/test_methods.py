@@ -11,6 +11,7 @@ import torch
 from budget import assert_budget_used, record_rollouts
 from conftest import compose
 
+import trb_exp.decode.teacher_pass as teacher_pass_mod
 import trb_exp.trainer as train_mod
 import trb_exp.warm_start as warm_mod
 from trb_exp import losses
@@ -18,7 +19,8 @@ from trb_exp.config import ConfigError
 from trb_exp.data import encode_prompts
 from trb_exp.methods import Method
 from trb_exp.models import load_model, load_tokenizer
-from trb_exp.decode.rollout import SKDRule, StudentRule, TeacherRule, TrustRegionRule, sample
+from trb_exp.decode.backend import sample
+from trb_exp.rules import SKDSampler, StudentSampler, TeacherSampler, TrustRegionSampler
 from trb_exp.trainer import prompt_batch, run
 
 FAST = ["logger=none", "trainer.max_steps=3", "trainer.eval_every=0", "trainer.eval_size=4",
@@ -52,7 +54,7 @@ def test_skd_replaces_exactly_the_proposals_outside_the_teachers_top_k():
     expected = torch.tensor([p.item() not in top[b] for b, p in enumerate(proposals)])
     assert expected.tolist() == [False, True, False, True]
     # a near-zero teacher temperature makes the replacement the teacher's argmax, token b at row b
-    rule = SKDRule(K, teacher_temperature=1e-4, generator=torch.Generator().manual_seed(0))
+    rule = SKDSampler(K, teacher_temperature=1e-4, generator=torch.Generator().manual_seed(0))
     tokens, replaced = rule.correct(proposals, teacher)
     assert torch.equal(replaced, expected)
     assert torch.equal(tokens, torch.where(expected, torch.arange(4), proposals))
@@ -62,7 +64,7 @@ def test_skd_replaces_exactly_the_proposals_outside_the_teachers_top_k():
     assert torch.equal(diag["replaced"], expected.float())
     assert torch.equal(logp.argmax(-1), tokens) and torch.equal(logp.exp().sum(-1), torch.ones(4))
     # top_k >= V accepts everything: SKD is then plain student sampling
-    tokens, replaced = SKDRule(V, generator=torch.Generator().manual_seed(0)).correct(proposals, teacher)
+    tokens, replaced = SKDSampler(V, generator=torch.Generator().manual_seed(0)).correct(proposals, teacher)
     assert not replaced.any() and torch.equal(tokens, proposals)
 
 
@@ -70,7 +72,7 @@ def test_skd_replacements_are_fresh_teacher_samples_at_its_temperature():
     teacher = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]])).expand(20000, 4)
     proposals = torch.full((20000,), 3)  # always outside the teacher's top-2
     for temp in (1.0, 0.5):
-        rule = SKDRule(2, teacher_temperature=temp, generator=torch.Generator().manual_seed(1))
+        rule = SKDSampler(2, teacher_temperature=temp, generator=torch.Generator().manual_seed(1))
         tokens, replaced = rule.correct(proposals, teacher)
         assert replaced.all()
         want = torch.softmax(teacher[0] / temp, -1)
@@ -85,7 +87,7 @@ def test_skd_rollout_keeps_only_teacher_top_k_tokens_unless_replaced(tiny_pair):
     teacher = load_model(str(tiny_pair / "teacher"), device=cpu, train=False)
     ids, mask = encode_prompts(tok, ["1+2=", "12*3-4=", "9-9*9+1=", "5="] * 4)
     gen = torch.Generator().manual_seed(0)
-    rule = _method("method=skd", "method.teacher_top_k=3").rule(0, 1.0, generator=gen)
+    rule = _method("method=skd", "method.teacher_top_k=3").sampler(0, 1.0, generator=gen)
     ro = sample(student, teacher, ids, mask, rule, max_new_tokens=12, eos_id=tok.eos_token_id,
                 pad_id=tok.pad_token_id, generator=gen)
     m, rep = ro.response_mask, ro.diagnostics["replaced"].bool()
@@ -98,18 +100,18 @@ def test_skd_rollout_keeps_only_teacher_top_k_tokens_unless_replaced(tiny_pair):
 def test_temp_warmup_temperature_follows_its_schedule():
     K, t0 = 20, 0.8
     m = _method("method=temp_warmup", f"method.t0={t0}", f"method.K={K}")
-    temps = [m.rule(k, 1.0).temperature for k in (0, K // 2, K, K + 5)]
+    temps = [m.sampler(k, 1.0).temperature for k in (0, K // 2, K, K + 5)]
     assert temps == pytest.approx([0.8, 0.9, 1.0, 1.0])
-    assert all(isinstance(m.rule(k, 1.0), StudentRule) for k in (0, K + 5))
+    assert all(isinstance(m.sampler(k, 1.0), StudentSampler) for k in (0, K + 5))
     assert m.diagnostics(K // 2)["rollout/temperature"] == pytest.approx(0.9)
     # the rule samples from the tempered student; the loss stays on the temperature-1 student
     logits = torch.randn(3, 7)
-    torch.testing.assert_close(m.rule(0, 1.0)(logits, None)[0], torch.log_softmax(logits / 0.8, -1))
+    torch.testing.assert_close(m.sampler(0, 1.0)(logits, None)[0], torch.log_softmax(logits / 0.8, -1))
     t_lp = torch.log_softmax(torch.randn(3, 7), -1)
     opd = _method("method=opd")
     torch.testing.assert_close(m.per_token_loss(logits, t_lp, None, 0), opd.per_token_loss(logits, t_lp, None, 0))
     # plain methods sample at trainer.temperature at every step
-    assert [opd.rule(k, 0.7).temperature for k in (0, 100)] == [0.7, 0.7]
+    assert [opd.sampler(k, 0.7).temperature for k in (0, 100)] == [0.7, 0.7]
 
 
 # --------------------------------------------------------------------------- veto
@@ -138,11 +140,11 @@ def test_veto_b_schedule_and_bridge_target():
 def test_fixed_blend_budget_is_constant_and_ignores_the_schedule():
     m = _method("method=fixed_blend", "schedule.eps0=0.02", "schedule.warmup_steps=5")
     assert m.schedule.name == "constant"  # the preset composes the trust-region rule with schedule=constant
-    rules = [m.rule(k, 1.0) for k in range(0, 300, 7)]
-    assert all(isinstance(r, TrustRegionRule) and r.eps == 0.02 for r in rules)
+    rules = [m.sampler(k, 1.0) for k in range(0, 300, 7)]
+    assert all(isinstance(r, TrustRegionSampler) and r.eps == 0.02 for r in rules)
     assert {m.diagnostics(k)["trb/eps"] for k in range(300)} == {0.02}
     trb = _method("method=trb", "schedule.eps0=0.7", "schedule.warmup_steps=5")  # the annealed contrast
-    assert trb.behaviour.budget(0) == 0.7 and isinstance(trb.rule(5, 1.0), StudentRule)
+    assert trb.behaviour.budget(0) == 0.7 and isinstance(trb.sampler(5, 1.0), StudentSampler)
 
 
 # --------------------------------------------------------------------------- prompts and sft_warmup
@@ -189,8 +191,8 @@ def test_sft_warmup_uses_exactly_the_prompts_of_the_first_N_steps(tiny_pair, tmp
     _recording(monkeypatch, train_mod, calls, tok_holder)
     run(compose(["method=sft_warmup", f"method.sft_steps={N}", f"method.sft_samples={n}",
                  f"method.sft_updates={M}", *base]), tmp_path / "sft")
-    sft = [p for name, ps in calls if name == "TeacherRule" for p in _dedupe(ps, n)]
-    opd_phase = [_dedupe(ps, R) for name, ps in calls if name == "StudentRule"]
+    sft = [p for name, ps in calls if name == "TeacherSampler" for p in _dedupe(ps, n)]
+    opd_phase = [_dedupe(ps, R) for name, ps in calls if name == "StudentSampler"]
     assert len(opd_phase) == 4 and len(sft) == N * 4
     assert sft == [p for step in opd_phase[:N] for p in step]  # the first N steps' prompts, in order
     rows = [r for r in _rows(tmp_path / "sft") if "sft/loss" in r]
@@ -222,7 +224,7 @@ def test_offline_kd_student_never_samples(loss, tiny_pair, tmp_path, monkeypatch
         raise AssertionError("the teacher log-probs must come from the teacher's rollout")
 
     monkeypatch.setattr(train_mod, "sample", guarded)
-    monkeypatch.setattr(train_mod, "teacher_logprobs", no_second_pass)
+    monkeypatch.setattr(teacher_pass_mod, "teacher_logprobs", no_second_pass)  # TeacherTargets' teacher pass
     run(compose(["method=offline_kd", f"method.loss={loss}", *FAST, *_pair(tiny_pair)]), tmp_path)
     assert len(rollouts) == 3 and all(ro.token_logprobs_student is None for ro in rollouts)
     assert all((ro.teacher_logprobs is not None) == (loss == "forward_kl") for ro in rollouts)
@@ -236,7 +238,7 @@ def test_offline_kd_forward_kl_is_token_level_kl_to_the_teacher():
     s, t = torch.randn(2, 3, 9), torch.log_softmax(torch.randn(2, 3, 9), -1)
     want = (t.exp() * (t - torch.log_softmax(s, -1))).sum(-1)
     torch.testing.assert_close(m.per_token_loss(s, t, torch.zeros(2, 3, dtype=torch.long)), want)
-    assert isinstance(m.rule(0, 1.0), TeacherRule)
+    assert isinstance(m.sampler(0, 1.0), TeacherSampler)
 
 
 # --------------------------------------------------------------------------- estimators

@@ -14,8 +14,9 @@ from conftest import compose
 
 from trb_exp.config import ConfigError
 from trb_exp.methods import Method
-from trb_exp.decode.rollout import StudentRule, TeacherRule, sample
-from trb_exp.rules.mixture import MixtureRule, mixture_logprobs
+from trb_exp.decode.backend import sample
+from trb_exp.rules import StudentSampler, TeacherSampler
+from trb_exp.rules.mixture import MixtureSampler, mixture_logprobs
 from trb_exp.trainer import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def test_mixture_matches_a_numpy_reference_with_impossible_tokens(alpha, tempera
     s[0, 2] = float("-inf")                       # only the teacher can emit token 2 in row 0
     t[1, 5] = float("-inf")                       # only the student can emit token 5 in row 1
     s[2, 7] = t[2, 7] = float("-inf")             # nobody emits token 7 in row 2
-    logp, diag = MixtureRule(alpha, temperature=temperature)(s, t)
+    logp, diag = MixtureSampler(alpha, temperature=temperature)(s, t)
     want = _np_mixture(s.numpy(), t.numpy(), alpha, temperature)
     assert np.array_equal(np.isneginf(logp.numpy()), np.isneginf(want)) and logp[2, 7] == float("-inf")
     fin = np.isfinite(want)
@@ -56,24 +57,24 @@ def test_mixture_matches_a_numpy_reference_with_impossible_tokens(alpha, tempera
 
 def test_alpha_zero_is_the_student_rule_and_alpha_one_the_teacher_rule():
     s, t = torch.randn(3, 9), torch.randn(3, 9)
-    assert torch.equal(MixtureRule(0.0, temperature=0.8)(s, t)[0], StudentRule(0.8)(s, t)[0])
-    assert torch.equal(MixtureRule(1.0, temperature=0.8)(s, t)[0], TeacherRule(0.8)(s, t)[0])
+    assert torch.equal(MixtureSampler(0.0, temperature=0.8)(s, t)[0], StudentSampler(0.8)(s, t)[0])
+    assert torch.equal(MixtureSampler(1.0, temperature=0.8)(s, t)[0], TeacherSampler(0.8)(s, t)[0])
     ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
     assert torch.equal(mixture_logprobs(ls, lt, 0.0), ls) and torch.equal(mixture_logprobs(ls, lt, 1.0), lt)
     # through the method: alpha = 0 samples from the student alone (no teacher in the decode loop)
-    assert type(_method("method.alpha=0").rule(0, 0.7)) is StudentRule
+    assert type(_method("method.alpha=0").sampler(0, 0.7)) is StudentSampler
 
 
 def test_defaults_and_the_anneal_schedule():
     m = _method()
     assert (m.behaviour.alpha, m.behaviour.anneal_steps, m.objective.name, m.estimator) == (0.2, 0, "reverse_kl", "topk")
-    assert all(m.rule(k).alpha == 0.2 for k in (0, 10, 399))  # constant by default (MiniLLM)
+    assert all(m.sampler(k).alpha == 0.2 for k in (0, 10, 399))  # constant by default (MiniLLM)
     m = _method("method.alpha=0.4", "method.anneal_steps=10")
     for k, want in ((0, 0.4), (1, 0.36), (5, 0.2), (9, 0.04)):
-        rule = m.rule(k, 0.9)
-        assert isinstance(rule, MixtureRule) and rule.alpha == pytest.approx(want, rel=1e-12) and rule.temperature == 0.9
+        rule = m.sampler(k, 0.9)
+        assert isinstance(rule, MixtureSampler) and rule.alpha == pytest.approx(want, rel=1e-12) and rule.temperature == 0.9
         assert m.diagnostics(k)["mixed/alpha"] == pytest.approx(want, rel=1e-12)
-    assert all(type(m.rule(k)) is StudentRule and m.diagnostics(k)["mixed/alpha"] == 0.0 for k in (10, 11, 500))
+    assert all(type(m.sampler(k)) is StudentSampler and m.diagnostics(k)["mixed/alpha"] == 0.0 for k in (10, 11, 500))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -108,12 +109,12 @@ def test_mixture_rollouts_on_both_engines(engine, tiny_pair):
                         for n in ("student", "teacher"))
     ids, mask = encode_prompts(tok, ["1+2=", "3+4=", "12+5="])
     kw = dict(max_new_tokens=8, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, engine=engine)
-    ro = sample(student, teacher, ids, mask, MixtureRule(0.3), generator=torch.Generator().manual_seed(0), **kw)
+    ro = sample(student, teacher, ids, mask, MixtureSampler(0.3), generator=torch.Generator().manual_seed(0), **kw)
     m = ro.response_mask
     assert ro.teacher_logprobs is not None and m.any()
     kl = ro.diagnostics["kl_behavior_student"][m]
     assert (kl >= 0).all() and kl.max() > 0  # the teacher moved the behaviour away from the student
-    same = sample(student, teacher, ids, mask, MixtureRule(0.3), generator=torch.Generator().manual_seed(0), **kw)
+    same = sample(student, teacher, ids, mask, MixtureSampler(0.3), generator=torch.Generator().manual_seed(0), **kw)
     assert torch.equal(ro.input_ids, same.input_ids)
 
 

@@ -10,12 +10,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import powered_study as ps  # noqa: E402
 
+from trb_exp.analysis.runstore import pack  # noqa: E402
+
 STEPS = (0, 50, 100, 150, 200, 250)
 
 
 def write_run(root: Path, setting: str, arm: str, seed: int, curve, finished=True, se=0.01):
     d = root / setting / arm / f"seed_{seed}"
-    d.mkdir(parents=True)
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "config.yaml").write_text(f"method:\n  name: {arm}\nseed: {seed}\n")
     rows = [{"step": st, "eval/pass@1": v, "eval/pass@1_se": se} for st, v in zip(STEPS, curve)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if finished:
@@ -128,9 +131,27 @@ def test_runner_resumes_from_committed_and_scratch_runs(tmp_path):
     assert ps.complete_seeds(runs, "mini_a") == [100] and set(runs["mini_a"]["opd"]) == {100, 101}
 
 
-def test_committed_report_re_renders_byte_for_byte(tmp_path):
-    root = Path(__file__).resolve().parents[1] / "docs" / "results" / "powered"
-    ps.cmd_report(type("A", (), {"runs": str(root / "runs"), "out": str(tmp_path)})())
-    body = lambda text: text.rsplit("\n---\n", 1)[0]  # the footer names the output directory
-    assert body((tmp_path / "README.md").read_text()) == body((root / "README.md").read_text())
-    assert (tmp_path / "curves.png").read_bytes() == (root / "curves.png").read_bytes()
+def test_a_data_file_collects_as_its_run_directories(tmp_path):
+    study(tmp_path / "runs", 2, [0.01, 0.02])
+    write_run(tmp_path / "runs", "mini_b", "opd", 102, flat(0.3), finished=False)
+    write_run(tmp_path / "runs", "mini_b", "not_an_arm", 100, flat(0.3))
+    pack(tmp_path / "runs", tmp_path / "runs.jsonl.gz")
+    runs = ps.collect(tmp_path / "runs.jsonl.gz")
+    assert runs == ps.collect(tmp_path / "runs") and ps.complete_seeds(runs, "mini_b") == [100, 101]
+    assert 102 not in runs["mini_b"]["opd"] and runs["mini_a"]["trb"][101]["train_s"] == 201.0
+    assert ps.collect(tmp_path / "not_yet") == {s: {a: {} for a in ps.ARMS} for s in ps.SETTINGS}
+
+
+def test_committed_report_re_renders_byte_for_byte(tmp_path, monkeypatch):
+    """README.md and both figures, from the committed data file; the plan's commit from PLAN.commit (no git)."""
+    root = Path(__file__).resolve().parents[1]
+    study = root / "docs" / "results" / "powered"
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "no-git"))  # nothing may come from the repository's history
+    ps.cmd_report(type("A", (), {"runs": "docs/results/powered/runs.jsonl.gz", "out": str(tmp_path)})())
+    committed = (study / "README.md").read_text()
+    assert committed.endswith("--out docs/results/powered`\n")
+    assert (tmp_path / "README.md").read_text() == committed.replace("--out docs/results/powered`", f"--out {tmp_path}`")
+    assert f"(commit `{(study / 'PLAN.commit').read_text().strip()}`, before any run)" in committed
+    for name in ("curves.png", "differences.png"):
+        assert (tmp_path / name).read_bytes() == (study / name).read_bytes(), name

@@ -3,8 +3,10 @@ from budget import assert_budget_used
 
 from trb_exp.data import encode_prompts
 from trb_exp.models import load_model, load_tokenizer
-from trb_exp.decode.rollout import (GreedyRule, StudentRule, TeacherRule, TrustRegionRule, response_logits, sample,
-                             teacher_logprobs)
+from trb_exp.decode.backend import sample
+from trb_exp.decode.forward import response_logits
+from trb_exp.decode.teacher_pass import teacher_logprobs
+from trb_exp.rules import GreedySampler, StudentSampler, TeacherSampler, TrustRegionSampler
 
 PROMPTS = ["1+2=", "12*3-4=", "9-9*9+1=", "5="]
 
@@ -27,7 +29,7 @@ def test_kv_cached_decoding_matches_full_forward(tiny_pair):
     """The teacher log-probs collected step by step with the KV cache (left padding included)
     equal one full forward over the finished sequences."""
     tok, student, teacher, ids, mask = _setup(tiny_pair)
-    ro = _sample(tok, student, teacher, ids, mask, TrustRegionRule(eps=0.05))
+    ro = _sample(tok, student, teacher, ids, mask, TrustRegionSampler(eps=0.05))
     full = teacher_logprobs(teacher, ro)
     m = ro.response_mask
     assert ro.teacher_logprobs.shape == full.shape
@@ -40,7 +42,7 @@ def test_kv_cached_decoding_matches_full_forward(tiny_pair):
 
 def test_response_masks_stop_at_eos(tiny_pair):
     tok, student, teacher, ids, mask = _setup(tiny_pair)
-    ro = _sample(tok, student, teacher, ids, mask, StudentRule(), n=30)
+    ro = _sample(tok, student, teacher, ids, mask, StudentSampler(), n=30)
     for row, m, fin in zip(ro.response_ids, ro.response_mask, ro.finished):
         n = int(m.sum())
         assert m[:n].all() and not m[n:].any()
@@ -53,29 +55,29 @@ def test_response_masks_stop_at_eos(tiny_pair):
 
 def test_rules_decide_which_models_run(tiny_pair):
     tok, student, teacher, ids, mask = _setup(tiny_pair)
-    ro = _sample(tok, None, teacher, ids, mask, TeacherRule())  # the student is never called
+    ro = _sample(tok, None, teacher, ids, mask, TeacherSampler())  # the student is never called
     assert ro.token_logprobs_student is None and ro.teacher_logprobs is not None
-    g1 = _sample(tok, student, None, ids, mask, GreedyRule(), seed=1)
-    g2 = _sample(tok, student, None, ids, mask, GreedyRule(), seed=2)
+    g1 = _sample(tok, student, None, ids, mask, GreedySampler(), seed=1)
+    g2 = _sample(tok, student, None, ids, mask, GreedySampler(), seed=2)
     assert torch.equal(g1.input_ids, g2.input_ids)
 
 
 def test_trust_region_rule_respects_budget_and_zero_budget_is_student(tiny_pair):
     tok, student, teacher, ids, mask = _setup(tiny_pair)
-    ro = _sample(tok, student, teacher, ids, mask, TrustRegionRule(eps=0.02))
+    ro = _sample(tok, student, teacher, ids, mask, TrustRegionSampler(eps=0.02))
     d, m = ro.diagnostics, ro.response_mask
     assert (d["kl_behavior_student"][m] <= 0.02 + 1e-6).all()
     assert (d["beta"][m] > 0).all()
     assert assert_budget_used(ro, eps=0.02) == 0  # the tiny pair's KL(pi_T||pi_S) < 0.02: beta = 1 everywhere
     # a budget that binds on part of the tokens: where beta < 1 the whole budget is spent
-    ro = _sample(tok, student, teacher, ids, mask, TrustRegionRule(eps=0.01))
+    ro = _sample(tok, student, teacher, ids, mask, TrustRegionSampler(eps=0.01))
     n_below = assert_budget_used(ro, eps=0.01)
     assert 0 < n_below < int(ro.response_mask.sum())
     # eps = 0 gives exactly the student's samples with the same generator
-    a = _sample(tok, student, teacher, ids, mask, TrustRegionRule(eps=0.0), seed=3)
-    b = _sample(tok, student, teacher, ids, mask, StudentRule(), seed=3)
+    a = _sample(tok, student, teacher, ids, mask, TrustRegionSampler(eps=0.0), seed=3)
+    b = _sample(tok, student, teacher, ids, mask, StudentSampler(), seed=3)
     assert torch.equal(a.input_ids, b.input_ids)
     # a relative budget is a fraction of KL(pi_T || pi_S) at each prefix
-    r = _sample(tok, student, teacher, ids, mask, TrustRegionRule(eps=0.5, budget="relative"))
+    r = _sample(tok, student, teacher, ids, mask, TrustRegionSampler(eps=0.5, budget="relative"))
     assert (r.diagnostics["kl_behavior_student"][r.response_mask] <= r.diagnostics["eps"][r.response_mask] + 1e-6).all()
     assert assert_budget_used(r) > 0

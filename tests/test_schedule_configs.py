@@ -36,7 +36,7 @@ def test_schedule_config_composes_and_matches_budget_at(name):
     if name in ("linear", "cosine", "exponential", "step"):
         assert eps0 > 0 and method.behaviour.budget(0) == pytest.approx(eps0) and method.behaviour.budget(K) == 0.0
     # a behaviour rule with a zero budget is plain student sampling
-    assert (type(method.rule(3 * K)).__name__ == "StudentRule") == (name != "constant")
+    assert (type(method.sampler(3 * K)).__name__ == "StudentSampler") == (name != "constant")
 
 
 @pytest.mark.parametrize("name", STATIC)
@@ -63,7 +63,7 @@ def test_opd_ignores_the_schedule():
     cfg = compose(["method=opd", "schedule=constant"])
     method = Method.from_cfg(cfg.method, cfg.schedule)
     assert method.behaviour.schedule is None  # the student rule reads no schedule
-    assert all(method.diagnostics(k)["trb/eps"] == 0.0 and type(method.rule(k)).__name__ == "StudentRule" for k in (0, 10, 100))
+    assert all(method.diagnostics(k)["trb/eps"] == 0.0 and type(method.sampler(k)).__name__ == "StudentSampler" for k in (0, 10, 100))
 
 
 @pytest.mark.parametrize("name", ADAPTIVE)
@@ -79,7 +79,7 @@ def test_adaptive_config_composes_and_follows_the_observations(name):
     got = []
     for k, (g, r) in enumerate(zip(gaps, rewards)):
         got.append(method.behaviour.budget(k))
-        assert type(method.rule(k)).__name__ == ("TrustRegionRule" if got[-1] > 0 else "StudentRule")
+        assert type(method.sampler(k)).__name__ == ("TrustRegionSampler" if got[-1] > 0 else "StudentSampler")
         method.observe(g, r)
     got.append(method.behaviour.budget(len(gaps)))
     assert got == want and got[0] == 0.4 and got[-1] == 0.0

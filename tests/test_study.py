@@ -196,6 +196,45 @@ def test_select_best_and_collect(tmp_path):
         collect(tmp_path / "nothing", tmp_path / "x")
 
 
+def test_select_best_and_collect_read_and_write_data_files(tmp_path):
+    from trb_exp.analysis import runstore
+
+    sweep = tmp_path / "sweep"
+    for i, (b_start, final) in enumerate(((0.2, 0.3), (0.6, 0.5))):
+        _run(sweep / "veto" / str(i), "veto", 0, [0.0, 0.1, final],
+             {"knobs": {"b_start": b_start}, "cli": [f"method.b_start={b_start}", "sweep=veto", "seed=0"]})
+    _run(sweep / "opd" / "0", "opd", 0, [0.0, 0.2, 0.4], {"cli": ["sweep=opd", "seed=0"]})
+    (sweep / "opd" / "1" / ".hydra").mkdir(parents=True)  # an unfinished run: never collected
+    (sweep / "opd" / "1" / ".hydra" / "config.yaml").write_text("seed: 1\nmethod:\n  name: opd\n")
+    (sweep / "opd" / "1" / "metrics.jsonl").write_text('{"step": 0, "eval/pass@1": 0.9}\n')
+    collect, data = _script("collect_runs").collect, tmp_path / "study" / "runs.jsonl.gz"
+    assert collect(sweep, data) == 3
+    assert [r.name for r in runstore.load(data)] == ["opd/0", "veto/0", "veto/1"]
+    select = _script("select_best").select
+    assert select(data, seed=0) == select(sweep, seed=0)
+    assert select(data, seed=0)["veto"] == ("method.b_start=0.6", 0.5, ["method=veto", "method.b_start=0.6"])
+    more = tmp_path / "more"  # a second collection adds its runs and replaces a run of the same name
+    _run(more / "opd" / "0", "opd", 0, [0.0, 0.2, 0.7], {"cli": ["sweep=opd", "seed=0"]})
+    _run(more / "skd" / "0", "skd", 0, [0.0, 0.2, 0.1], {"cli": ["sweep=skd", "seed=0"]})
+    assert collect(more, data) == 2
+    recs = {r.name: r for r in runstore.load(data)}
+    assert sorted(recs) == ["opd/0", "skd/0", "veto/0", "veto/1"] and recs["opd/0"].rows[-1]["eval/pass@1"] == 0.7
+    assert collect(data, tmp_path / "dirs") == 4  # and back to run directories
+    assert (tmp_path / "dirs" / "veto" / "1" / ".hydra" / "overrides.yaml").read_bytes() == \
+        (sweep / "veto" / "1" / ".hydra" / "overrides.yaml").read_bytes()
+
+
+def test_the_mini_readme_table_is_study_summary_of_the_data_files(capsys):
+    """docs/results/mini/README.md's results table is what scripts/study_summary.py prints from the committed
+    data files (mini_a/runs.jsonl.gz, mini_b/runs.jsonl.gz)."""
+    mod = _script("study_summary")
+    study = ROOT / "docs" / "results" / "mini"
+    assert mod.setting_runs(study, "mini_a") == study / "mini_a" / "runs.jsonl.gz"
+    mod.main(study)
+    table = capsys.readouterr().out
+    assert table.count("\n") == 9 and table in (study / "README.md").read_text()
+
+
 def test_reproduce_script_is_valid_bash_and_names_every_family():
     script = (ROOT / "scripts" / "reproduce_mini.sh").read_text()
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "reproduce_mini.sh")]).returncode == 0

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 import trb_exp.trainer as train_mod
 from trb_exp.data import encode_prompts, load_task
 from trb_exp.models import EMBEDDED, load_model, load_tokenizer
-from trb_exp.decode.rollout import StudentRule, sample
+from trb_exp.decode.backend import sample
+from trb_exp.rules import StudentSampler
 
 STEPS = 40
 LEARN = ["logger=none", f"trainer.max_steps={STEPS}", "trainer.eval_every=0", "trainer.eval_size=1",
@@ -49,7 +50,7 @@ def held_out():
 
 def reverse_kl_on_held_out(student, held_out) -> float:
     tok, teacher, ids, mask = held_out
-    ro = sample(student, None, ids, mask, StudentRule(), max_new_tokens=40, eos_id=tok.eos_token_id,
+    ro = sample(student, None, ids, mask, StudentSampler(), max_new_tokens=40, eos_id=tok.eos_token_id,
                 pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(123))
     am, P = ro.attention_mask, ro.prompt_len
     pos = (am.cumsum(-1) - 1).clamp(min=0)

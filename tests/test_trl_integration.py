@@ -23,7 +23,10 @@ from trb_exp.integrations.trl import (
     refusals,
 )
 from trb_exp.models import EMBEDDED
-from trb_exp.decode.rollout import TrustRegionRule, positions_from_mask, response_logits, sample
+from trb_exp.decode.backend import sample
+from trb_exp.decode.forward import response_logits
+from trb_exp.decode.record import positions_from_mask
+from trb_exp.rules import TrustRegionSampler
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 PROMPTS = ["3+4*2-7=", "1+2=", "9*9-3+1=", "5-6="]
@@ -100,7 +103,7 @@ def test_cached_teacher_equals_one_batched_forward(pair):
 
 @pytest.mark.parametrize("T", [1.0, 0.7])
 def test_same_seed_same_tokens_and_beta_as_rollout_sample(pair, T):
-    """student.generate + TRBLogitsProcessor and the project's rollout.sample(TrustRegionRule) draw the same
+    """student.generate + TRBLogitsProcessor and the project's decode.backend.sample(TrustRegionSampler) draw the same
     tokens and the same betas from the same seed (seeds 0-4)."""
     tok, student, teacher = pair
     ids, mask = encode_prompts(tok, PROMPTS)
@@ -110,7 +113,7 @@ def test_same_seed_same_tokens_and_beta_as_rollout_sample(pair, T):
         out = student.generate(input_ids=ids, attention_mask=mask, generation_config=_gen(tok, T),
                                logits_processor=LogitsProcessorList([proc]))
         torch.manual_seed(seed)
-        ro = sample(student, teacher, ids, mask, TrustRegionRule(0.5, temperature=T), max_new_tokens=30,
+        ro = sample(student, teacher, ids, mask, TrustRegionSampler(0.5, temperature=T), max_new_tokens=30,
                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
         n = ro.response_ids.shape[1]
         assert torch.equal(out[:, ids.shape[1]:][:, :n], ro.response_ids), seed
@@ -122,7 +125,7 @@ def test_same_seed_same_tokens_and_beta_as_rollout_sample(pair, T):
 
 def test_eos_accounting_with_pad_equal_to_eos(pair):
     """pad == eos: a completion's tokens are those up to and including its first EOS, exactly TRL's completion
-    mask; the padding EOS ids that follow are not counted, and rollout.sample agrees."""
+    mask; the padding EOS ids that follow are not counted, and decode.backend.sample agrees."""
     _, student, teacher = pair
     tok = _tok(pad_is_eos=True)
     ids, mask = encode_prompts(tok, PROMPTS)
@@ -141,7 +144,7 @@ def test_eos_accounting_with_pad_equal_to_eos(pair):
     assert torch.equal(alive, trl_mask[:, : alive.shape[1]])
     assert proc.stats()["tokens"] == float(trl_mask.sum())
     torch.manual_seed(3)
-    ro = sample(student, teacher, ids, mask, TrustRegionRule(0.5), max_new_tokens=40, eos_id=eos, pad_id=eos)
+    ro = sample(student, teacher, ids, mask, TrustRegionSampler(0.5), max_new_tokens=40, eos_id=eos, pad_id=eos)
     assert torch.equal(ro.response_mask, alive) and torch.equal(ro.response_ids, comp[:, : ro.response_ids.shape[1]])
 
 

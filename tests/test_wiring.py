@@ -19,7 +19,7 @@ from omegaconf import open_dict
 
 from trb_exp.config import ConfigError
 from trb_exp.methods import Method
-from trb_exp.decode.rollout import SKDRule, StudentRule, TeacherRule, TrustRegionRule
+from trb_exp.rules import SKDSampler, StudentSampler, TeacherSampler, TrustRegionSampler
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
@@ -181,27 +181,27 @@ def test_trb_rule_budget_follows_the_schedule(schedule):
     r = float(cfg.schedule.get("final_ratio", 0.01))
     for k in (0, 1, 5, 10, 19, 20, 21, 100):
         want = SCHEDULE_FORMULAS[schedule](0.4, 20, r, k)
-        rule = m.rule(k, 1.0)
+        rule = m.sampler(k, 1.0)
         if want > 0:
-            assert isinstance(rule, TrustRegionRule), (schedule, k)
+            assert isinstance(rule, TrustRegionSampler), (schedule, k)
             assert rule.eps == pytest.approx(want, rel=1e-12) and rule.budget == "absolute"
             assert rule.temperature == 1.0
         else:  # a zero budget is plain student sampling
-            assert type(rule) is StudentRule and rule.temperature == 1.0, (schedule, k)
+            assert type(rule) is StudentSampler and rule.temperature == 1.0, (schedule, k)
         assert m.diagnostics(k)["trb/eps"] == pytest.approx(want, rel=1e-12)
 
 
 def test_trb_default_schedule_values():
     """The default linear schedule at its YAML values (eps0 = 0.5, K = 50)."""
     m = Method.from_cfg(_cfg("trb").method, _cfg("trb").schedule)
-    assert [m.rule(k).eps for k in (0, 10, 25, 49)] == pytest.approx([0.5, 0.4, 0.25, 0.01])
-    assert type(m.rule(50)) is StudentRule
+    assert [m.sampler(k).eps for k in (0, 10, 25, 49)] == pytest.approx([0.5, 0.4, 0.25, 0.01])
+    assert type(m.sampler(50)) is StudentSampler
 
 
 def test_relative_budget_reaches_the_rule():
     cfg = _cfg("trb", "schedule.budget=relative", "schedule.eps0=0.3", "schedule.warmup_steps=10")
-    rule = Method.from_cfg(cfg.method, cfg.schedule).rule(5, 1.0)
-    assert isinstance(rule, TrustRegionRule) and rule.budget == "relative" and rule.eps == pytest.approx(0.15)
+    rule = Method.from_cfg(cfg.method, cfg.schedule).sampler(5, 1.0)
+    assert isinstance(rule, TrustRegionSampler) and rule.budget == "relative" and rule.eps == pytest.approx(0.15)
 
 
 STEPS = (0, 1, 7, 12, 24, 25, 26, 399, 400, 1000)
@@ -214,30 +214,30 @@ def test_rule_at_step_k_has_the_scheduled_value(name, base_t):
     mc = cfg.method
     m = Method.from_cfg(mc, cfg.schedule)
     for k in STEPS:
-        rule = m.rule(k, base_t)
+        rule = m.sampler(k, base_t)
         if name == "trb":
             eps = _linear(float(cfg.schedule.eps0), int(cfg.schedule.warmup_steps), k)
             if eps > 0:
-                assert isinstance(rule, TrustRegionRule) and rule.eps == pytest.approx(eps, rel=1e-12)
+                assert isinstance(rule, TrustRegionSampler) and rule.eps == pytest.approx(eps, rel=1e-12)
             else:
-                assert type(rule) is StudentRule
+                assert type(rule) is StudentSampler
             assert rule.temperature == base_t
         elif name == "fixed_blend":
-            assert isinstance(rule, TrustRegionRule) and rule.eps == float(cfg.schedule.eps0) == 0.01
+            assert isinstance(rule, TrustRegionSampler) and rule.eps == float(cfg.schedule.eps0) == 0.01
             assert rule.temperature == base_t and m.diagnostics(k)["trb/eps"] == 0.01
         elif name == "skd":
-            assert isinstance(rule, SKDRule)
+            assert isinstance(rule, SKDSampler)
             assert (rule.top_k, rule.teacher_temperature, rule.temperature) == (15, 0.6, base_t)
         elif name == "temp_warmup":
             t0, K = float(mc.t0), int(mc.K)
             assert (t0, K) == (0.9, 25)
             want = t0 + (base_t - t0) * k / K if k < K else base_t
-            assert type(rule) is StudentRule and rule.temperature == pytest.approx(want, rel=1e-12)
+            assert type(rule) is StudentSampler and rule.temperature == pytest.approx(want, rel=1e-12)
             assert m.diagnostics(k, base_t)["rollout/temperature"] == pytest.approx(want, rel=1e-12)
         elif name == "offline_kd":
-            assert type(rule) is TeacherRule and rule.temperature == base_t
+            assert type(rule) is TeacherSampler and rule.temperature == base_t
         else:  # opd, veto, sft_warmup: the student at trainer.temperature
-            assert type(rule) is StudentRule and rule.temperature == base_t
+            assert type(rule) is StudentSampler and rule.temperature == base_t
         if name == "veto":
             b0, K = float(mc.b_start), int(mc.K)
             assert (b0, K) == (0.6, cfg.trainer.max_steps)

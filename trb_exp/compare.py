@@ -1,11 +1,12 @@
-"""Compare training runs: ``python -m trb_exp.compare RUN_DIRS... [--out DIR] [--target-frac 0.8]
+"""Compare training runs: ``python -m trb_exp.compare RUNS... [--out DIR] [--target-frac 0.8]
 [--teacher-pass1 X] [--ci-seeds 1,2] [--paper docs/results/paper_table1.json] [--title T]
 [--focus trb] [--baseline opd]``.
 
-Every subdirectory of RUN_DIRS holding ``metrics.jsonl`` and ``.hydra/config.yaml`` is a run (a
-multirun sweep dir works as is). Runs are grouped by method family (``method.name``) and by
-configuration (the method's knobs, the schedule's for a run that logged a budget, and any other setting
-that varies within the family; never the seed). The report's roles are arguments: ``--focus`` (the
+RUNS are run directories or data files. Every subdirectory of a directory holding ``metrics.jsonl`` and
+``.hydra/config.yaml`` is a run (a multirun sweep dir works as is); a data file (``runs.jsonl.gz``,
+written by ``python -m trb_exp.analysis.runstore pack``) holds a study's runs. Runs are grouped by method
+family (``method.name``) and by configuration (the method's knobs, the schedule's for a run that logged a
+budget, and any other setting that varies within the family; never the seed). The report's roles are arguments: ``--focus`` (the
 subject family, trb by default) and ``--baseline`` (the family every other is paired against, opd).
 Writes ``comparison.md`` (deterministic: re-running on the same runs reproduces it byte for byte) and
 PNG plots next to it:
@@ -36,13 +37,14 @@ from pathlib import Path
 from trb_exp.analysis.plots import plot_headline_curves, plot_learning_curves, plot_sweeps, plot_trb_diagnostics
 from trb_exp.analysis.report import Roles, build_report, render_paper_table
 from trb_exp.analysis.runs import (PASS1, InputError, Run, find_run_dirs, group_runs, headline_config, headline_finals,
-                                   load_run, seeded_groups)
+                                   load_run, load_runs, seeded_groups)
 from trb_exp.analysis.stats import (best_checkpoint, closest_step, first_step_at_least, mean_ci, paired_difference,
                                     steps_to_target, t_quantile_975)
 
-__all__ = ["PASS1", "InputError", "Roles", "Run", "best_checkpoint", "build_report", "closest_step", "compare", "find_run_dirs",
-           "first_step_at_least", "group_runs", "headline_config", "headline_finals", "load_run", "main", "mean_ci",
-           "paired_difference", "render_paper_table", "steps_to_target", "t_quantile_975"]
+__all__ = ["PASS1", "InputError", "Roles", "Run", "best_checkpoint", "build_report", "closest_step", "compare",
+           "find_run_dirs", "first_step_at_least", "group_runs", "headline_config", "headline_finals", "load_run",
+           "load_runs", "main", "mean_ci", "paired_difference", "render_paper_table", "steps_to_target",
+           "t_quantile_975"]
 
 
 DEFAULT_ROLES = Roles(focus="trb", baseline="opd")  # the CLI's --focus / --baseline defaults
@@ -52,11 +54,10 @@ def compare(run_dirs, out: Path, *, target_frac: float = 0.8, teacher_pass1: flo
             ci_seeds=None, paper: dict | None = None, title: str = "Run comparison", command: str | None = None,
             roles: Roles | None = None) -> Path:
     roles = roles or DEFAULT_ROLES
-    paths = find_run_dirs(run_dirs)
-    if not paths:
-        raise InputError(f"error: no run (metrics.jsonl + .hydra/config.yaml) under {', '.join(map(str, run_dirs))}")
-    root = Path(os.path.commonpath([str(p) for p in paths])) if len(paths) > 1 else paths[0].parent
-    runs = [load_run(p, str(p.relative_to(root))) for p in paths]
+    runs = load_runs(run_dirs)
+    if not runs:
+        raise InputError(f"error: no run (metrics.jsonl + .hydra/config.yaml) under {', '.join(map(str, run_dirs))}; "
+                         "give run directories or a data file (runs.jsonl.gz)")
     unfinished = sum(r.summary is None for r in runs)
     if unfinished:
         print(f"[compare] skipping {unfinished} unfinished run(s) (no summary.json)", file=sys.stderr)
@@ -84,8 +85,10 @@ def compare(run_dirs, out: Path, *, target_frac: float = 0.8, teacher_pass1: flo
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m trb_exp.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dirs", nargs="+", help="run dirs or multirun sweep dirs (searched recursively)")
-    p.add_argument("--out", default=None, help="output dir (default: <common parent of RUN_DIRS>/comparison)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUNS",
+                   help="run dirs or multirun sweep dirs (searched recursively), or data files (runs.jsonl.gz)")
+    p.add_argument("--out", default=None,
+                   help="output dir (default: <common parent of RUNS (a data file: its folder)>/comparison)")
     p.add_argument("--target-frac", type=float, default=0.8, help="steps-to-target: fraction of the teacher")
     p.add_argument("--teacher-pass1", type=float, default=None, help="teacher pass@1 (else no steps-to-target)")
     p.add_argument("--ci-seeds", default=None,
@@ -113,7 +116,8 @@ def main(argv=None) -> None:
             paper = json.loads(Path(a.paper).read_text())
         except json.JSONDecodeError as e:
             raise InputError(f"error: --paper {a.paper}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    out = a.out or str(Path(os.path.commonpath([str(Path(d).resolve()) for d in a.run_dirs])) / "comparison")
+    dirs = [str(Path(d).resolve().parent if Path(d).is_file() else Path(d).resolve()) for d in a.run_dirs]
+    out = a.out or str(Path(os.path.commonpath(dirs)) / "comparison")
     if Path(out).exists() and not Path(out).is_dir():
         raise InputError(f"error: --out {out}: a file is there; give a directory (it is created if missing)")
     command = "python -m trb_exp.compare " + shlex.join(sys.argv[1:] if argv is None else list(argv))

@@ -2,7 +2,9 @@
 
 ``validate(cfg)`` runs before any model is loaded: a bad value stops the run with a
 ``ConfigError`` whose message names the field and the fix; the entrypoint prints it as one line.
-Method and schedule fields are checked by ``methods.Method.validate``.
+Method and schedule fields are checked by ``methods.Method.from_cfg``, the ``rollout`` group and
+``model.teacher_pass`` by ``decode.config.RolloutConfig`` (both built once in ``trainer.accept``, before any
+model is loaded).
 """
 
 from __future__ import annotations
@@ -83,7 +85,6 @@ def validate(cfg) -> None:
     _require(th is None or (isinstance(th, int) and not isinstance(th, bool) and th >= 0), "threads", th,
              "must be an integer >= 0 (0 = torch's default)")
     _validate_model(cfg)
-    _validate_rollout(cfg.get("rollout") or {})
     _require(cfg.logger.backend in ("wandb", "none"), "logger.backend", cfg.logger.backend,
              "use logger=wandb or logger=none")
 
@@ -141,28 +142,6 @@ def _validate_model(cfg) -> None:
     _require(pair in ("a", "b", "c"), "model.embedded_pair", pair,
              "use a (the default tiny pair), b (the larger one, model=embedded_b) or c (head_dim 32 for vLLM, "
              "model=embedded_c)")
-
-
-def _validate_rollout(ro) -> None:
-    _require(ro.get("engine", "eager") in ("auto", "eager", "static", "vllm"), "rollout.engine", ro.get("engine"),
-             "use auto (vllm on a GPU with vllm installed, else static where the architecture allows it), static, "
-             "eager or vllm")
-    _require(isinstance(ro.get("compile", False), bool), "rollout.compile", ro.get("compile"), "use true or false")
-    _require(isinstance(ro.get("compact", True), bool), "rollout.compact", ro.get("compact"), "use true or false")
-    se = ro.get("sync_every")
-    _require(se is None or (isinstance(se, int) and se >= 1), "rollout.sync_every", se,
-             "must be null (1 on CPU, 16 on GPU) or an integer >= 1")
-    ml = ro.get("vllm_max_model_len")
-    _require(ml is None or (isinstance(ml, int) and not isinstance(ml, bool) and ml >= 1), "rollout.vllm_max_model_len",
-             ml, "must be null (the student's max positions) or an integer >= 1")
-    gm = ro.get("vllm_gpu_memory_utilization", 0.3)
-    _require(is_number(gm) and 0 < gm <= 1, "rollout.vllm_gpu_memory_utilization", gm, "must be a number in (0, 1]")
-    si = ro.get("solver_iters")
-    _require(si is None or (isinstance(si, int) and si >= 1), "rollout.solver_iters", si,
-             "must be null (stop at convergence) or an integer >= 1")
-    _require(ro.get("teacher_stats", "full") in ("full", "topk", "auto"), "rollout.teacher_stats",
-             ro.get("teacher_stats"), "use full ([B, T, V] teacher log-probs), topk (O(B*T*k)) or auto (topk where "
-             "the method's loss allows it)")
 
 
 def validate_eval(cfg) -> None:

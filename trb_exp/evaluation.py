@@ -1,7 +1,7 @@
 """Evaluation: sampled pass@1 (the paper's metric), unbiased pass@k, greedy accuracy.
 
 pass@1 is the mean over problems of c/n, with n samples per problem at temperature 1 drawn by
-the same decode loop the trainer uses (``StudentRule``); ``pass@1_se`` is its standard error from
+the same decode loop the trainer uses (``StudentSampler``); ``pass@1_se`` is its standard error from
 that sampling alone (the evaluation noise of a fixed model, unbiased per-problem variances). Graders are plain functions
 ``grade(response_text, reference) -> bool``.
 """
@@ -13,7 +13,9 @@ import math
 import torch
 
 from trb_exp.data import encode_prompts
-from trb_exp.decode.rollout import GreedyRule, StudentRule, sample
+from trb_exp.decode.backend import sample
+from trb_exp.decode.config import RolloutConfig
+from trb_exp.rules import GreedySampler, StudentSampler
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -35,7 +37,7 @@ def pass_at_1_se(correct_per_problem: list[int], n: int) -> float:
 
 
 def _generate(model, tokenizer, prompts, rule, *, max_new_tokens, batch_size, generator, device, eos_ids=(),
-              progress: str | None = None, sample_kw: dict | None = None):
+              progress: str | None = None, rollout: RolloutConfig | None = None):
     texts, lengths, finished = [], [], []
     starts = range(0, len(prompts), batch_size)
     if progress:  # the evaluation's own bar (one tick per decoded batch), gone when it is done
@@ -46,7 +48,7 @@ def _generate(model, tokenizer, prompts, rule, *, max_new_tokens, batch_size, ge
         ids, mask = encode_prompts(tokenizer, prompts[i : i + batch_size], device)
         ro = sample(model, None, ids, mask, rule, max_new_tokens=max_new_tokens,
                     eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator,
-                    eos_ids=eos_ids, **(sample_kw or {}))
+                    eos_ids=eos_ids, config=rollout)
         texts += tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
         lengths += ro.response_mask.sum(1).tolist()
         finished += ro.finished.tolist()
@@ -58,22 +60,22 @@ def evaluate(model, tokenizer, prompts: list[str], answers: list[str], grade, *,
              temperature: float = 1.0, greedy: bool = True, max_new_tokens: int = 64,
              batch_size: int = 512, seed: int = 0, ks: tuple[int, ...] = (1,),
              eos_ids: tuple[int, ...] = (), progress: bool | str = False,
-             sample_kw: dict | None = None) -> dict[str, float]:
+             rollout: RolloutConfig | None = None) -> dict[str, float]:
     """Sampled pass@1 (+ pass@k for k in ``ks`` up to n) and greedy accuracy on ``prompts``.
 
     ``eos_ids``: extra end-of-sequence ids (the teacher's) merged into the tokenizer's EOS, as in training.
-    ``progress``: show a progress bar over the decoded batches (a string: its label). ``sample_kw``: the decode
-    engine and its knobs (``rollout.sample``'s keywords; default the eager loop)."""
+    ``progress``: show a progress bar over the decoded batches (a string: its label). ``rollout``: the decode
+    engine and its knobs (default the eager loop)."""
     label = (progress if isinstance(progress, str) else "eval") if progress else None
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     rep_prompts = [p for p in prompts for _ in range(n_samples)]
-    texts, lengths, finished = _generate(model, tokenizer, rep_prompts, StudentRule(temperature),
+    texts, lengths, finished = _generate(model, tokenizer, rep_prompts, StudentSampler(temperature),
                                          max_new_tokens=max_new_tokens, batch_size=batch_size,
                                          generator=gen, device=device, eos_ids=eos_ids, progress=label,
-                                         sample_kw=sample_kw)
+                                         rollout=rollout)
     correct = [grade(t, answers[i // n_samples]) for i, t in enumerate(texts)]
     per_problem = [sum(correct[j * n_samples : (j + 1) * n_samples]) for j in range(len(prompts))]
     out = {
@@ -87,9 +89,9 @@ def evaluate(model, tokenizer, prompts: list[str], answers: list[str], grade, *,
         if 1 < k <= n_samples:
             out[f"pass@{k}"] = sum(pass_at_k(n_samples, c, k) for c in per_problem) / len(prompts)
     if greedy:
-        gtexts, _, _ = _generate(model, tokenizer, list(prompts), GreedyRule(), max_new_tokens=max_new_tokens,
+        gtexts, _, _ = _generate(model, tokenizer, list(prompts), GreedySampler(), max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, generator=gen, device=device, eos_ids=eos_ids,
-                                 progress=label and f"{label} (greedy)", sample_kw=sample_kw)
+                                 progress=label and f"{label} (greedy)", rollout=rollout)
         out["greedy_acc"] = sum(grade(t, a) for t, a in zip(gtexts, answers)) / len(prompts)
     model.train(was_training)
     return out

@@ -1,5 +1,6 @@
 """``setup(cfg) -> Experiment``: everything a run reads but never changes, built in one place from the
-composed config and shared by ``trb_exp.train`` and ``trb_exp.evaluate``.
+composed config and shared by ``trb_exp.train`` and ``trb_exp.evaluate``. An ``Experiment`` is frozen: the
+trainer's ``build`` derives the distributed one with ``dataclasses.replace``.
 
 An ``Experiment`` holds the device, the method, the task's training prompts (rendered once with the
 prompt format), the benchmarks (rendered, cut to the configured size, each with its own sample count
@@ -23,12 +24,13 @@ from trb_exp.distributed import DistContext
 from trb_exp.data import Benchmark, check_prompts, load_benchmark, load_benchmarks, load_task, prompt_formatter
 from trb_exp.methods import Method
 from trb_exp.prepare import embedded_pair_dir
-from trb_exp.decode.rollout import eager_kwargs, sample_kwargs
+from trb_exp.decode.backend import resolve_engine
+from trb_exp.decode.config import RolloutConfig
 from trb_exp.models import (check_available, check_pair, eos_ids, load_model, load_tokenizer,
                             max_positions, pair_eos_ids, pick_device, set_vocab_size)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Experiment:
     cfg: object
     device: torch.device
@@ -42,9 +44,7 @@ class Experiment:
     train_prompts: list[str] = field(default_factory=list)
     train_answers: list[str] = field(default_factory=list)
     grade: Callable[[str, str], bool] | None = None
-    teacher_pass: str = "rollout"
-    rollout_kw: dict = field(default_factory=dict)  # rollout.* as keyword arguments of rollout.sample
-    sparse_teacher: bool = False  # rollout.teacher_stats=topk: the loss gets the teacher on the top-k ids only
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # the decode backend, its knobs, the teacher's stats
     dist: DistContext = field(default_factory=DistContext)  # this process's rank under torchrun
     train_student: torch.nn.Module | None = None  # the student as the loss sees it (DDP-wrapped under torchrun)
     # objects that change while training and must survive a resume (a budget controller, say): each has
@@ -69,26 +69,6 @@ def _start(cfg) -> torch.device:
     return pick_device(cfg.device)
 
 
-def pick_engine(rollout_kw: dict, student, teacher) -> dict:
-    """``rollout.engine=auto`` (the default): vLLM on a GPU where it is installed and runs the pair (decided
-    earlier, ``decode.vllm.resolve_auto``), else the static engine when it can run both models (Llama, Qwen2/3,
-    Mistral), else the eager loop, said in one line; ``static`` on another architecture is a one-line error."""
-    from trb_exp.decode.static_lm import UnsupportedModel, check_supported
-
-    if rollout_kw["engine"] in ("eager", "vllm"):
-        return rollout_kw
-    for name, model in (("model.student", student), ("model.teacher", teacher)):
-        try:
-            check_supported(model)
-        except UnsupportedModel as e:
-            if rollout_kw["engine"] == "static":
-                raise ConfigError(f"{name}: {e}") from None
-            print(f"[rollout] rollout.engine=auto: {name} is not an architecture the static engine runs; "
-                  "decoding with the eager loop", flush=True)
-            return eager_kwargs(rollout_kw)
-    return rollout_kw | {"engine": "static"}
-
-
 def _config_of(name, emb) -> dict:
     """A model's config.json as a dict (a local or embedded directory, or a cached hub id), without its weights."""
     from trb_exp.models import resolve
@@ -97,21 +77,13 @@ def _config_of(name, emb) -> dict:
     return cfg.to_dict()
 
 
-def setup(cfg) -> Experiment:
-    """The training experiment of ``cfg`` (already validated): method, task, benchmarks, the pair."""
-    method = Method.from_cfg(cfg.method, cfg.schedule)
+def setup(cfg, method: Method | None = None, rollout: RolloutConfig | None = None) -> Experiment:
+    """The training experiment of ``cfg`` (already validated): method, task, benchmarks, the pair. ``method`` and
+    ``rollout``: as ``trainer.accept`` built them from ``cfg`` (built here when not given)."""
+    method = method or Method.from_cfg(cfg.method, cfg.schedule)
+    rollout = rollout or RolloutConfig.from_cfg(cfg, method)
     device = _start(cfg)
     mc = cfg.model
-    teacher_pass = str(mc.get("teacher_pass", "rollout"))
-    if teacher_pass not in ("rollout", "micro_batch"):
-        raise ConfigError(f"model.teacher_pass={teacher_pass!r}: use rollout or micro_batch")
-    rollout_kw = sample_kwargs(cfg, method.topk)  # rollout.engine and its knobs, rollout.teacher_stats
-    if rollout_kw["teacher_stats"] == "auto":  # topk where the method's loss allows it (the paper presets), else full
-        rollout_kw["teacher_stats"] = "topk" if method.sparse_teacher_ok else "full"
-    sparse = rollout_kw["teacher_stats"] == "topk" and method.needs_teacher_logprobs
-    if sparse and not method.sparse_teacher_ok:
-        raise ConfigError(f"rollout.teacher_stats=topk: method {method.name} needs the full teacher distribution "
-                          "(topk needs loss=reverse_kl, estimator topk or sampled, b_start=1); use rollout.teacher_stats=full")
     # a hub id that cannot be loaded (offline, not cached) stops the run here, in milliseconds
     check_available(str(mc.student), "model.student")
     check_available(str(mc.teacher), "model.teacher")
@@ -140,11 +112,10 @@ def setup(cfg) -> Experiment:
     check_prompts(tok, train_prompts, f"dataset ({task.name}, training prompts)", positions)
     for b in benchmarks:
         check_prompts(tok, b.prompts, f"benchmark {b.name}", positions)
-    if rollout_kw["engine"] in ("vllm", "auto"):  # configs only: a pair vLLM cannot run stops here, in one line
-        from trb_exp.decode.vllm import resolve_engine
+    if rollout.engine in ("vllm", "auto"):  # configs only: a pair vLLM cannot run stops here, in one line
+        from trb_exp.decode.vllm import resolve_vllm
 
-        rollout_kw = resolve_engine(rollout_kw, method, _config_of(mc.student, emb), _config_of(mc.teacher, emb),
-                                    device)
+        rollout = resolve_vllm(rollout, method, _config_of(mc.student, emb), _config_of(mc.teacher, emb), device)
     student = load_model(mc.student, device=device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code,
                          train=True, embedded_dir=emb, gradient_checkpointing=bool(mc.get("gradient_checkpointing")),
                          field="model.student")
@@ -154,17 +125,17 @@ def setup(cfg) -> Experiment:
     vocab = check_pair(tok, teacher_tok, student, teacher)
     set_vocab_size(student, vocab)  # padded embeddings: compare both models on the tokenizer's vocabulary
     set_vocab_size(teacher, vocab)
-    rollout_kw = pick_engine(rollout_kw, student, teacher)
-    if rollout_kw["engine"] == "vllm":  # the run's engines (built on first use; decode/vllm.py)
-        from trb_exp.decode.vllm import build_rollouts
+    rollout = resolve_engine(rollout, student, teacher)
+    if rollout.engine == "vllm":  # this process's vLLM engine (built on first use; decode/vllm.py)
+        from trb_exp.decode.vllm import open_rollouts
 
-        rollout_kw["backend"] = build_rollouts(cfg, student, teacher, tok, vocab, method)
+        open_rollouts(cfg, rollout, student, teacher, tok, vocab, method)
     # different EOS ids (Base student, instruct teacher): one merged end-of-sequence event at the student's id
     eos_id, all_eos = pair_eos_ids(tok, teacher_tok, student, teacher)
     return Experiment(cfg=cfg, device=device, tok=tok, student=student, benchmarks=benchmarks, eos_id=eos_id,
                       eos_ids=all_eos, method=method, teacher=teacher,
                       train_prompts=train_prompts, train_answers=list(task.train_answers),
-                      grade=task.grade, teacher_pass=teacher_pass, rollout_kw=rollout_kw, sparse_teacher=sparse,
+                      grade=task.grade, rollout=rollout,
                       stateful=method.stateful())
 
 

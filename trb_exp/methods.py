@@ -23,7 +23,7 @@ from torch import Tensor
 from trb_exp.config import ConfigError
 from trb_exp.knobs import NOT_A_KNOB, bad, knob_fields, knobs_from, ramp
 from trb_exp.objectives import Loss, loss_class
-from trb_exp.rules import Rule, rule_class
+from trb_exp.rules import Rule, Sampler, rule_class
 from trb_exp.schedules import Schedule
 
 RENAMED = {"eps": "fixed_blend's constant budget is now the schedule's: use schedule=constant schedule.eps0=<eps>"}
@@ -59,7 +59,7 @@ class Method:
         from ``t0`` to ``base`` over K steps."""
         return base if self.t0 is None else ramp(step, self.t0, base, self.K)
 
-    def rule(self, step: int, temperature: float = 1.0, generator=None):
+    def sampler(self, step: int, temperature: float = 1.0, generator=None) -> Sampler:
         """The behaviour rule's sampler at training step ``step``. ``generator`` feeds rules that sample
         inside themselves (SKD's proposal and replacement)."""
         return self.behaviour.at(step, self.temperature(step, temperature), generator)

@@ -35,7 +35,7 @@ from trb_exp.evaluation import evaluate
 from trb_exp.losses import cross_entropy, masked_token_mean
 from trb_exp.models import embedded_dir_of, tiny_llama
 from trb_exp.optim import accumulate_step, adamw
-from trb_exp.decode.rollout import positions_from_mask
+from trb_exp.decode.record import positions_from_mask
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,10 @@ observation per step and that saves/restores its state (resumable runs).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
+from trb_exp.config import ConfigError
 from trb_exp.knobs import NOT_A_KNOB, bad, knobs_from
 
 SCHEDULES = ("linear", "cosine", "exponential", "step", "constant", "none", "gap", "reward")
@@ -46,6 +48,26 @@ HORIZON = ("linear", "cosine", "exponential", "step")  # the schedules that read
 BUDGETS = ("absolute", "relative")
 
 
+def check_eps0(eps0, *, relative: bool = False, finite: bool = False, field: str = "schedule.eps0",
+               error: type[ValueError] = ConfigError) -> float:
+    """The one check of a KL budget ``eps0`` (the schedule group, the budget functions, TRL's ``TRBConfig``): a
+    number >= 0 (finite where ``finite``: the adaptive controllers), at most 1 for a ``relative`` budget.
+    Raises ``error`` with one line naming ``field``."""
+    if not (isinstance(eps0, numbers.Real) and eps0 >= 0 and (not finite or math.isfinite(eps0))):
+        raise error(f"{field}={eps0!r}: a KL budget must be {'a finite number ' if finite else ''}>= 0 (0 = plain OPD)")
+    if relative and eps0 > 1:
+        raise error(f"{field}={eps0!r}: a relative budget is a fraction of KL(pi_T||pi_S): use a value in [0, 1]")
+    return float(eps0)
+
+
+def check_controller(handover: float, target_reward: float) -> None:
+    """The one check of the adaptive controllers' knobs (the schedule group and ``AdaptiveBudget``)."""
+    if not 0 <= handover < 1:
+        bad("schedule.handover", handover, "the hand-over fraction of the initial gap must be in [0, 1)")
+    if not 0 < target_reward <= 1:
+        bad("schedule.target_reward", target_reward, "a target mean reward must be in (0, 1]")
+
+
 def budget_at(step: int, name: str, eps0: float, warmup_steps: int, final_ratio: float = 0.01) -> float:
     """The budget eps_k of training step ``step`` under schedule ``name``."""
     if name not in SCHEDULES:
@@ -53,8 +75,7 @@ def budget_at(step: int, name: str, eps0: float, warmup_steps: int, final_ratio:
     if name in ADAPTIVE:
         raise ValueError(f"schedule.name={name!r} is adaptive: its budget depends on the run's history, "
                          "use AdaptiveBudget (or adaptive_budgets for a scripted history)")
-    if eps0 < 0:
-        raise ValueError(f"schedule.eps0={eps0}: a KL budget must be >= 0")
+    check_eps0(eps0)
     if name == "none":
         return 0.0
     if name == "constant":
@@ -93,12 +114,8 @@ class AdaptiveBudget:
                  relative: bool = False):
         if name not in ADAPTIVE:
             raise ValueError(f"schedule.name={name!r}: the adaptive schedules are {', '.join(ADAPTIVE)}")
-        if not (math.isfinite(eps0) and eps0 >= 0):
-            raise ValueError(f"schedule.eps0={eps0}: a KL budget must be a finite number >= 0")
-        if not 0 <= handover < 1:
-            raise ValueError(f"schedule.handover={handover}: the hand-over fraction of the initial gap must be in [0, 1)")
-        if not 0 < target_reward <= 1:
-            raise ValueError(f"schedule.target_reward={target_reward}: a target mean reward must be in (0, 1]")
+        check_eps0(eps0, finite=True)
+        check_controller(handover, target_reward)
         self.name, self.eps0, self.handover, self.target_reward = name, float(eps0), handover, target_reward
         self.cap = min(REWARD_EPS_CAP * self.eps0, 1.0) if relative else REWARD_EPS_CAP * self.eps0
         self.eps = float(eps0)
@@ -165,20 +182,14 @@ class Schedule:
     def validate(self) -> None:
         if self.name not in SCHEDULES:
             bad("schedule.name", self.name, f"choose one of {', '.join(SCHEDULES)}")
-        if not self.eps0 >= 0:
-            bad("schedule.eps0", self.eps0, "a KL budget must be >= 0 (0 = plain OPD)")
+        check_eps0(self.eps0, relative=self.budget == "relative")
         if self.warmup_steps < 1 and self.name in HORIZON:
             bad("schedule.warmup_steps", self.warmup_steps, "the warmup horizon K must be >= 1")
-        if not 0 <= self.handover < 1:
-            bad("schedule.handover", self.handover, "the hand-over fraction of the initial gap must be in [0, 1)")
-        if not 0 < self.target_reward <= 1:
-            bad("schedule.target_reward", self.target_reward, "a target mean reward must be in (0, 1]")
+        check_controller(self.handover, self.target_reward)
         if self.name == "exponential" and not 0 < self.final_ratio <= 1:
             bad("schedule.final_ratio", self.final_ratio, "the decay ratio of the exponential schedule must be in (0, 1]")
         if self.budget not in BUDGETS:
             bad("schedule.budget", self.budget, f"choose one of {', '.join(BUDGETS)}")
-        if self.budget == "relative" and self.eps0 > 1:
-            bad("schedule.eps0", self.eps0, "a relative budget is a fraction of KL(pi_T||pi_S): use a value in [0, 1]")
 
     def attach_controller(self) -> "Schedule":
         """An adaptive schedule gets its state (once); the trainer feeds it through ``observe``."""

@@ -16,16 +16,21 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from trb_exp import losses
-from trb_exp.blending import merge_eos
 from trb_exp.config import ConfigError, validate
 from trb_exp.data import encode_prompts, prompt_batch
+from trb_exp.decode.backend import sample
+from trb_exp.decode.config import RolloutConfig
+from trb_exp.decode.forward import response_logits
+from trb_exp.decode.record import concat_rollouts
+from trb_exp.decode.vllm import close_rollouts, vllm_rollouts
+from trb_exp.decode.teacher_pass import TeacherTargets
 from trb_exp.distributed import (
     DistContext,
     check_strategy,
@@ -43,14 +48,6 @@ from trb_exp.methods import Method
 from trb_exp.optim import accumulate_step
 from trb_exp.run.preempt import Stopped, StopSignals
 from trb_exp.run.resume import restore, resume_from
-from trb_exp.decode.rollout import (
-    concat_rollouts,
-    eager_kwargs,
-    response_logits,
-    sample,
-    teacher_logprobs,
-    teacher_logprobs_at,
-)
 from trb_exp.run.state import (
     TrainState,
     prune_checkpoints,
@@ -101,16 +98,15 @@ def rollouts(exp: Experiment, state: TrainState, step: int):
     batch = [i for i in prompts for _ in range(tr.rollouts_per_prompt)]  # this rank's share of the step
     ids, mask = encode_prompts(tok, [exp.train_prompts[i] for i in batch], exp.device)
     exp.student.eval()
-    rule = exp.method.rule(step, tr.temperature, generator=state.generator)
-    if exp.rollout_kw.get("backend") is not None:  # vLLM: the pair engine is released once the rule needs no teacher
-        exp.rollout_kw["backend"].plan(rule)
+    rule = exp.method.sampler(step, tr.temperature, generator=state.generator)
     chunk = tr.get("rollout_batch_size") or len(batch)  # decode in row chunks: one chunk's KV caches at a time
-    if exp.rollout_kw.get("engine") == "vllm":  # a paged engine: the whole step at once
+    if exp.rollout.engine == "vllm":  # a paged engine: the whole step at once; the pair engine goes once no teacher
         chunk = len(batch)
-    keep = exp.method.needs_teacher_logprobs and (exp.teacher_pass == "rollout" or exp.sparse_teacher)
+        vllm_rollouts().plan(rule)
+    keep = exp.rollout.keeps_teacher(exp.method.needs_teacher_logprobs)
     parts = [sample(exp.student, exp.teacher, ids[c : c + chunk], mask[c : c + chunk], rule,
                     max_new_tokens=tr.max_new_tokens, eos_id=exp.eos_id, pad_id=tok.pad_token_id,
-                    generator=state.generator, eos_ids=exp.eos_ids, keep_teacher_logprobs=keep, **exp.rollout_kw)
+                    generator=state.generator, eos_ids=exp.eos_ids, keep_teacher_logprobs=keep, config=exp.rollout)
              for c in range(0, len(batch), chunk)]
     exp.student.train()
     return (parts[0] if len(parts) == 1 else concat_rollouts(parts, tok.pad_token_id)), batch
@@ -118,14 +114,11 @@ def rollouts(exp: Experiment, state: TrainState, step: int):
 
 def update(exp: Experiment, state: TrainState, ro, step: int) -> dict:
     """One optimizer step on the rollouts: the loss over micro-batches, normalised by the response
-    tokens of the whole step. Teacher statistics come from the rollout, else one batched pass
-    (teacher_pass=micro_batch: one teacher pass per micro-batch, so [B, T, V] never exists for the step)."""
-    tr, method, eos_ids, eos_id = exp.cfg.trainer, exp.method, exp.eos_ids, exp.eos_id
-    t_lp = ro.teacher_logprobs
-    if t_lp is None and method.needs_teacher_logprobs and exp.teacher_pass == "rollout" and not exp.sparse_teacher:
-        t_lp = teacher_logprobs(exp.teacher, ro)
-    if t_lp is not None:  # one merged EOS event (idempotent; a no-op for a single EOS id)
-        t_lp = merge_eos(t_lp, eos_ids, eos_id)
+    tokens of the whole step. Each micro-batch's teacher targets come from ``TeacherTargets`` (from the
+    rollout, one batched pass, or one pass per micro-batch: ``decode/teacher_pass.py``)."""
+    tr, method = exp.cfg.trainer, exp.method
+    targets = TeacherTargets(exp.teacher, ro, exp.rollout, needs_teacher=method.needs_teacher_logprobs,
+                             estimator=method.estimator, topk=method.topk, eos_ids=exp.eos_ids, eos_id=exp.eos_id)
     n_tokens, dist, model = ro.response_mask.sum(), exp.dist, exp.train_student or exp.student
     if dist.active:  # the step's tokens on every rank, over the ranks DDP averages gradients across
         n_tokens = dist.all_sum(n_tokens) / dist.world
@@ -133,7 +126,7 @@ def update(exp: Experiment, state: TrainState, ro, step: int) -> dict:
 
     def micro_batch(sl: slice):
         def loss_of():
-            loss, est = _micro_batch_loss(exp, ro, t_lp, sl, n_tokens, step, model)
+            loss, est = _micro_batch_loss(method, model, ro, targets, sl, n_tokens, step)
             if est is not None:  # the sampled loss is a surrogate: log a real KL estimate
                 kl_sum[0] += losses.masked_token_mean(est, ro.response_mask[sl], n_tokens).item()
             return loss
@@ -152,30 +145,18 @@ def update(exp: Experiment, state: TrainState, ro, step: int) -> dict:
     return out
 
 
-def _micro_batch_loss(exp: Experiment, ro, t_lp, sl: slice, n_tokens, step: int, model):
+def _micro_batch_loss(method: Method, model, ro, targets: TeacherTargets, sl: slice, n_tokens, step: int):
     """The loss of micro-batch ``sl`` (its share of the step's token mean) and, for the sampled estimator,
     the per-token KL estimate ``log pS(y) - log q(y)`` that is logged in its place (else None)."""
-    method, eos_ids, eos_id = exp.method, exp.eos_ids, exp.eos_id
-    logits = response_logits(model, ro.input_ids[sl], ro.attention_mask[sl], ro.prompt_len)
-    logits = merge_eos(logits, eos_ids, eos_id)  # the loss sees the merged EOS event too
-    if exp.sparse_teacher:  # rollout.teacher_stats=topk: O(k) teacher statistics, from the rollout or one gathered pass
-        ids_k = ro.topk_ids[sl] if ro.topk_ids is not None else logits.detach().topk(
-            min(method.topk, logits.shape[-1]), dim=-1).indices
-        t_k, t_tok = ro.teacher_topk_logprobs, ro.teacher_token_logprobs
-        if t_tok is None or (t_k is None and method.estimator == "topk"):
-            both = teacher_logprobs_at(exp.teacher, ro, torch.cat([ids_k, ro.response_ids[sl, :, None]], -1), sl,
-                                       merge=lambda x: merge_eos(x, eos_ids, eos_id))
-            t_k, t_tok = both[..., :-1], both[..., -1]
-        else:
-            t_k, t_tok = (None if t_k is None else t_k[sl]), t_tok[sl]
-        per_tok = method.per_token_loss_sparse(logits, ids_k, t_k, ro.response_ids[sl], t_tok)
-        est = losses.sampled_kl_estimate_gathered(logits, ro.response_ids[sl], t_tok) if method.logs_kl_estimate else None
+    logits = targets.merge(response_logits(model, ro.input_ids[sl], ro.attention_mask[sl], ro.prompt_len))
+    tg, tokens = targets.for_micro_batch(sl, logits), ro.response_ids[sl]
+    if tg.sparse:  # rollout.teacher_stats=topk: O(k) teacher statistics
+        per_tok = method.per_token_loss_sparse(logits, tg.topk_ids, tg.topk_logprobs, tokens, tg.token_logprobs)
+        est = (losses.sampled_kl_estimate_gathered(logits, tokens, tg.token_logprobs) if method.logs_kl_estimate
+               else None)
     else:
-        t_sl = None if t_lp is None else t_lp[sl]
-        if t_sl is None and method.needs_teacher_logprobs:  # teacher_pass=micro_batch
-            t_sl = merge_eos(teacher_logprobs(exp.teacher, ro, sl), eos_ids, eos_id)
-        per_tok = method.per_token_loss(logits, t_sl, ro.response_ids[sl], step)
-        est = method.kl_estimate(logits, t_sl, ro.response_ids[sl], step) if method.logs_kl_estimate else None
+        per_tok = method.per_token_loss(logits, tg.full, tokens, step)
+        est = method.kl_estimate(logits, tg.full, tokens, step) if method.logs_kl_estimate else None
     return losses.masked_token_mean(per_tok, ro.response_mask[sl], n_tokens), est
 
 
@@ -185,7 +166,7 @@ def evaluate_student(exp: Experiment, step: int, logger: RunLogger, progress: bo
     tr, ev = exp.cfg.trainer, exp.cfg.get("eval") or {}
     kw = dict(n_samples=tr.eval_samples, temperature=1.0, max_new_tokens=tr.max_new_tokens, seed=exp.cfg.seed + 1,
               eos_ids=exp.eos_ids, batch_size=int(ev.get("batch_size") or 512),
-              progress=progress and exp.dist.is_main, sample_kw=_eval_engine(exp.rollout_kw))
+              progress=progress and exp.dist.is_main, rollout=exp.rollout.student_only())
     scorer = sharded_evaluate(exp.dist, evaluate)
     if len(exp.benchmarks) == 1:  # one test set (the embedded default): eval/<metric>
         b = exp.benchmarks[0]
@@ -199,12 +180,6 @@ def evaluate_student(exp: Experiment, step: int, logger: RunLogger, progress: bo
         tqdm.write(f"[eval] step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items()))
     sys.stdout.flush()
     return {"step": step, **r}
-
-
-def _eval_engine(rollout_kw: dict) -> dict:
-    """The training rollouts' decode engine for the evaluation too (without the TRB solver's and the teacher
-    statistics' knobs, which a student-only decode does not take)."""
-    return {k: v for k, v in rollout_kw.items() if k in ("engine", "sync_every", "compile", "compact", "backend")}
 
 
 def warm_start(exp: Experiment, state: TrainState, logger: RunLogger) -> None:
@@ -283,14 +258,14 @@ def train(exp: Experiment, state: TrainState, logger: RunLogger, run_dir: Path, 
 
 
 def after_update(exp: Experiment) -> dict:
-    """rollout.engine=vllm: the new weights into the live vLLM engines (verified), and the step's time split
+    """rollout.engine=vllm: the new weights into the live vLLM engine (verified), and the step's time split
     (``time/decode_s``, ``time/teacher_pass_s``, ``time/weight_sync_s``); other engines: nothing."""
-    backend = exp.rollout_kw.get("backend")
-    if backend is None:
+    if exp.rollout.engine != "vllm":
         return {}
-    backend.mark_updated()
-    backend.sync()
-    return backend.times.metrics()
+    engine = vllm_rollouts()
+    engine.mark_updated()
+    engine.sync()
+    return engine.times.metrics()
 
 
 def _stop_requested(exp: Experiment, stop: StopSignals | None) -> bool:
@@ -320,10 +295,10 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
     process's rank under torchrun (rank 0 alone checks and writes the run directory)."""
     dist = dist or DistContext()
     run_dir = Path(run_dir)
-    ckpt = accept(cfg, run_dir, dist)
+    ckpt, method, rollout = accept(cfg, run_dir, dist)
     if on_accept is not None:
         on_accept(ckpt)
-    exp = build(cfg, dist)
+    exp = build(cfg, dist, method, rollout)
     state = TrainState.create(exp.student, cfg, exp.device)
     if dist.active:  # a sampling stream per rank
         state.generator.manual_seed(rank_seed(int(cfg.seed), dist.rank))
@@ -331,8 +306,8 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
     resume_step = None
     if ckpt is not None:
         resume_step = restore(state, exp.train_student, ckpt, run_dir, dist)
-        if exp.rollout_kw.get("backend") is not None:  # the restored weights into the vLLM engines
-            exp.rollout_kw["backend"].mark_updated()
+        if exp.rollout.engine == "vllm":  # the restored weights into the vLLM engine
+            vllm_rollouts().mark_updated()
         print(f"[resume] {ckpt} (step {state.step} of {cfg.trainer.max_steps})", flush=True)
     elif (run_dir / "metrics.jsonl").exists():  # the same run, stopped before its first checkpoint
         resume_step = -1
@@ -352,42 +327,44 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
         train(exp, state, logger, run_dir, stop)
     finally:
         logger.close()
-        if exp.rollout_kw.get("backend") is not None:
-            exp.rollout_kw["backend"].close()
+        if exp.rollout.engine == "vllm":
+            close_rollouts()
     return finish(exp, state, run_dir)
 
 
-def accept(cfg: DictConfig, run_dir: Path, dist: DistContext):
+def accept(cfg: DictConfig, run_dir: Path, dist: DistContext) -> tuple[Path | None, Method, RolloutConfig]:
     """The config and the run directory's checks, before any model is loaded (rank 0 checks, every rank
-    raises the same error or gets the same checkpoint to resume from, None for a fresh start)."""
+    raises the same error or gets the same checkpoint to resume from, None for a fresh start). Returns that
+    checkpoint, the method and the rollout config, built here once (their errors come before any model loads)."""
     validate(cfg)
     check_strategy(cfg, dist)
-    ckpt, err = None, None
-    if dist.is_main:
-        try:
+    ckpt = method = rollout = err = None
+    try:
+        if dist.is_main:
             ckpt = resume_from(cfg, run_dir)
-            Method.from_cfg(cfg.method, cfg.schedule)  # method and schedule errors before any model is loaded
-        except ConfigError as e:
-            err = e
+        method = Method.from_cfg(cfg.method, cfg.schedule)  # every rank builds the same one from the same config
+        rollout = RolloutConfig.from_cfg(cfg, method)
+    except ConfigError as e:
+        err = e
     ckpt, message = dist.broadcast((ckpt, None if err is None else str(err)))  # every rank stops, or resumes alike
     if err is not None:
         raise err  # as raised (a FinishedRun stays one: a re-submitted sweep skips the job)
     if message is not None:
         raise ConfigError(message)
-    return ckpt
+    return ckpt, method, rollout
 
 
-def build(cfg: DictConfig, dist: DistContext) -> Experiment:
+def build(cfg: DictConfig, dist: DistContext, method: Method, rollout: RolloutConfig) -> Experiment:
     """``experiment.setup`` plus this process's rank and the student as it trains (DDP / FSDP2 wrapped)."""
-    exp = setup(cfg)
-    exp.dist = dist
-    exp.train_student = wrap_student(exp.student, dist, str(cfg.trainer.get("strategy", "auto")))
-    if exp.train_student is exp.student and dist.active and exp.rollout_kw.get("engine") == "static":
+    exp = setup(cfg, method, rollout)
+    train_student = wrap_student(exp.student, dist, str(cfg.trainer.get("strategy", "auto")))
+    rollout = exp.rollout
+    if train_student is exp.student and dist.active and rollout.engine == "static":
         # FSDP2 shards the student in place; the static engine reads whole weights: the eager loop decodes
         # (it computes the same tokens, bit for bit on a CPU)
         print("[rollout] trainer.strategy=fsdp shards the student: decoding with rollout.engine=eager", flush=True)
-        exp.rollout_kw = eager_kwargs(exp.rollout_kw)
-    return exp
+        rollout = rollout.eager()
+    return replace(exp, dist=dist, train_student=train_student, rollout=rollout)
 
 
 def finish(exp: Experiment, state: TrainState, run_dir: Path) -> dict:

@@ -1,7 +1,7 @@
 """Warm starts that run once before training step 0 (``sft_warmup``).
 
 ``sft_warm_start`` samples ``n`` teacher responses per prompt with the same decode loop as training
-(``TeacherRule``: the student is never called), then fits the student to them with cross-entropy for
+(``TeacherSampler``: the student is never called), then fits the student to them with cross-entropy for
 ``M`` optimizer updates (one pass over the responses, split into M shuffled mini-batches; each
 update is normalised by its response tokens). Its optimizer is its own, so OPD then starts from the
 SFT checkpoint with a fresh AdamW and learning-rate warmup.
@@ -19,7 +19,9 @@ from trb_exp.blending import merge_eos
 from trb_exp.data import encode_prompts, pad_right
 from trb_exp.distributed import DistContext
 from trb_exp.optim import accumulate_step, adamw_from_config
-from trb_exp.decode.rollout import TeacherRule, response_logits, sample
+from trb_exp.decode.backend import sample
+from trb_exp.decode.forward import response_logits
+from trb_exp.rules import TeacherSampler
 
 
 def pack(tok, prompts: list[str], responses: list[list[int]], device):
@@ -35,7 +37,7 @@ def sft_warm_start(student, teacher, tok, prompts: list[str], answers: list[str]
                    model=None) -> list[dict]:
     """SFT ``student`` on ``n_samples`` teacher responses per prompt for ``updates`` updates. Logs one
     ``sft/*`` row per update (at step 0) and returns the rows. ``eos_id``/``eos_ids``: as in
-    ``rollout.sample`` (one merged end-of-sequence event, for the CE too).
+    ``decode.backend.sample`` (one merged end-of-sequence event, for the CE too).
 
     Under torchrun (``dist``; ``model``: the DDP / FSDP2-wrapped student the losses run through) every rank
     decodes its contiguous share of the prompts with its own sampling stream, the responses are gathered on
@@ -93,7 +95,7 @@ def _teacher_responses(teacher, tok, prompts, answers, grade, *, n_samples, tr, 
     for s in range(0, len(mine), per_chunk):
         chunk = [i for i in mine[s : s + per_chunk] for _ in range(n_samples)]
         ids, mask = encode_prompts(tok, [prompts[i] for i in chunk], device)
-        ro = sample(None, teacher, ids, mask, TeacherRule(tr.temperature), max_new_tokens=tr.max_new_tokens,
+        ro = sample(None, teacher, ids, mask, TeacherSampler(tr.temperature), max_new_tokens=tr.max_new_tokens,
                     eos_id=eos_id, pad_id=tok.pad_token_id, generator=generator, eos_ids=eos_ids,
                     keep_teacher_logprobs=False)
         texts = tok.batch_decode(ro.response_ids, skip_special_tokens=True)

@@ -1,6 +1,8 @@
-"""Runs on disk: finding and loading them, grouping them into method families and configurations.
+"""Runs: loading them (the one seam for run directories and data files), grouping them into method
+families and configurations.
 
-A run is a folder holding ``metrics.jsonl`` and ``.hydra/config.yaml`` (``summary.json`` once finished).
+A run is a folder holding ``metrics.jsonl`` and ``.hydra/config.yaml`` (``summary.json`` once finished),
+or its record in a study's data file (``runs.jsonl.gz``; the format lives in ``runstore``).
 Runs are grouped by method family (``method.name``) and configuration (the method's knobs, the
 schedule's for a run that read it, and any other setting that varies within the family; never the seed).
 Nothing here knows a method by name: what a run read is what it logged (``schedule_keys``).
@@ -9,12 +11,14 @@ Nothing here knows a method by name: what a run read is what it logged (``schedu
 from __future__ import annotations
 
 import json
-import sys
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from trb_exp.analysis.runstore import InputError, RunRecord, find_run_dirs, read_run_dir
+from trb_exp.analysis.runstore import load as load_records
 from trb_exp.analysis.stats import steps_to_target
 
 PASS1 = "eval/pass@1"
@@ -42,6 +46,7 @@ class Run:
     config: str = ""  # label of the configuration (set by group_runs)
     knobs: dict = field(default_factory=dict)
     overridden: frozenset = frozenset()  # dotted keys set on the command line (.hydra/overrides.yaml)
+    overrides: tuple = ()  # the command-line overrides as given (.hydra/overrides.yaml)
 
     @property
     def warmup_k(self) -> int | None:
@@ -69,68 +74,51 @@ def _flatten(d, prefix="") -> dict:
     return out
 
 
-def find_run_dirs(roots) -> list[Path]:
-    found = set()
-    for root in roots:
-        root = Path(root)
-        for m in root.rglob("metrics.jsonl"):
-            if (m.parent / ".hydra" / "config.yaml").is_file():
-                found.add(m.parent.resolve())
-    return sorted(found)
-
-
-class InputError(SystemExit):
-    """A bad input: ``error: <one line>`` on stderr and exit code 2, like the trainer's."""
-
-    def __init__(self, message: str):
-        print(message, file=sys.stderr)
-        super().__init__(2)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def _bad(path: Path, what: str) -> SystemExit:
-    return InputError(f"error: {path}: {what}; fix or remove that run directory")
-
-
-def load_run(path: Path, rel: str) -> Run:
+def run_from_record(rec: RunRecord, path: Path, rel: str) -> Run:
+    """A Run from its record: the config resolved and flattened, the metric rows split into evaluations
+    (step -> eval/* values) and training rows."""
     try:
-        raw = OmegaConf.load(path / ".hydra" / "config.yaml")
-    except Exception as e:
-        raise _bad(path / ".hydra" / "config.yaml", f"not a readable config ({type(e).__name__})") from None
-    try:
-        cfg = OmegaConf.to_container(raw, resolve=True)
+        cfg = OmegaConf.to_container(OmegaConf.create(rec.config), resolve=True)
     except Exception:  # an interpolation that cannot resolve outside Hydra: keep it as written
-        cfg = OmegaConf.to_container(raw, resolve=False)
+        cfg = rec.config
     flat = _flatten(cfg)
     evals, train = {}, []
-    for n, line in enumerate((path / "metrics.jsonl").read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise _bad(path / "metrics.jsonl", f"line {n} is not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            raise _bad(path / "metrics.jsonl", f"line {n} is not a metrics row (a JSON object with an integer step)")
+    for row in rec.rows:
         if PASS1 in row:
             evals.setdefault(int(row["step"]), {}).update({k: v for k, v in row.items() if k.startswith("eval/")})
         if "train/loss" in row or any(k in row for k in DIAGNOSTICS) or "time/step_s" in row:
             train.append(row)
-    sp = path / "summary.json"
-    try:
-        summary = json.loads(sp.read_text()) if sp.is_file() else None
-    except json.JSONDecodeError as e:
-        raise _bad(sp, f"not valid JSON ({e.msg} at line {e.lineno})") from None
-    if summary is not None and not isinstance(summary, dict):
-        raise _bad(sp, "not a summary (a JSON object)")
-    op = path / ".hydra" / "overrides.yaml"
-    overrides = OmegaConf.to_container(OmegaConf.load(op)) if op.is_file() else []
-    overridden = frozenset(k for o in overrides if (k := str(o).split("=", 1)[0].lstrip("+~")) in flat)
+    overridden = frozenset(k for o in rec.overrides if (k := str(o).split("=", 1)[0].lstrip("+~")) in flat)
     return Run(path=path, rel=rel, method=str(flat.get("method.name", "?")), seed=int(flat.get("seed", 0)),
-               cfg=flat, evals=evals, train=train, summary=summary, overridden=overridden)
+               cfg=flat, evals=evals, train=train, summary=rec.summary, overridden=overridden,
+               overrides=tuple(rec.overrides))
+
+
+def load_run(path: Path, rel: str) -> Run:
+    """The run directory ``path`` (named ``rel`` in reports)."""
+    return run_from_record(read_run_dir(path, rel), Path(path), rel)
+
+
+def load_runs(sources) -> list[Run]:
+    """Every run of ``sources``: run directories (searched recursively) and data files
+    (``runs.jsonl.gz``, see ``runstore``). Sorted by path, where a data file's run sits at
+    ``<data file>/<name>``. A run's ``rel`` is its path relative to the runs' common parent (the parent of a
+    single run), so a data file and the directories it was packed from name their runs alike."""
+    found: dict[Path, RunRecord | Path] = {}
+    for src in map(Path, sources):
+        if src.is_file():
+            found.update({src.resolve() / rec.name: rec for rec in load_records(src)})
+        elif src.is_dir():
+            found.update({p: p for p in find_run_dirs([src])})
+        else:
+            raise InputError(f"error: {src}: no such run directory or data file")
+    paths = sorted(found)
+    root = Path(os.path.commonpath([str(p) for p in paths])) if len(paths) > 1 else paths[0].parent if paths else None
+    runs = []
+    for p in paths:
+        rel, rec = str(p.relative_to(root)), found[p]
+        runs.append(load_run(p, rel) if isinstance(rec, Path) else run_from_record(rec, p, rel))
+    return runs
 
 
 def fmt_value(v) -> str:

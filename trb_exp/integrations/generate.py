@@ -26,8 +26,10 @@ from transformers.generation.logits_process import (
 )
 
 from trb_exp.blending import merge_eos
-from trb_exp.decode.rollout import TrustRegionRule, _step, positions_from_mask
-from trb_exp.schedules import ADAPTIVE, SCHEDULES, budget_at
+from trb_exp.decode.forward import decode_step
+from trb_exp.decode.record import positions_from_mask
+from trb_exp.rules import TrustRegionSampler
+from trb_exp.schedules import ADAPTIVE, SCHEDULES, budget_at, check_eps0
 
 
 class TRBConfigError(ValueError):
@@ -57,17 +59,14 @@ class TRBConfig:
         if self.schedule not in SCHEDULES:
             raise TRBConfigError(f"TRBConfig.schedule={self.schedule!r}: choose one of "
                                  f"{', '.join(s for s in SCHEDULES if s not in ADAPTIVE)}")
-        if not (isinstance(self.eps0, (int, float)) and math.isfinite(self.eps0) and self.eps0 >= 0):
-            raise TRBConfigError(f"TRBConfig.eps0={self.eps0!r}: a KL budget must be a finite number >= 0 "
-                                 "(0 = plain on-policy distillation)")
+        check_eps0(self.eps0, relative=self.budget == "relative", finite=True, field="TRBConfig.eps0",
+                   error=TRBConfigError)
         if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
             raise TRBConfigError(f"TRBConfig.warmup_steps={self.warmup_steps!r}: the horizon K must be an "
                                  "integer >= 0")
         if self.budget not in ("absolute", "relative"):
             raise TRBConfigError(f"TRBConfig.budget={self.budget!r}: use 'absolute' (nats per token) or "
                                  "'relative' (a fraction of KL(pi_T||pi_S))")
-        if self.budget == "relative" and self.eps0 > 1:
-            raise TRBConfigError(f"TRBConfig.eps0={self.eps0}: a relative budget is a fraction in [0, 1]")
         if not 0 < self.final_ratio <= 1:
             raise TRBConfigError(f"TRBConfig.final_ratio={self.final_ratio}: must be in (0, 1]")
         if not self.tol > 0:
@@ -96,10 +95,10 @@ class TRBLogitsProcessor(LogitsProcessor):
     Built for ONE ``generate`` call on left-padded prompts: ``prompt_attention_mask`` [B, P] is the mask given
     to ``generate``. On its first call (``input_ids`` = the prompts) it runs the teacher over the prompts; on
     every later call it advances the teacher by the one token ``generate`` appended, with its own KV cache, the
-    attention mask and the position ids of ``rollout.sample`` (a row that has emitted an EOS stops being
-    attended). It then applies ``TrustRegionRule(eps, budget, temperature, tol)`` to the (student scores,
+    attention mask and the position ids of ``decode.backend.sample`` (a row that has emitted an EOS stops being
+    attended). It then applies ``TrustRegionSampler(eps, budget, temperature, tol)`` to the (student scores,
     teacher logits) pair, after merging the EOS ids into one event at ``eos_token_id[0]`` when there are several
-    (``blending.merge_eos``, as ``rollout.sample``), and returns ``log mu`` times ``temperature`` (the
+    (``blending.merge_eos``, as ``decode.backend.sample``), and returns ``log mu`` times ``temperature`` (the
     temperature warper that ``generate`` applies after custom processors divides it back).
 
     Per decoded token it records ``beta``, ``kl`` (realised KL(mu || pi_S)), ``eps`` and ``alive`` (the token
@@ -113,7 +112,7 @@ class TRBLogitsProcessor(LogitsProcessor):
             raise TRBConfigError(f"temperature={temperature!r}: TRB samples, the temperature must be > 0")
         self.teacher = teacher
         self.prompt_mask = prompt_attention_mask.long()
-        self.rule = TrustRegionRule(eps=float(eps), budget=budget, temperature=float(temperature), tol=tol)
+        self.rule = TrustRegionSampler(eps=float(eps), budget=budget, temperature=float(temperature), tol=tol)
         self.temperature = float(temperature)
         self.eos_ids = _eos_list(eos_token_id)
         self.keep_teacher_logits = keep_teacher_logits
@@ -138,7 +137,7 @@ class TRBLogitsProcessor(LogitsProcessor):
                     "with num_return_sequences=1")
             self._mask = self.prompt_mask.to(input_ids.device)
             pos = positions_from_mask(self._mask)
-            logits, self._cache = _step(self.teacher, input_ids, self._mask, pos, None)
+            logits, self._cache = decode_step(self.teacher, input_ids, self._mask, pos, None)
             self._next_pos = pos[:, -1:] + 1
             self._alive = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         else:
@@ -151,7 +150,7 @@ class TRBLogitsProcessor(LogitsProcessor):
             self._mask = torch.cat([self._mask, self._alive.long()[:, None]], 1)
             if self.eos_ids:
                 self._alive = self._alive & ~torch.isin(tok, torch.tensor(self.eos_ids, device=tok.device))
-            logits, self._cache = _step(self.teacher, tok[:, None], self._mask, self._next_pos, self._cache)
+            logits, self._cache = decode_step(self.teacher, tok[:, None], self._mask, self._next_pos, self._cache)
             self._next_pos = self._next_pos + 1
         self._len = input_ids.shape[1]
         return logits
@@ -167,7 +166,7 @@ class TRBLogitsProcessor(LogitsProcessor):
                 f"{teacher_logits.shape[-1]}; student and teacher must share one vocabulary (same tokenizer, same "
                 "embedding rows)")
         s, t = scores, teacher_logits
-        if len(self.eos_ids) > 1:  # one shared end-of-sequence event at eos_ids[0], as rollout.sample
+        if len(self.eos_ids) > 1:  # one shared end-of-sequence event at eos_ids[0], as decode.backend.sample
             s = merge_eos(s, self.eos_ids, self.eos_ids[0])
             t = merge_eos(t, self.eos_ids, self.eos_ids[0])
         t0 = time.perf_counter()

@@ -10,7 +10,7 @@ Change one class and keep your accelerate/DeepSpeed setup, dataset and loss::
 While the step's budget ``eps_k = budget_at(k, schedule, eps0, warmup_steps)`` is > 0, the student's rollouts
 are drawn from the blend ``mu_b ∝ pi_S^(1-b) pi_T^b`` with the largest ``b`` such that
 ``KL(mu_b || pi_S) <= eps_k`` at every decoded token (``trb_exp.blending.trust_region_blend``, through
-``trb_exp.decode.rollout.TrustRegionRule``: the project's own solver and rule). Evaluation and the steps after the
+``trb_exp.rules.TrustRegionSampler``: the project's own solver and rule). Evaluation and the steps after the
 warmup take TRL's own path unchanged. TRL's loss is untouched: TRB only changes which prefixes are visited.
 
 How: TRL offers no way to hand ``generate`` a ``logits_processor``. ``TRBDistillationTrainer`` overrides the
@@ -18,10 +18,10 @@ private ``DistillationTrainer._generate`` (once per generation batch: the step's
 ``_generate_single_turn`` (hence the pin to the tested TRL range): for the duration of the latter the unwrapped
 student's ``generate`` is replaced by a wrapper that adds a ``TRBLogitsProcessor``, and it is restored
 afterwards (also on errors). The processor advances the teacher by one token per call with
-its own KV cache (prompt attention mask and positions as ``rollout.sample``), blends, and returns ``log mu``
+its own KV cache (prompt attention mask and positions as ``decode.backend.sample``), blends, and returns ``log mu``
 (times T when T != 1, because transformers' temperature warper runs after custom processors), so the token
 transformers samples is drawn from ``mu``. Same seed, same tokens and betas as
-``rollout.sample(..., TrustRegionRule(eps))``.
+``decode.backend.sample(..., TrustRegionSampler(eps))``.
 
 Refused with one ``TRBConfigError`` message (they would silently change the distribution after blending, or
 hang): top-k/top-p/min-p/typical/epsilon/eta sampling, repetition and n-gram penalties and other

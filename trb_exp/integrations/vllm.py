@@ -38,12 +38,12 @@ from trb_exp.integrations.vllm_checkpoint import (
     vllm_support_problem,
 )
 from trb_exp.rules.base import Sampler
-from trb_exp.rules.skd import SKDRule
-from trb_exp.rules.trust_region import TrustRegionRule
+from trb_exp.rules.skd import SKDSampler
+from trb_exp.rules.trust_region import TrustRegionSampler
 from trb_exp.schedules import BUDGETS
 
-__all__ = ["ARCHITECTURES", "CPU_HEAD_SIZES", "Checksum", "WeightSyncError", "make_pair_checkpoint", "register", "set_budget",
-           "set_rule", "sync_student_weights", "sync_weights", "vllm_support_problem", "weight_checksums"]
+__all__ = ["ARCHITECTURES", "CPU_HEAD_SIZES", "Checksum", "WeightSyncError", "make_pair_checkpoint", "register",
+           "set_budget", "set_rule", "sync_student_weights", "sync_weights", "vllm_support_problem", "weight_checksums"]
 
 ARCHITECTURE = "TRBPair"
 
@@ -74,7 +74,7 @@ def set_rule(llm, sampler: Sampler) -> None:
     """Make the TRBPair engine ``llm`` sample from ``sampler`` (e.g. ``rule.at(step, temperature)``) from its next
     ``generate`` on. SKD is refused: it draws its proposal and replacement inside the rule, which vLLM's seeded
     per-request sampler cannot reproduce."""
-    if isinstance(sampler, SKDRule):
+    if isinstance(sampler, SKDSampler):
         raise ConfigError("rollout.engine=vllm: SKD samples its proposal and replacement inside the rule, which "
                           "vLLM's per-request sampler cannot reproduce; use rollout.engine=static for method=skd")
     if not isinstance(sampler, Sampler):
@@ -89,14 +89,14 @@ def set_budget(llm, eps: float, budget: str = "absolute", temperature: float = 1
     temperature (both towers' logits are divided by it before blending)."""
     if budget not in BUDGETS:
         raise ConfigError(f"budget={budget!r}: use one of {', '.join(BUDGETS)}")
-    if not (isinstance(eps, (int, float)) and eps >= 0) or math.isnan(eps):
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and eps >= 0):  # NaN fails >= 0
         raise ConfigError(f"eps={eps!r}: the trust-region budget must be a number >= 0 (nats per token; inf: the "
                           "teacher)")
     if budget == "relative" and eps > 1:
         raise ConfigError(f"eps={eps!r}: a relative budget is a fraction of KL(pi_T||pi_S): use a value in [0, 1]")
     if not temperature > 0:
         raise ConfigError(f"temperature={temperature!r}: a sampling temperature must be > 0")
-    set_rule(llm, TrustRegionRule(float(eps), budget=budget, temperature=float(temperature)))
+    set_rule(llm, TrustRegionSampler(float(eps), budget=budget, temperature=float(temperature)))
 
 
 # ------------------------------------------------------------------------------------------ weight sync

@@ -34,13 +34,25 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 ALTERNATIVE = "use rollout.engine=static"
 
 
-def read_config(model_dir: str | Path, role: str = "model") -> dict:
-    """A model directory's config.json as a dict (one-line ConfigError when it is missing)."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{role}={str(model_dir)!r}: no config.json there; give a directory written by "
-                          "save_pretrained")
-    return json.loads(path.read_text())
+def read_config(model: str | Path, role: str = "model") -> dict:
+    """A model's config as a dict: ``model`` is a directory (its config.json), ``embedded:<role>`` or a hub id in
+    the local cache (a one-line ConfigError when there is none)."""
+    name = str(model)
+    if name.startswith("embedded:"):
+        from trb_exp.models import resolve
+
+        name = resolve(name)
+    path = Path(name) / "config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if not Path(name).exists():
+        try:
+            from transformers import AutoConfig
+
+            return AutoConfig.from_pretrained(name).to_dict()
+        except (OSError, ValueError):
+            pass
+    raise ConfigError(f"{role}={str(model)!r}: no config.json there; give a directory written by save_pretrained")
 
 
 def head_dim(cfg: dict) -> int:
@@ -97,7 +109,13 @@ def _shared_vocab(student_dir: Path, teacher_dir: Path, cfgs: dict[str, dict]) -
 
     from trb_exp.models import pair_eos_ids
 
-    toks = {role: AutoTokenizer.from_pretrained(str(d)) for role, d in zip(TOWERS, (student_dir, teacher_dir))}
+    toks = {}
+    for role, d in zip(TOWERS, (student_dir, teacher_dir)):
+        try:
+            toks[role] = AutoTokenizer.from_pretrained(str(d))
+        except (OSError, ValueError):
+            raise ConfigError(f"{role}_dir={str(d)!r}: no loadable tokenizer there; save it beside the model "
+                              "(tokenizer.save_pretrained)") from None
     s, t = toks["student"].get_vocab(), toks["teacher"].get_vocab()
     if s != t:
         diff = sorted(set(s.items()) ^ set(t.items()))[:3]

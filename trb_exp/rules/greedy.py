@@ -10,7 +10,7 @@ from trb_exp.rules.base import Rule, Sampler, register
 
 
 @dataclass
-class GreedyRule(Sampler):
+class GreedySampler(Sampler):
     needs_student: bool = True
     needs_teacher: bool = False
 
@@ -22,5 +22,5 @@ class GreedyRule(Sampler):
 @register("greedy")
 @dataclass(frozen=True)
 class Greedy(Rule):
-    def at(self, step, temperature=1.0, generator=None) -> GreedyRule:
-        return GreedyRule()
+    def at(self, step, temperature=1.0, generator=None) -> GreedySampler:
+        return GreedySampler()

@@ -13,7 +13,7 @@ import torch
 from trb_exp.blending import kl_divergence
 from trb_exp.knobs import bad, ramp
 from trb_exp.rules.base import Rule, Sampler, register
-from trb_exp.rules.student import StudentRule
+from trb_exp.rules.student import StudentSampler
 
 
 def mixture_logprobs(student_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -28,7 +28,7 @@ def mixture_logprobs(student_logp: torch.Tensor, teacher_logp: torch.Tensor, alp
 
 
 @dataclass
-class MixtureRule(Sampler):
+class MixtureSampler(Sampler):
     alpha: float
     temperature: float = 1.0
     needs_student: bool = True
@@ -59,7 +59,7 @@ class Mixture(Rule):
     def at(self, step, temperature=1.0, generator=None):
         """alpha = 0 is plain student sampling (no teacher in the decode loop)."""
         a = self.alpha_at(step)
-        return MixtureRule(a, temperature=temperature) if a > 0 else StudentRule(temperature)
+        return MixtureSampler(a, temperature=temperature) if a > 0 else StudentSampler(temperature)
 
     def knobs(self, step: int) -> dict[str, float]:
         return {"mixed/alpha": self.alpha_at(step)}

@@ -12,7 +12,7 @@ from trb_exp.rules.base import Rule, Sampler, register
 
 
 @dataclass
-class SKDRule(Sampler):
+class SKDSampler(Sampler):
     """The student proposes a token (at ``temperature``); if it is not among the teacher's ``top_k``
     tokens at this prefix it is replaced by ONE fresh sample from the teacher at
     ``teacher_temperature``; decoding continues from the accepted token. The rule samples itself (with
@@ -54,8 +54,8 @@ class SKD(Rule):
         if not self.teacher_temperature > 0:
             bad("method.teacher_temperature", self.teacher_temperature, "a sampling temperature must be > 0")
 
-    def at(self, step, temperature=1.0, generator=None) -> SKDRule:
-        return SKDRule(self.teacher_top_k, self.teacher_temperature, temperature=temperature, generator=generator)
+    def at(self, step, temperature=1.0, generator=None) -> SKDSampler:
+        return SKDSampler(self.teacher_top_k, self.teacher_temperature, temperature=temperature, generator=generator)
 
     def summarize(self, diagnostics, mask, rollout=None) -> dict[str, float]:
         if "replaced" not in diagnostics:

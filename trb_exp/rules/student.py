@@ -10,7 +10,7 @@ from trb_exp.rules.base import Rule, Sampler, register
 
 
 @dataclass
-class StudentRule(Sampler):
+class StudentSampler(Sampler):
     temperature: float = 1.0
     needs_student: bool = True
     needs_teacher: bool = False
@@ -22,5 +22,5 @@ class StudentRule(Sampler):
 @register("student")
 @dataclass(frozen=True)
 class Student(Rule):
-    def at(self, step, temperature=1.0, generator=None) -> StudentRule:
-        return StudentRule(temperature)
+    def at(self, step, temperature=1.0, generator=None) -> StudentSampler:
+        return StudentSampler(temperature)

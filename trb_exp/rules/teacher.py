@@ -11,7 +11,7 @@ from trb_exp.rules.base import Rule, Sampler, register
 
 
 @dataclass
-class TeacherRule(Sampler):
+class TeacherSampler(Sampler):
     temperature: float = 1.0
     needs_student: bool = False
     needs_teacher: bool = True
@@ -25,5 +25,5 @@ class TeacherRule(Sampler):
 class Teacher(Rule):
     on_policy: ClassVar[bool] = False  # the student never samples
 
-    def at(self, step, temperature=1.0, generator=None) -> TeacherRule:
-        return TeacherRule(temperature)
+    def at(self, step, temperature=1.0, generator=None) -> TeacherSampler:
+        return TeacherSampler(temperature)

@@ -12,12 +12,12 @@ import torch
 from trb_exp.blending import kl_divergence, trust_region_blend, trust_region_blend_device
 from trb_exp.knobs import NOT_A_KNOB
 from trb_exp.rules.base import Rule, Sampler, register
-from trb_exp.rules.student import StudentRule
+from trb_exp.rules.student import StudentSampler
 from trb_exp.schedules import Schedule
 
 
 @dataclass
-class TrustRegionRule(Sampler):
+class TrustRegionSampler(Sampler):
     """``budget='absolute'``: eps nats per token (the paper's knob); ``budget='relative'``:
     eps = rho * KL(pi_T||pi_S) at each prefix, ``rho = eps`` in [0, 1]."""
 
@@ -31,7 +31,7 @@ class TrustRegionRule(Sampler):
     needs_student: bool = True
     needs_teacher: bool = True
 
-    def for_static_engine(self, solver_iters: int | None) -> TrustRegionRule:
+    def for_static_engine(self, solver_iters: int | None) -> TrustRegionSampler:
         return dataclasses.replace(self, solver="device", max_iter=solver_iters or self.max_iter,
                                    fixed_iters=solver_iters is not None)
 
@@ -78,8 +78,8 @@ class TrustRegion(Rule):
         OPD costs (no teacher in the decode loop)."""
         eps = self.budget(step)
         if eps > 0:
-            return TrustRegionRule(eps, budget=self.budget_schedule.budget, temperature=temperature)
-        return StudentRule(temperature)
+            return TrustRegionSampler(eps, budget=self.budget_schedule.budget, temperature=temperature)
+        return StudentSampler(temperature)
 
     def knobs(self, step: int) -> dict[str, float]:
         return {"trb/eps": self.budget(step)}
