@@ -344,6 +344,9 @@ def accept(cfg: DictConfig, run_dir: Path, dist: DistContext) -> tuple[Path | No
             ckpt = resume_from(cfg, run_dir)
         method = Method.from_cfg(cfg.method, cfg.schedule)  # every rank builds the same one from the same config
         rollout = RolloutConfig.from_cfg(cfg, method)
+        if rollout.engine == "vllm" and str(cfg.trainer.get("strategy", "auto")) == "fsdp":
+            raise ConfigError("rollout.engine=vllm: trainer.strategy=fsdp shards the student, and the vLLM engine "
+                              "needs its whole weights after every step; use trainer.strategy=ddp or rollout.engine=static")
     except ConfigError as e:
         err = e
     ckpt, message = dist.broadcast((ckpt, None if err is None else str(err)))  # every rank stops, or resumes alike
