@@ -3,6 +3,10 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs a measurement script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_rollout.py"
 
 

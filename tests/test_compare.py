@@ -253,6 +253,7 @@ FAST = ["logger=none", "trainer.max_steps=2", "trainer.eval_every=1", "trainer.e
         "trainer.save_student=false", "schedule.warmup_steps=1"]
 
 
+@pytest.mark.slow
 def test_end_to_end_two_real_runs(tiny_pair, tmp_path):
     from trb_exp.trainer import run
 

@@ -29,6 +29,8 @@ from trb_exp.models import check_available, check_pair, load_model, load_tokeniz
 from trb_exp.decode.rollout import StudentRule, TrustRegionRule, response_logits, sample
 from trb_exp.trainer import run
 
+pytestmark = pytest.mark.slow  # end-to-end runs through the Hugging Face presets
+
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
