@@ -3,6 +3,7 @@ through the CLI (``python -m trb_exp.train method=<m> logger=none``) and tabulat
 peak memory and pass@1 / greedy accuracy before and after training.
 
     python bench/demo_check.py [method ...]        # default: trb opd offline_kd
+    python bench/demo_check.py --rerender          # the doc again from its .json
 
 Produces docs/demo_results.md (and docs/demo_results.json). Wall times depend on the machine and its load (the doc records the load
 average); the metrics of a method do not (one torch thread, seeded).
@@ -10,6 +11,7 @@ average); the metrics of a method do not (one torch thread, seeded).
 
 import json
 import os
+import platform
 import resource
 import shutil
 import subprocess
@@ -52,22 +54,44 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cpu_name() -> str:
+    """The CPU model: the metrics of a run can depend on it (floating-point rounding differs between CPUs and
+    400 training steps amplify it), not on the machine's load."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def render(d: dict) -> str:
+    """docs/demo_results.md from the JSON record of a measurement."""
+    return ("# First-run numbers on the embedded default\n\n"
+            f"Measured with `{d['command']}` on {d['date']}, {d['cpus']} CPUs ({d['cpu']}, torch CPU capability "
+            f"{d['cpu_capability']}; torch {d['torch']}, transformers {d['transformers']}), defaults of `conf/config.yaml`, `logger=none`, one method after another; "
+            f"1-minute load average {d['load_1min'][0]:.1f} before and {d['load_1min'][1]:.1f} after (wall and train "
+            "times scale with the load; the metrics do not, but they depend on the CPU and the library versions: "
+            "floating-point rounding differs between them and 400 training steps amplify it). pass@1 = mean over the 200 test problems of "
+            "c/n with n=4 samples at temperature 1; wall time includes start-up, model loading and the 5 "
+            "evaluations.\n\n" + table(d["rows"]) + "\n")
+
+
 def main(argv: list[str]) -> None:
+    if argv == ["--rerender"]:  # the doc again from docs/demo_results.json, no run
+        OUT.write_text(render(json.loads(OUT.with_suffix(".json").read_text())))
+        return
+    import torch
+    import transformers
+
     methods = argv or ["trb", "opd", "offline_kd"]
     load0 = os.getloadavg()[0]
     rows = [run_one(m) for m in methods]
-    load1 = os.getloadavg()[0]
-    text = table(rows)
-    print(text)
-    cmd = ("python bench/demo_check.py " + " ".join(argv)).strip()
-    OUT.write_text(
-        "# First-run numbers on the embedded default\n\n"
-        f"Measured with `{cmd}` on {time.strftime('%Y-%m-%d', time.gmtime())}, {os.cpu_count()} CPUs, "
-        "defaults of `conf/config.yaml`, `logger=none`, one method after another; 1-minute load average "
-        f"{load0:.1f} before and {load1:.1f} after (wall and train times scale with the load; the metrics do not). "
-        "pass@1 = mean over the 200 test problems of c/n with n=4 samples at temperature 1; wall time includes "
-        "start-up, model loading and the 5 evaluations.\n\n" + text + "\n")
-    OUT.with_suffix(".json").write_text(json.dumps({"command": cmd, "load_1min": [load0, load1], "rows": rows}, indent=1) + "\n")
+    d = {"command": ("python bench/demo_check.py " + " ".join(argv)).strip(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
+         "cpus": os.cpu_count(), "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+         "torch": torch.__version__, "transformers": transformers.__version__,
+         "load_1min": [load0, os.getloadavg()[0]], "rows": rows}
+    print(table(rows))
+    OUT.with_suffix(".json").write_text(json.dumps(d, indent=1) + "\n")
+    OUT.write_text(render(d))
 
 
 if __name__ == "__main__":
