@@ -282,6 +282,7 @@ def _max_alloc_bytes(fn):
     return Biggest.size, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["eager", "static"])
 def test_topk_rollout_never_allocates_B_T_V(embedded, engine):
     """The paper preset's rollout path (TRB, teacher_stats=topk) at a scaled-down vocabulary and length:

@@ -55,6 +55,7 @@ def test_paper_sweep_presets(name):
     assert math.prod(len(v.split(",")) for v in grid.values()) == runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [p.stem for p in sorted((ROOT / "conf" / "sweep").glob("*.yaml"))])
 def test_every_swept_key_exists(name):
     """A typo in a swept key (method.teacher_topk) would make Hydra fail only at launch: catch it here."""
