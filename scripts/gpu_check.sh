@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run (< 8 minutes on one H100/H200; nothing is downloaded):
-#   1. the rollout benchmark at the paper's shapes (scripts/bench_rollout.py: HF generate vs our student-only and
+#   1. the rollout benchmark at the paper's shapes (bench/bench_rollout.py: HF generate vs our student-only and
 #      TRB rollouts, tokens/s, peak memory, roofline), table to $OUT/bench_rollout_gpu.md;
 #   2. a 1-GPU torchrun smoke test (NCCL) on a tiny random Qwen3-architecture pair: 3 TRB steps and 3 OPD steps
 #      on the static engine, each must finish with one metrics file and a loadable student.
@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
 start=$(date +%s)
-timeout 330 python scripts/bench_rollout.py --out "$OUT/bench_rollout_gpu.md" 2>&1 | tee "$OUT/bench_rollout.log" \
+timeout 330 python bench/bench_rollout.py --out "$OUT/bench_rollout_gpu.md" 2>&1 | tee "$OUT/bench_rollout.log" \
   || echo "bench_rollout: FAILED or timed out (see $OUT/bench_rollout.log)"
 echo "bench_rollout took $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 
