@@ -26,6 +26,8 @@ from trb_exp.data.tokenizer import build_char_tokenizer
 from trb_exp.methods import Method
 from trb_exp.models import load_model, tiny_llama
 
+pytestmark = pytest.mark.slow  # end-to-end runs with a spy on every micro-batch
+
 # 3 prompts x 2 rollouts = 6 rows in micro-batches of 4 + 2
 FAST = ["logger=none", "trainer.max_steps=2", "trainer.eval_every=0", "trainer.eval_size=1",
         "trainer.eval_samples=1", "trainer.prompts_per_step=3", "trainer.rollouts_per_prompt=2",

@@ -184,6 +184,7 @@ def _cli(*args, cwd=ROOT):
                           timeout=300, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_cli_row_is_one_line_exit_2_and_leaves_nothing(tmp_path):
     """One row end to end (tests/test_train.py has another): a required value left unset."""
     for args, line in [(["model=hf"], "error: model.student is not set: give a hub id or a local directory, "

@@ -1,9 +1,13 @@
-"""scripts/bench_rollout.py --tiny: the GPU benchmark's code path on the CPU, in seconds."""
+"""bench/bench_rollout.py --tiny: the GPU benchmark's code path on the CPU, in seconds."""
 
 import importlib.util
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_rollout.py"
+import pytest
+
+pytestmark = pytest.mark.slow  # runs a bench/ script
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_rollout.py"
 
 
 def test_bench_rollout_tiny(tmp_path):

@@ -20,6 +20,8 @@ from trb_exp.run.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Stopped, StopS
 from trb_exp.run.state import list_checkpoints
 from trb_exp.trainer import run
 
+pytestmark = pytest.mark.slow  # end-to-end runs in subprocesses, killed and resumed
+
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["logger=none", "method=trb", "trainer.max_steps=12", "trainer.eval_every=4", "trainer.eval_size=8",
         "trainer.eval_samples=2", "trainer.prompts_per_step=4", "trainer.max_new_tokens=12", "threads=1",

@@ -130,6 +130,7 @@ def test_grouping(sweep):
     assert "schedule.eps0=0.5" in trb[0] and "schedule.eps0=1" in trb[1]
 
 
+@pytest.mark.slow
 def test_report(sweep, tmp_path):
     out = tmp_path / "cmp"
     path = C.compare([sweep], out, teacher_pass1=0.75, target_frac=0.8)
@@ -182,6 +183,7 @@ def test_headline_config():
     assert C.headline_config({"c": [R(1.0)]}) is None
 
 
+@pytest.mark.slow
 def test_summary_ci_seeds_and_other_families(sweep, tmp_path):
     # a third family, veto, seeds 0..2: final 0.55, 0.40, 0.62 against OPD's 0.60, 0.50, 0.52
     for seed, final in enumerate([0.55, 0.40, 0.62]):
@@ -219,6 +221,7 @@ def test_label_names_knobs_set_on_the_command_line(tmp_path):
     assert list(groups["opd"]) == ["default"]
 
 
+@pytest.mark.slow
 def test_paper_table_rendered(sweep, tmp_path, capsys):
     paper = json.loads((C.Path(__file__).parents[1] / "docs" / "results" / "paper_table1.json").read_text())
     out = tmp_path / "p"
@@ -234,6 +237,7 @@ def test_paper_table_rendered(sweep, tmp_path, capsys):
     assert "--ci-seeds='1,x': give integers separated by commas" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_report_without_teacher_and_cli(sweep, tmp_path, capsys):
     _write_run(sweep / "still_running", "opd", 9, {0: 0.0, 10: 0.99, 40: 0.99})
     (sweep / "still_running" / "summary.json").unlink()  # a run in progress: left out, and said so
@@ -260,6 +264,7 @@ FAST = ["logger=none", "trainer.max_steps=2", "trainer.eval_every=1", "trainer.e
         "trainer.save_student=false", "schedule.warmup_steps=1"]
 
 
+@pytest.mark.slow
 def test_end_to_end_two_real_runs(tiny_pair, tmp_path):
     from trb_exp.trainer import run
 
@@ -279,6 +284,7 @@ def test_end_to_end_two_real_runs(tiny_pair, tmp_path):
     assert (tmp_path / "out" / "trb_diagnostics.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_focus_and_baseline_are_arguments(tmp_path, capsys):
     """--focus/--baseline pick the report's subject and reference families; the warmup horizon and the
     schedule knobs in a label come from what a run logged (a budget), not from its method's name."""
@@ -315,6 +321,7 @@ COMMITTED = sorted(p.parent for p in (C.Path(__file__).parents[1] / "docs" / "re
 NOT_REPRODUCIBLE: set[str] = set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("report", COMMITTED, ids=[p.name for p in COMMITTED])
 def test_committed_reports_reproduce_byte_for_byte(report, tmp_path, monkeypatch):
     """Each committed study report, and its figures, is exactly what its own footer command writes from the

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from trb_exp.trainer import run
 
+pytestmark = pytest.mark.slow  # two end-to-end runs per method
+
 METHODS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "method").glob("*.yaml"))
 FAST = ["logger=none", "trainer.max_steps=2", "trainer.eval_every=0", "trainer.eval_size=1",
         "trainer.eval_samples=1", "trainer.prompts_per_step=2", "trainer.rollouts_per_prompt=2",

@@ -13,6 +13,8 @@ from trb_exp import losses
 from trb_exp.distributed import DistContext, combine_evaluations, init_distributed, rank_seed, unwrap, wrap_student
 from trb_exp.decode.forward import response_logits
 
+pytestmark = pytest.mark.slow  # torchrun / multi-process gloo runs
+
 B, PROMPT, RESP, MICRO = 8, 5, 6, 2
 
 

@@ -285,6 +285,7 @@ def _max_alloc_bytes(fn):
     return Biggest.size, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["eager", "static"])
 def test_topk_rollout_never_allocates_B_T_V(embedded, engine):
     """The paper preset's rollout path (TRB, teacher_stats=topk) at a scaled-down vocabulary and length:
@@ -385,6 +386,7 @@ def _train_rows(overrides, tiny_pair, path):
     return [r for r in rows if "train/loss" in r]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["opd", "trb", "skd"])
 def test_training_with_the_static_engine_matches_eager(method, tiny_pair, tmp_path):
     """Whole training steps: same rollouts, same losses and gradient norms (to float round-off) with
@@ -401,6 +403,7 @@ def test_training_with_the_static_engine_matches_eager(method, tiny_pair, tmp_pa
                 assert a["rollout/teacher_logprob"] == pytest.approx(b["rollout/teacher_logprob"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_auto_engine_is_the_default_static_where_it_runs_eager_elsewhere(tiny_pair, tmp_path, capsys):
     """rollout.engine=auto by default: the static engine for the Llama pair, the eager loop (said in one line)
     for a model it cannot run (GPT-2 here); rollout.engine=static on that model is a one-line ConfigError
@@ -438,6 +441,7 @@ def _load(path):
     return AutoModelForCausalLM.from_pretrained(path)
 
 
+@pytest.mark.slow
 def test_topk_stats_refuse_a_full_vocabulary_loss(tiny_pair, tmp_path):
     from trb_exp.config import ConfigError
 
@@ -447,6 +451,7 @@ def test_topk_stats_refuse_a_full_vocabulary_loss(tiny_pair, tmp_path):
     assert len(rows) == 3
 
 
+@pytest.mark.slow
 def test_decode_step_traces_as_one_graph(qwen3):
     """The captured path's decode step (whole cache, masked; the column as a tensor) traces with
     ``fullgraph=True`` (no graph break), one graph per batch size across a compaction, and gives the

@@ -184,6 +184,7 @@ def test_a_single_eos_id_changes_nothing(eos_pair):
 
 
 # ------------------------------------------------------------------------------------ the training loss
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["opd", "trb"])
 def test_training_loss_sees_merged_distributions(method, eos_pair, tmp_path, monkeypatch):
     """OPD takes the teacher from one batched pass after decoding, TRB from the decode loop: in both

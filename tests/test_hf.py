@@ -31,6 +31,8 @@ from trb_exp.decode.forward import response_logits
 from trb_exp.rules import StudentSampler, TrustRegionSampler
 from trb_exp.trainer import run
 
+pytestmark = pytest.mark.slow  # end-to-end runs through the Hugging Face presets
+
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

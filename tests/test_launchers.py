@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import compose
 
+pytestmark = pytest.mark.slow  # Hydra launcher multiruns in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["logger=none", "trainer.max_steps=2", "trainer.prompts_per_step=4", "trainer.eval_size=8",
         "trainer.eval_samples=2", "trainer.eval_every=0", "trainer.save_student=false"]

@@ -182,6 +182,7 @@ def _dedupe(prompts, n):
     return prompts[::n]
 
 
+@pytest.mark.slow
 def test_sft_warmup_uses_exactly_the_prompts_of_the_first_N_steps(tiny_pair, tmp_path, monkeypatch):
     tok_holder = [load_tokenizer(str(tiny_pair / "student"))]
     N, n, M, R = 3, 2, 2, 2
@@ -210,6 +211,7 @@ class _Exploding(torch.nn.Module):
         raise AssertionError("the student was called while sampling")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["ce", "forward_kl"])
 def test_offline_kd_student_never_samples(loss, tiny_pair, tmp_path, monkeypatch):
     real = train_mod.sample
@@ -242,6 +244,7 @@ def test_offline_kd_forward_kl_is_token_level_kl_to_the_teacher():
 
 
 # --------------------------------------------------------------------------- estimators
+@pytest.mark.slow
 def test_sampled_estimator_logs_a_kl_estimate_not_the_surrogate(tiny_pair, tmp_path):
     m = _method("method=opd", "method.estimator=sampled")
     s, t = torch.randn(2, 3, 9), torch.log_softmax(torch.randn(2, 3, 9), -1)
@@ -255,6 +258,7 @@ def test_sampled_estimator_logs_a_kl_estimate_not_the_surrogate(tiny_pair, tmp_p
 
 
 # --------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 @pytest.mark.parametrize("method, overrides, keys", [
     ("fixed_blend", ["schedule.eps0=0.01"], ["trb/eps", "trb/beta_mean", "trb/kl_behavior_student_max"]),
     ("skd", ["method.teacher_top_k=3"], ["skd/replaced_frac"]),

@@ -90,6 +90,7 @@ def test_bad_knobs_are_one_line_errors(override, message):
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_bad_alpha_exits_2_with_one_line_before_any_model_loads(tmp_path):
     out = subprocess.run([sys.executable, "-m", "trb_exp.train", "method=mixed_sampling", "method.alpha=1.5",
                           "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
@@ -118,6 +119,7 @@ def test_mixture_rollouts_on_both_engines(engine, tiny_pair):
     assert torch.equal(ro.input_ids, same.input_ids)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["eager", "static"])
 def test_two_step_run_end_to_end(engine, tiny_pair, tmp_path):
     cfg = compose(["method=mixed_sampling", "method.anneal_steps=2", f"rollout.engine={engine}", *FAST,

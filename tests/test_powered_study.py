@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import powered_study as ps  # noqa: E402
 
 from trb_exp.analysis.runstore import pack  # noqa: E402
+pytestmark = pytest.mark.slow  # tests a study script (scripts/powered_study.py)
 
 STEPS = (0, 50, 100, 150, 200, 250)
 

@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 from conftest import compose
 
 from trb_exp.trainer import run
 
 
+@pytest.mark.slow
 def test_eval_samples_null_uses_each_benchmarks_own_n(tiny_pair, tmp_path):
     data = tmp_path / "test.jsonl"
     data.write_text('{"prompt": "1+2=", "answer": "3"}\n{"prompt": "2+2=", "answer": "4"}\n')

@@ -32,6 +32,7 @@ def _cmd(tiny_pair, *extra):
             *extra]
 
 
+@pytest.mark.slow
 def test_same_second_runs_get_their_own_dirs_and_finished_runs_are_left_alone(tiny_pair, tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen(_cmd(tiny_pair), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
@@ -97,6 +98,7 @@ def test_resume_cuts_metrics_back_and_drops_a_torn_line(tmp_path):
     assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows[:3]
 
 
+@pytest.mark.slow
 def test_a_resubmitted_sweep_skips_its_finished_jobs(tiny_pair, tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     job = tmp_path / "sweep" / "job"

@@ -55,6 +55,7 @@ def test_paper_sweep_presets(name):
     assert math.prod(len(v.split(",")) for v in grid.values()) == runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [p.stem for p in sorted((ROOT / "conf" / "sweep").glob("*.yaml"))])
 def test_every_swept_key_exists(name):
     """A typo in a swept key (method.teacher_topk) would make Hydra fail only at launch: catch it here."""
@@ -91,6 +92,7 @@ def test_mini_grids_differ_from_the_papers_only_where_stated():
     assert max(int(k) for k in str(params["method.teacher_top_k"]).split(",")) < 21
 
 
+@pytest.mark.slow
 def test_multirun_with_a_sweep_preset_adds_the_seed_list(tmp_path):
     """`-m sweep=veto seed=3,4` launches the preset's 4 configurations x the 2 command-line seeds."""
     out = subprocess.run(
@@ -170,6 +172,7 @@ def _run(d, method, seed, finals, overrides):
     (d / "student" / "model.safetensors").write_bytes(b"x" * 10)
 
 
+@pytest.mark.slow
 def test_select_best_and_collect(tmp_path):
     sweep = tmp_path / "sweep"
     # veto: b_start 0.2 ends at 0.3, b_start 0.6 ends at 0.5 (but 0.2 has the best checkpoint, 0.9 at step 10)
@@ -235,6 +238,7 @@ def test_the_mini_readme_table_is_study_summary_of_the_data_files(capsys):
     assert table.count("\n") == 9 and table in (study / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_reproduce_script_is_valid_bash_and_names_every_family():
     script = (ROOT / "scripts" / "reproduce_mini.sh").read_text()
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "reproduce_mini.sh")]).returncode == 0
@@ -242,6 +246,7 @@ def test_reproduce_script_is_valid_bash_and_names_every_family():
         assert preset in script and (ROOT / "conf" / "sweep" / f"{preset}.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_paper_reproduction_script_names_every_paper_grid():
     script = ROOT / "scripts" / "reproduce_paper.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0

@@ -25,6 +25,31 @@ def _pair(tiny_pair):
     return [f"model.student={tiny_pair / 'student'}", f"model.teacher={tiny_pair / 'teacher'}"]
 
 
+def test_one_training_step_of_the_embedded_pair(tmp_path, monkeypatch):
+    """The fast tier's end-to-end check: one TRB step of the shipped pair, in-process, at tiny sizes."""
+    import torch
+
+    from trb_exp.models import EMBEDDED
+
+    cfg = compose(["method=trb", "logger=none", "trainer.max_steps=1", "trainer.eval_every=0", "trainer.eval_size=4",
+                   "trainer.eval_samples=1", "trainer.prompts_per_step=2", "trainer.max_new_tokens=8", "threads=1",
+                   "schedule.eps0=0.5", "trainer.progress=false"])
+    rollouts = record_rollouts(monkeypatch, train_mod)
+    summary = run(cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    (step,) = [r for r in rows if "train/loss" in r]
+    assert step["step"] == 1 and step["train/loss"] >= 0 and step["trb/eps"] == 0.5  # eps_0 = eps0 (1 - 0/K)
+    assert step["trb/kl_behavior_student_max"] <= 0.5 + 1e-6 and len(rollouts) == 1
+    assert_budget_used(rollouts[0], eps=0.5)  # per token: KL <= eps, and = eps wherever beta < 1
+    assert rollouts[0].response_ids.shape[0] == 4 and rollouts[0].response_ids.shape[1] <= 8  # 2 prompts x 2 rollouts
+    assert [r["step"] for r in rows if "eval/pass@1" in r] == [0, 1] and summary["final"]["step"] == 1
+    before = AutoModelForCausalLM.from_pretrained(EMBEDDED / "student").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "student").state_dict()
+    assert before.keys() == after.keys() and all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the step moved the weights
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["opd", "trb", "offline_kd"])
 def test_each_method_runs_end_to_end(method, tiny_pair, tmp_path, monkeypatch):
     # trb: eps0 = 0.01 binds on the tiny random pair (its KL(pi_T||pi_S) is 0.006-0.017 nats per token)
@@ -50,6 +75,7 @@ def test_each_method_runs_end_to_end(method, tiny_pair, tmp_path, monkeypatch):
     assert saved["method"] == method and saved["final"]["step"] == 3 == summary["final"]["step"]
 
 
+@pytest.mark.slow
 def test_training_is_deterministic(tiny_pair, tmp_path):
     cfg = compose(["method=trb", *FAST, *_pair(tiny_pair), "trainer.eval_every=0"])
     a = run(cfg, tmp_path / "a")
@@ -89,6 +115,7 @@ def test_tokenizer_mismatch_is_caught(tiny_pair, tmp_path):
         run(cfg, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_local_dataset_errors(tiny_pair, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -111,6 +138,7 @@ def _cli(*args):
                           env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_errors(tmp_path):
     r = _cli("schedule.eps0=-1", "logger=none", f"hydra.run.dir={tmp_path}")
     assert r.returncode == 2
@@ -120,6 +148,7 @@ def test_cli_prints_one_line_errors(tmp_path):
     assert r.returncode != 0 and "Could not find 'method/nonsense'" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_help_and_cfg():
     r = _cli("--cfg", "job")
     assert r.returncode == 0 and "warmup_steps" in r.stdout and "max_steps" in r.stdout
@@ -129,6 +158,7 @@ def test_cli_help_and_cfg():
     assert r.returncode == 0 and "method: " + ", ".join(methods) in r.stdout
 
 
+@pytest.mark.slow
 def test_eval_every_zero_still_evaluates_at_start_and_end(tiny_pair, tmp_path):
     cfg = compose([*FAST, *_pair(tiny_pair), "trainer.eval_every=0", "trainer.max_steps=2"])
     summary = run(cfg, tmp_path)

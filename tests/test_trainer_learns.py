@@ -24,6 +24,8 @@ from trb_exp.models import EMBEDDED, load_model, load_tokenizer
 from trb_exp.decode.backend import sample
 from trb_exp.rules import StudentSampler
 
+pytestmark = pytest.mark.slow  # 40 training steps per method
+
 STEPS = 40
 LEARN = ["logger=none", f"trainer.max_steps={STEPS}", "trainer.eval_every=0", "trainer.eval_size=1",
          "trainer.eval_samples=1", "trainer.prompts_per_step=16", "trainer.rollouts_per_prompt=1",

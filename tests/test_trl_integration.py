@@ -164,6 +164,7 @@ def _trb_logs(trainer):
     return [h for h in trainer.state.log_history if "trb/eps" in h]
 
 
+@pytest.mark.slow
 def test_distillation_trainer_three_steps(tmp_path):
     """K = 2: eps [eps0, eps0/2, 0]; realised KL within eps_k; the third step is TRL's own generate (no
     processor); the trb/* metrics land in log_history; the student's generate is restored."""
@@ -187,6 +188,7 @@ def test_distillation_trainer_three_steps(tmp_path):
     assert student.generate.__func__ is type(student).generate
 
 
+@pytest.mark.slow
 def test_past_the_warmup_is_trls_own_path():
     """With eps = 0 (every step after the warmup) the TRB trainer trains exactly like DistillationTrainer: same
     losses and completion lengths, step by step, from the same seed."""
@@ -207,6 +209,7 @@ def test_past_the_warmup_is_trls_own_path():
     assert [h["trb/eps"] for h in _trb_logs(trb)] == [0.0, 0.0]
 
 
+@pytest.mark.slow
 def test_accumulation_and_evaluation():
     """gradient_accumulation_steps = 2: one generation and one trb/* entry per optimizer step, eps by
     global_step; evaluation during the warmup takes TRL's own path (no processor, no trb/* metrics)."""
@@ -222,6 +225,7 @@ def test_accumulation_and_evaluation():
     assert [h["trb/eps"] for h in _trb_logs(trainer)] == [0.5, 0.0]
 
 
+@pytest.mark.slow
 def test_distillation_trainer_pad_equal_to_eos_counts_trl_completion_tokens():
     """With pad == eos the processor counts exactly the completion tokens TRL trains on."""
     tok = _tok(pad_is_eos=True)
@@ -235,6 +239,7 @@ def test_distillation_trainer_pad_equal_to_eos_counts_trl_completion_tokens():
     assert proc.stats()["tokens"] == pytest.approx(log["completions/mean_length"] * 4)
 
 
+@pytest.mark.slow
 def test_gkd_variant_three_steps():
     from trl.experimental.gkd import GKDConfig
 

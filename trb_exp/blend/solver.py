@@ -362,7 +362,7 @@ def trust_region_blend_bisection(
 ) -> BlendResult:
     """The reference solver: :func:`trust_region_blend` with its root found by plain bisection on beta
     (the same preparation, exact cases and final recomputation; ~20 iterations where Newton takes 2-4).
-    Slower and simpler: the baseline of ``scripts/bench_solver.py`` and a cross-check of the Newton solver."""
+    Slower and simpler: the baseline of ``bench/bench_solver.py`` and a cross-check of the Newton solver."""
     ws: dict = {}
     prep = _prepare(student_logits, teacher_logits, eps, dtype, ws)
     M = prep.idx.numel()

@@ -427,11 +427,12 @@ def open_rollouts(cfg, rollout: RolloutConfig, student, teacher, tok, vocab_size
     max_len = int(rollout.vllm_max_model_len or getattr(student.config, "max_position_embeddings", 4096))
     settings = EngineSettings(dtype=dtype, max_model_len=max_len, seed=int(cfg.seed),
                               gpu_memory_utilization=float(rollout.vllm_gpu_memory_utilization))
-    return _open(VLLMRollouts(student, teacher, tok, settings, vocab_size=vocab_size,
+    return open_engine(VLLMRollouts(student, teacher, tok, settings, vocab_size=vocab_size,
                               pair_needed=_needs_teacher_engine(method)))
 
 
-def _open(rollouts: VLLMRollouts) -> VLLMRollouts:
+def open_engine(rollouts: VLLMRollouts) -> VLLMRollouts:
+    """Make ``rollouts`` this process's vLLM engine (the previous one is closed first)."""
     global _LIVE
     close_rollouts()
     _LIVE = rollouts
@@ -481,4 +482,4 @@ def open_student_rollouts(student, tok, *, seed: int, device: torch.device) -> V
     dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
     settings = EngineSettings(dtype=dtype, max_model_len=int(getattr(student.config, "max_position_embeddings", 4096)),
                               seed=seed, gpu_memory_utilization=0.8)
-    return _open(VLLMRollouts(student, None, tok, settings, vocab_size=getattr(student, "trb_vocab_size", None)))
+    return open_engine(VLLMRollouts(student, None, tok, settings, vocab_size=getattr(student, "trb_vocab_size", None)))

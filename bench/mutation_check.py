@@ -8,10 +8,12 @@ sanity run imports the mutated module in the copy and checks that its ``__file__
 that its source holds the mutation. A mutant is *killed* when a test fails (the first failing test id is
 reported); the ``unmutated`` control row must pass. Mutants run one after another with one thread.
 
-    python scripts/mutation_check.py                      # every mutant, table on stdout
-    python scripts/mutation_check.py --list               # the mutants and what each breaks
-    python scripts/mutation_check.py --only solver_beta_halved --only unmutated
-    python scripts/mutation_check.py --out docs/mutation_check.md
+    python bench/mutation_check.py                      # every mutant, table on stdout
+    python bench/mutation_check.py --list               # the mutants and what each breaks
+    python bench/mutation_check.py --only solver_beta_halved --only unmutated
+    python bench/mutation_check.py --out docs/mutation_check.md
+
+Produces docs/mutation_check.md (with --out docs/mutation_check.md).
 
 Exit status 0 when the control passes and every mutant is killed, else 1.
 """
@@ -247,7 +249,7 @@ def main(argv=None) -> int:
     print(f"\n{sum(r['status'].startswith('killed') for r in rows)}/{sum(r['name'] != CONTROL for r in rows)} "
           f"mutants killed; total wall {total:.0f} s")
     if a.out:
-        cmd = "python scripts/mutation_check.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+        cmd = "python bench/mutation_check.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         a.out.parent.mkdir(parents=True, exist_ok=True)
         head = "" if a.append and a.out.exists() else (
             "# Mutation check\n\n"

@@ -15,12 +15,12 @@ Step k (0-based) is logged as ``step = k + 1``. The first step of each run (one-
 left out of the timing means. Timings are wall-clock on a possibly shared machine: compare the two runs
 made by one invocation, not numbers from different machines.
 
-    python scripts/trb_overhead.py                                    # embedded default, K = 50, 100 steps
-    python scripts/trb_overhead.py --warmup-steps 25 --eps0 0.05      # shorter
-    python scripts/trb_overhead.py -- model.student=DIR model.teacher=DIR trainer.max_new_tokens=24
-    python scripts/trb_overhead.py --out ''                           # print only
+    python bench/trb_overhead.py                                    # embedded default, K = 50, 100 steps
+    python bench/trb_overhead.py --warmup-steps 25 --eps0 0.05      # shorter
+    python bench/trb_overhead.py -- model.student=DIR model.teacher=DIR trainer.max_new_tokens=24
+    python bench/trb_overhead.py --out ''                           # print only
 
-Everything after ``--`` is passed to both runs as Hydra overrides. Writes docs/trb_overhead.md.
+Everything after ``--`` is passed to both runs as Hydra overrides. Produces docs/trb_overhead.md.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trb_exp.analysis.stats import bootstrap_ci, ratio_ci  # noqa: E402
@@ -69,7 +70,7 @@ def describe(xs) -> str:
     return f"{statistics.fmean(xs):.3f} ± {sd:.3f} [{lo:.3f}, {hi:.3f}] (n={len(xs)})"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--warmup-steps", type=int, default=50, help="K (schedule.warmup_steps)")
     ap.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default 2K)")
@@ -83,53 +84,70 @@ def main(argv=None) -> int:
     ap.add_argument("--note", default="", help="a sentence appended to the report (e.g. the machine's load)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs (after --)")
     a = ap.parse_args(argv)
-    K = a.warmup_steps
-    steps = a.steps or 2 * K
-    if steps <= K:
+    a.steps = a.steps or 2 * a.warmup_steps
+    if a.steps <= a.warmup_steps:
         ap.error("--steps must exceed --warmup-steps to measure the post-warmup phase")
+    return a
 
-    common = ["schedule=linear", f"schedule.warmup_steps={K}", f"trainer.max_steps={steps}", f"seed={a.seed}",
-              "trainer.eval_every=0", "trainer.eval_size=8", "trainer.eval_samples=1", "trainer.save_student=false",
-              "logger=none", "threads=1"]
+
+def common_overrides(a: argparse.Namespace) -> list[str]:
+    """The overrides both runs share: 2K steps of the linear schedule, no evaluation to speak of, one thread."""
+    common = ["schedule=linear", f"schedule.warmup_steps={a.warmup_steps}", f"trainer.max_steps={a.steps}",
+              f"seed={a.seed}", "trainer.eval_every=0", "trainer.eval_size=8", "trainer.eval_samples=1",
+              "trainer.save_student=false", "logger=none", "threads=1"]
     if a.eps0 is not None:
         common.append(f"schedule.eps0={a.eps0}")
-    common += a.overrides
+    return common + a.overrides
 
+
+def obtain_runs(a: argparse.Namespace, common: list[str]) -> tuple[Path, dict, dict, list[str]]:
+    """Train both runs (or, with --from, read kept ones): their root folder, wall times, metadata, overrides."""
     if a.from_dir:
         root = a.from_dir
         meta = json.loads((root / "runs.json").read_text()) if (root / "runs.json").exists() else {}
         wall = meta.get("wall_s", {"opd": float("nan"), "trb": float("nan")})
-        common = meta.get("overrides", common)
-    else:
-        root = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="trb_overhead_"))
-        root.mkdir(parents=True, exist_ok=True)
-        order = ("trb", "opd") if a.trb_first else ("opd", "trb")
-        wall = {m: run_cli(m, common, root / m) for m in order}
-        (root / "runs.json").write_text(json.dumps({"wall_s": wall, "overrides": common,
-                                                    "date": time.strftime("%Y-%m-%d %H:%M")}))
-        meta = {}
+        return root, wall, meta, meta.get("overrides", common)
+    root = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="trb_overhead_"))
+    root.mkdir(parents=True, exist_ok=True)
+    order = ("trb", "opd") if a.trb_first else ("opd", "trb")
+    wall = {m: run_cli(m, common, root / m) for m in order}
+    (root / "runs.json").write_text(json.dumps({"wall_s": wall, "overrides": common,
+                                                "date": time.strftime("%Y-%m-%d %H:%M")}))
+    return root, wall, {}, common
+
+
+def load_rows(root: Path, steps: int) -> dict[str, list[dict]]:
     rows = {m: train_rows(root / m) for m in ("opd", "trb")}
     for m, rs in rows.items():
         if [r["step"] for r in rs] != list(range(1, steps + 1)):
             sys.exit(f"{m}: expected one logged row per step 1..{steps} (trainer.log_every=1)")
+    return rows
 
-    def col(m, key, phase):  # phase: "warm" (1 <= k < K: first step left out) or "post" (k >= K)
+
+def timing_series(rows: dict[str, list[dict]], K: int) -> SimpleNamespace:
+    """Per (method, phase) the step times, decode times, decode time per loop iteration and loop iterations;
+    the solver's share and time per TRB warmup step. Phase "warm": 1 <= k < K (first step left out); "post": k >= K."""
+    def col(m, key, phase):
         keep = (lambda k: 1 <= k < K) if phase == "warm" else (lambda k: k >= K)
         return [r[key] for r in rows[m] if keep(r["step"] - 1) and key in r]
 
-    st = {(m, p): col(m, "time/step_s", p) for m in ("opd", "trb") for p in ("warm", "post")}
-    dec = {(m, p): col(m, "rollout/decode_s", p) for m in ("opd", "trb") for p in ("warm", "post")}
+    mp = [(m, p) for m in ("opd", "trb") for p in ("warm", "post")]
     # decode time per loop iteration: the loop runs until the longest response ends, so this removes the
     # effect of the two students generating different lengths
-    per_it = {(m, p): [1e3 * d / n for d, n in zip(col(m, "rollout/decode_s", p), col(m, "rollout/decode_steps", p))]
-              for m in ("opd", "trb") for p in ("warm", "post")}
-    n_it = {(m, p): col(m, "rollout/decode_steps", p) for m in ("opd", "trb") for p in ("warm", "post")}
-    share = col("trb", "trb/solver_share", "warm")
-    solver_s = [r["trb/solver_share"] * r["rollout/decode_s"] for r in rows["trb"]
-                if 1 <= r["step"] - 1 < K and "trb/solver_share" in r]
-    trb_warm_step = st[("trb", "warm")]
+    return SimpleNamespace(
+        st={k: col(k[0], "time/step_s", k[1]) for k in mp},
+        dec={k: col(k[0], "rollout/decode_s", k[1]) for k in mp},
+        per_it={k: [1e3 * d / n for d, n in zip(col(k[0], "rollout/decode_s", k[1]), col(k[0], "rollout/decode_steps", k[1]))]
+                for k in mp},
+        n_it={k: col(k[0], "rollout/decode_steps", k[1]) for k in mp},
+        share=col("trb", "trb/solver_share", "warm"),
+        solver_s=[r["trb/solver_share"] * r["rollout/decode_s"] for r in rows["trb"]
+                  if 1 <= r["step"] - 1 < K and "trb/solver_share" in r],
+    )
 
-    # ---------------------------------------------------------------- checks
+
+def run_checks(rows: dict[str, list[dict]], K: int) -> tuple[list[tuple[str, bool]], list]:
+    """The PASS/FAIL checks on the logged budget and blending diagnostics, and the budget violations."""
     trb = rows["trb"]
     kl_rows = [r for r in trb if "trb/kl_behavior_student_max" in r]
     viol = [(r["step"] - 1, r["trb/kl_behavior_student_max"], r["trb/eps"]) for r in kl_rows
@@ -151,32 +169,22 @@ def main(argv=None) -> int:
          all(r["trb/eps"] > 0 and r.get("trb/frac_beta_pos", 0) > 0 for r in warm)),
         ("OPD's logged budget is 0 on every step", all(r["trb/eps"] == 0.0 for r in rows["opd"])),
     ]
+    return checks, viol
 
-    # ---------------------------------------------------------------- report
-    def mean(xs):
-        return statistics.fmean(xs) if xs else float("nan")
 
-    def ratio(p, xs):
-        a_, b_ = xs[("trb", p)], xs[("opd", p)]
-        lo, hi = ratio_ci(a_, b_)
-        return f"**{mean(a_) / mean(b_):.2f}×** [{lo:.2f}, {hi:.2f}]"
+def mean(xs):
+    return statistics.fmean(xs) if xs else float("nan")
 
-    cfg_line = " ".join(common)
-    lines = [
-        "# TRB overhead vs plain OPD",
-        "",
-        f"Generated by `scripts/trb_overhead.py` on {meta.get('date') or time.strftime('%Y-%m-%d %H:%M')} "
-        f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads = 1).",
-        f"Both runs: `{cfg_line}`; method=trb vs method=opd, {steps} steps, K = {K}. "
-        f"Wall time per run (incl. start-up, loading, one small eval): OPD {wall['opd']:.0f} s, TRB {wall['trb']:.0f} s.",
-        "",
-        "Times in seconds (ms where stated): mean ± std [95% bootstrap CI of the mean] (n steps); the first step",
-        "is left out. The decode loop runs until the longest response of the batch ends, so rollout time also",
-        "depends on how long the two (diverging) students answer; the per-position row removes that.",
-        "",
-        "| phase | metric | OPD | TRB | TRB / OPD |",
-        "|---|---|---|---|---|",
-    ]
+
+def ratio(p, xs):
+    a_, b_ = xs[("trb", p)], xs[("opd", p)]
+    lo, hi = ratio_ci(a_, b_)
+    return f"**{mean(a_) / mean(b_):.2f}×** [{lo:.2f}, {hi:.2f}]"
+
+
+def timing_table(s: SimpleNamespace, K: int) -> list[str]:
+    lines = ["| phase | metric | OPD | TRB | TRB / OPD |", "|---|---|---|---|---|"]
+    st, dec, per_it, n_it = s.st, s.dec, s.per_it, s.n_it
     for p, label in (("warm", f"warmup (1 ≤ k < {K})"), ("post", f"after warmup (k ≥ {K})")):
         lines.append(f"| {label} | step time | {describe(st[('opd', p)])} | {describe(st[('trb', p)])} | {ratio(p, st)} |")
         lines.append(f"| {label} | rollout (decode) time | {describe(dec[('opd', p)])} | {describe(dec[('trb', p)])} "
@@ -190,11 +198,38 @@ def main(argv=None) -> int:
     if o_w and o_p:
         lines.append(f"| noise reference | OPD against itself: decode time per position, k ≥ K over k < K (same "
                      f"code; differences are load on the machine) | {mean(o_p) / mean(o_w):.2f}× | | |")
-    lines += [
+    share, solver_s = s.share, s.solver_s
+    return lines + [
         f"| warmup | solver share of rollout time (`trb/solver_share`) | – | {mean(share):.1%} "
         f"(min {min(share, default=float('nan')):.1%}, max {max(share, default=float('nan')):.1%}) | |",
         f"| warmup | solver time per step / share of step time | – | {mean(solver_s):.3f} s / "
-        f"{mean(solver_s) / mean(trb_warm_step):.1%} | |",
+        f"{mean(solver_s) / mean(st[('trb', 'warm')]):.1%} | |",
+    ]
+
+
+def command(a: argparse.Namespace) -> str:
+    """The command line that trains these runs (options that change them only)."""
+    opts = [("--warmup-steps", a.warmup_steps, 50), ("--steps", a.steps, 2 * a.warmup_steps), ("--eps0", a.eps0, None),
+            ("--seed", a.seed, 0)]
+    cmd = "python bench/trb_overhead.py" + "".join(f" {k} {v}" for k, v, default in opts if v != default)
+    return cmd + (" --trb-first" if a.trb_first else "") + (" -- " + " ".join(a.overrides) if a.overrides else "")
+
+
+def render(a: argparse.Namespace, s: SimpleNamespace, checks, viol, wall: dict, meta: dict, common: list[str]) -> str:
+    K = a.warmup_steps
+    lines = [
+        "# TRB overhead vs plain OPD",
+        "",
+        f"Generated by `{command(a)}` on {meta.get('date') or time.strftime('%Y-%m-%d %H:%M')} "
+        f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads = 1).",
+        f"Both runs: `{' '.join(common)}`; method=trb vs method=opd, {a.steps} steps, K = {K}. "
+        f"Wall time per run (incl. start-up, loading, one small eval): OPD {wall['opd']:.0f} s, TRB {wall['trb']:.0f} s.",
+        "",
+        "Times in seconds (ms where stated): mean ± std [95% bootstrap CI of the mean] (n steps); the first step",
+        "is left out. The decode loop runs until the longest response of the batch ends, so rollout time also",
+        "depends on how long the two (diverging) students answer; the per-position row removes that.",
+        "",
+        *timing_table(s, K),
         "",
         "Checks:",
         "",
@@ -210,7 +245,15 @@ def main(argv=None) -> int:
     ]
     if a.note:
         lines += ["", f"Note: {a.note}"]
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    root, wall, meta, common = obtain_runs(a, common_overrides(a))
+    rows = load_rows(root, a.steps)
+    checks, viol = run_checks(rows, a.warmup_steps)
+    text = render(a, timing_series(rows, a.warmup_steps), checks, viol, wall, meta, common)
     print()
     print(text)
     if a.out:

@@ -1,7 +1,7 @@
 """rollout.engine=vllm against rollout.engine=static on pair c (model=embedded_c), TRB, 50 steps, pass@1 every 10.
 
-    python scripts/vllm_acceptance.py --out outputs/vllm_acceptance            # the 4 runs (seeds 0, 1), then the table
-    python scripts/vllm_acceptance.py --out outputs/vllm_acceptance --table    # the table of runs already there
+    python bench/vllm_acceptance.py --out outputs/vllm_acceptance            # the 4 runs (seeds 0, 1), then the table
+    python bench/vllm_acceptance.py --out outputs/vllm_acceptance --table    # the table of runs already there
 
 Needs vllm (CPU: docs/vllm.md "Installing"). Every run: ``python -m trb_exp.train method=trb model=embedded_c
 rollout.engine=ENGINE seed=SEED logger=none trainer.max_steps=50 trainer.eval_every=10``. The table: pass@1 at

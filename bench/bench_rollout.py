@@ -11,11 +11,11 @@ student (hidden 1024, 28 layers, 16 heads, 8 KV heads, head dim 128, MLP 3072) a
 prompts, 1,024 new tokens with EOS ignored. Each variant runs once to warm up (compilation / CUDA-graph
 capture, reported separately as ``first_s - steady_s``) and then ``--repeats`` times (median).
 
-    python scripts/bench_rollout.py                      # GPU, the paper's shapes (fits 8 min on one H100)
-    python scripts/bench_rollout.py --tiny               # CPU, seconds (the tests run this)
-    python scripts/bench_rollout.py --out docs/bench_rollout_h100.md
-    python scripts/bench_rollout.py --engine vllm        # GPU: adds (e) vLLM student-only, (f) vLLM TRB pair
-    python scripts/bench_rollout.py --cpu --engine vllm  # CPU, pair c's shapes (head_dim 32), 64 x 40 tokens
+    python bench/bench_rollout.py                      # GPU, the paper's shapes (fits 8 min on one H100)
+    python bench/bench_rollout.py --tiny               # CPU, seconds (the tests run this)
+    python bench/bench_rollout.py --out docs/bench_rollout.md   # on a GPU: produces docs/bench_rollout.md (+ .json)
+    python bench/bench_rollout.py --engine vllm        # GPU: adds (e) vLLM student-only, (f) vLLM TRB pair
+    python bench/bench_rollout.py --cpu --engine vllm  # CPU, pair c's shapes (head_dim 32), 64 x 40 tokens
 
 ``--engine vllm`` adds two rows to the static engine's, from the same run on the same pair: (e) vLLM sampling the
 student alone and (f) vLLM's TRB pair model (``trb_exp.decode.vllm``, the trainer's rollout.engine=vllm: the
@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -95,10 +96,10 @@ def word_tokenizer(vocab: int):
 def vllm_variants(student, teacher, ids, mask, spec, eps: float, g):
     """(e) vLLM student-only and (f) vLLM TRB pair (trb_exp.decode.vllm.VLLMRollouts, EOS ignored), as
     (key, label, fn, models) rows like the others; each engine is built in its variant's first (untimed) call."""
-    from trb_exp.decode.vllm import EngineSettings, VLLMRollouts
+    from trb_exp.decode.vllm import EngineSettings, VLLMRollouts, open_engine
 
     settings = EngineSettings(dtype=spec["dtype"], max_model_len=spec["prompt"] + spec["new"] + 8, seed=0)
-    backend = VLLMRollouts(student, teacher, word_tokenizer(spec["vocab"]), settings)
+    backend = open_engine(VLLMRollouts(student, teacher, word_tokenizer(spec["vocab"]), settings))  # closed by main
     kw = dict(max_new_tokens=spec["new"], eos_id=-1, pad_id=0, generator=g, teacher_stats="topk",
               keep_teacher_logprobs=False)
 
@@ -109,7 +110,7 @@ def vllm_variants(student, teacher, ids, mask, spec, eps: float, g):
         backend.sample(ids, mask, TrustRegionSampler(eps=eps), **kw)
 
     return [("vllm_student", "(e) vLLM student-only", student_only, [student]),
-            ("vllm_trb", "(f) vLLM TRB pair (+ its teacher pass)", trb, [student, teacher])], backend
+            ("vllm_trb", "(f) vLLM TRB pair (+ its teacher pass)", trb, [student, teacher])]
 
 
 def n_bytes(model) -> int:
@@ -162,7 +163,7 @@ def run_variant(fn, device, repeats: int) -> dict:
     return {"first_s": first, "steady_s": steady, "compile_s": max(0.0, first - steady), "peak_gb": _peak_gb(device)}
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="small shapes on the CPU (seconds)")
     ap.add_argument("--device", default=None)
@@ -178,37 +179,40 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip", default="", help="comma list of variants to skip: hf,student,trb")
     ap.add_argument("--bandwidth", type=float, default=None, help="GB/s for the roofline")
     ap.add_argument("--out", default=None, help="write the markdown table (and a .json next to it)")
-    a = ap.parse_args(argv)
-    use_vllm = a.engine == "vllm"
-    spec = dict((TINY_VLLM if use_vllm else TINY) if a.tiny else CPU if a.cpu else PAPER)
-    if use_vllm:
+    return ap.parse_args(argv)
+
+
+def resolve_setup(a: argparse.Namespace) -> SimpleNamespace:
+    """The shapes (paper or tiny, with --batch/--prompt/--new), device, dtype, repeats and roofline bandwidth."""
+    a.vllm = a.engine == "vllm"
+    spec = dict((TINY_VLLM if a.vllm else TINY) if a.tiny else CPU if a.cpu else PAPER)
+    if a.vllm:
         a.engine = "static"  # (b), (c): the static engine, the ratio's denominator
     for k in ("batch", "prompt", "new"):
         if getattr(a, k):
             spec[k] = getattr(a, k)
     device = torch.device(a.device or ("cpu" if a.tiny or a.cpu or not torch.cuda.is_available() else "cuda"))
-    dtype = getattr(torch, spec["dtype"])
-    repeats = a.repeats or (1 if not a.tiny else 2)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    bw = a.bandwidth or next((v for k, v in BANDWIDTH_GBS.items() if k in name), None)
-    B, P, N = spec["batch"], spec["prompt"], spec["new"]
+    return SimpleNamespace(spec=spec, device=device, dtype=getattr(torch, spec["dtype"]), name=name,
+                           repeats=a.repeats or (1 if not a.tiny else 2),
+                           bw=a.bandwidth or next((v for k, v in BANDWIDTH_GBS.items() if k in name), None),
+                           B=spec["batch"], P=spec["prompt"], N=spec["new"])
 
-    t = time.perf_counter()
-    student = build(spec["student"], spec["vocab"], dtype, device, 0)
-    teacher = build(spec["teacher"], spec["vocab"], dtype, device, 1)
-    build_s = time.perf_counter() - t
-    g = torch.Generator(device=device).manual_seed(0)
-    ids = torch.randint(1, spec["vocab"], (B, P), generator=g, device=device)
-    mask = torch.ones(B, P, dtype=torch.long, device=device)
-    kw = dict(max_new_tokens=N, eos_id=-1, pad_id=0, engine=a.engine)  # eos_id=-1: EOS ignored
+
+def make_variants(a: argparse.Namespace, su: SimpleNamespace, student, teacher) -> list[tuple]:
+    """(key, label, the rollout to time, the models it reads) for HF generate, ours student-only, ours TRB."""
+    g = torch.Generator(device=su.device).manual_seed(0)
+    ids = torch.randint(1, su.spec["vocab"], (su.B, su.P), generator=g, device=su.device)
+    mask = torch.ones(su.B, su.P, dtype=torch.long, device=su.device)
+    kw = dict(max_new_tokens=su.N, eos_id=-1, pad_id=0, engine=a.engine)  # eos_id=-1: EOS ignored
     if a.engine == "static":
-        kw.update(compile=not a.no_compile and device.type == "cuda")
+        kw.update(compile=not a.no_compile and su.device.type == "cuda")
 
     def hf():
         from transformers import GenerationConfig
 
-        gc = GenerationConfig(do_sample=True, max_new_tokens=N, min_new_tokens=N, top_k=0, top_p=1.0, temperature=1.0,
-                              pad_token_id=0, eos_token_id=None)
+        gc = GenerationConfig(do_sample=True, max_new_tokens=su.N, min_new_tokens=su.N, top_k=0, top_p=1.0,
+                              temperature=1.0, pad_token_id=0, eos_token_id=None)
         with torch.no_grad():
             student.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
 
@@ -221,29 +225,33 @@ def main(argv=None) -> dict:
     variants = [("hf", "(a) HF generate, student, eager", hf, [student]),
                 ("student", f"(b) ours student-only ({a.engine})", ours_student, [student]),
                 ("trb", f"(c) ours TRB two-model ({a.engine})", ours_trb, [student, teacher])]
-    skip = set(filter(None, a.skip.split(",")))
-    backend = None
-    if use_vllm:
-        more, backend = vllm_variants(student, teacher, ids, mask, spec, a.eps, g)
-        variants += more
+    if a.vllm:
+        variants += vllm_variants(student, teacher, ids, mask, su.spec, a.eps, g)
+    return variants
+
+
+def measure(variants: list[tuple], skip: set[str], su: SimpleNamespace) -> list[dict]:
     rows = []
     for key, label, fn, models in variants:
         if key in skip:
             continue
-        r = run_variant(fn, device, repeats)
-        r.update(variant=key, label=label, tokens_s=B * N / r["steady_s"],
-                 roofline_tokens_s=roofline_tokens_s(models, B, P, N, bw))
+        r = run_variant(fn, su.device, su.repeats)
+        r.update(variant=key, label=label, tokens_s=su.B * su.N / r["steady_s"],
+                 roofline_tokens_s=roofline_tokens_s(models, su.B, su.P, su.N, su.bw))
         r["roofline_frac"] = None if r["roofline_tokens_s"] is None else r["tokens_s"] / r["roofline_tokens_s"]
         rows.append(r)
         print(json.dumps(r), flush=True)
-    if backend is not None:
-        backend.close()
+    return rows
+
+
+def render(rows: list[dict], su: SimpleNamespace, student, teacher, build_s: float) -> str:
     hf_tps = next((r["tokens_s"] for r in rows if r["variant"] == "hf"), None)
     static_tps = {r["variant"]: r["tokens_s"] for r in rows if r["variant"] in ("student", "trb")}
     f = lambda x, d=1: "–" if x is None else f"{x:,.{d}f}"  # noqa: E731
-    lines = [f"device: {name}; dtype {spec['dtype']}; batch {B}, prompt {P}, new tokens {N} (EOS ignored); "
+    spec = su.spec
+    lines = [f"device: {su.name}; dtype {spec['dtype']}; batch {su.B}, prompt {su.P}, new tokens {su.N} (EOS ignored); "
              f"vocab {spec['vocab']:,}; student {n_bytes(student) / 1e9:.2f} GB, teacher {n_bytes(teacher) / 1e9:.2f} GB "
-             f"of weights; built in {build_s:.1f} s; roofline bandwidth {f(bw, 0)} GB/s; repeats {repeats} (median)",
+             f"of weights; built in {build_s:.1f} s; roofline bandwidth {f(su.bw, 0)} GB/s; repeats {su.repeats} (median)",
              "",
              "| variant | tokens/s | × HF generate | × static | roofline tokens/s | % of roofline | peak GB | steady s | "
              "compile/capture s |",
@@ -256,11 +264,28 @@ def main(argv=None) -> dict:
                      f"{f(r['roofline_tokens_s'])} | "
                      f"{f(None if r['roofline_frac'] is None else 100 * r['roofline_frac'])} | {f(r['peak_gb'], 2)} | "
                      f"{r['steady_s']:.2f} | {r['compile_s']:.2f} |")
-    table = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    su = resolve_setup(a)
+    t = time.perf_counter()
+    student = build(su.spec["student"], su.spec["vocab"], su.dtype, su.device, 0)
+    teacher = build(su.spec["teacher"], su.spec["vocab"], su.dtype, su.device, 1)
+    build_s = time.perf_counter() - t
+    rows = measure(make_variants(a, su, student, teacher), set(filter(None, a.skip.split(","))), su)
+    if a.vllm:  # this process's vLLM engine (vllm_variants opened it)
+        from trb_exp.decode.vllm import close_rollouts
+
+        close_rollouts()
+    table = render(rows, su, student, teacher, build_s)
     print(table)
     if a.out:
-        Path(a.out).write_text(table + "\n")
-        Path(a.out).with_suffix(".json").write_text(json.dumps({"spec": spec, "device": name, "rows": rows}, indent=1))
+        cmd = "python bench/bench_rollout.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        Path(a.out).write_text(f"# Rollout throughput: HF generate, ours, roofline\n\nGenerated by `{cmd.strip()}`.\n\n"
+                               + table + "\n")
+        Path(a.out).with_suffix(".json").write_text(json.dumps({"spec": su.spec, "device": su.name, "rows": rows}, indent=1))
     return {"rows": rows, "table": table}
 
 

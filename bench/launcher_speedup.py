@@ -1,10 +1,12 @@
 """Wall time of one 4-job multirun of the embedded default (trainer.max_steps=20) on Hydra's basic
 launcher (one job after another) and on the joblib launcher (n_jobs jobs at a time, one torch thread each).
 
-    python scripts/launcher_speedup.py [--jobs 2] [--out docs/launcher_speedup.md]
+    python bench/launcher_speedup.py [--jobs 2] [--out docs/launcher_speedup.md]
 
-Prints a markdown table and writes it to --out. Run it on an otherwise idle machine: it measures how well
-the machine's cores are shared, so anything else running skews it.
+Prints a markdown table and writes it to --out: produces docs/launcher_speedup.md (with
+--out docs/launcher_speedup.md; that doc's section on the mini study's sweep stage was measured separately,
+with scripts/reproduce_mini.sh). Run it on an otherwise idle machine: it measures how well the machine's
+cores are shared, so anything else running skews it.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def main(argv=None) -> None:
     lines += ["", f"4 jobs of `python -m trb_exp.train -m {' '.join(sweep(0)).replace('max_steps=0', 'max_steps=<steps>')}` "
               f"(the embedded default, one torch thread per job), first on Hydra's basic launcher (one job after another), "
               f"then on the joblib launcher. Machine: {os.cpu_count()} cores, {platform.machine()}, load average "
-              f"{load0:.2f} before the runs. Command: `python scripts/launcher_speedup.py --jobs {a.jobs} --steps "
+              f"{load0:.2f} before the runs. Command: `python bench/launcher_speedup.py --jobs {a.jobs} --steps "
               f"{' '.join(map(str, a.steps))}`.", ""]
     text = "\n".join(lines)
     print(text)

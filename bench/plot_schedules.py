@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Plot every KL-budget schedule of trb_exp.schedules in one figure.
 
-    python scripts/plot_schedules.py                      # writes docs/schedules.png
-    python scripts/plot_schedules.py --eps0 0.02 --warmup-steps 50 --steps 120 --out /tmp/s.png
+    python bench/plot_schedules.py                      # produces docs/schedules.png (the README's figure)
+    python bench/plot_schedules.py --eps0 0.02 --warmup-steps 50 --steps 120 --out /tmp/s.png
 """
 
 from __future__ import annotations
