@@ -1,4 +1,5 @@
 """rollout.engine=vllm against rollout.engine=static on pair c (model=embedded_c), TRB, 50 steps, pass@1 every 10.
+Produces docs/vllm.md's acceptance table (printed here; pasted into "What ran here" by hand).
 
     python bench/vllm_acceptance.py --out outputs/vllm_acceptance            # the 4 runs (seeds 0, 1), then the table
     python bench/vllm_acceptance.py --out outputs/vllm_acceptance --table    # the table of runs already there
