@@ -14,6 +14,14 @@ capture, reported separately as ``first_s - steady_s``) and then ``--repeats`` t
     python bench/bench_rollout.py                      # GPU, the paper's shapes (fits 8 min on one H100)
     python bench/bench_rollout.py --tiny               # CPU, seconds (the tests run this)
     python bench/bench_rollout.py --out docs/bench_rollout.md   # on a GPU: produces docs/bench_rollout.md (+ .json)
+    python bench/bench_rollout.py --engine vllm        # GPU: adds (e) vLLM student-only, (f) vLLM TRB pair
+    python bench/bench_rollout.py --cpu --engine vllm  # CPU, pair c's shapes (head_dim 32), 64 x 40 tokens
+
+``--engine vllm`` adds two rows to the static engine's, from the same run on the same pair: (e) vLLM sampling the
+student alone and (f) vLLM's TRB pair model (``trb_exp.decode.vllm``, the trainer's rollout.engine=vllm: the
+decode plus its one teacher pass that recomputes the TRB diagnostics), each also as a ratio to the static engine's
+row of the same kind (``x static``). vLLM's CPU attention needs head sizes of 32 or more (``--cpu``, ``--tiny``
+use 32 with it).
 
 ``--bandwidth`` (GB/s) overrides the roofline's bandwidth (defaults: H100 SXM 3,350, H200 4,800; on a CPU
 there is no default and the roofline column is left empty unless it is given).
@@ -50,6 +58,16 @@ TINY = dict(
                  intermediate_size=96),
     vocab=512, batch=4, prompt=8, new=12, dtype="float32",
 )
+# pair c's shapes (model=embedded_c: head_dim 32 in both towers, which vLLM's CPU attention runs), the notes' 64 x 40
+CPU = dict(
+    student=dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=3, num_key_value_heads=3, head_dim=32,
+                 intermediate_size=256),
+    teacher=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+                 intermediate_size=384),
+    vocab=64, batch=64, prompt=16, new=40, dtype="float32",
+)
+TINY_VLLM = dict(TINY, student=dict(TINY["student"], hidden_size=64, head_dim=32),
+                 teacher=dict(TINY["teacher"], hidden_size=128, head_dim=32))
 BANDWIDTH_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
 
 
@@ -62,6 +80,37 @@ def build(shape: dict, vocab: int, dtype: torch.dtype, device: torch.device, see
     with torch.device(device):
         model = Qwen3ForCausalLM._from_config(cfg, dtype=dtype)
     return model.eval().requires_grad_(False)
+
+
+def word_tokenizer(vocab: int):
+    """A tokenizer of ``vocab`` tokens ``t0 .. t{vocab-1}`` (vLLM's pair checkpoint copies the student's tokenizer
+    files; the benchmark feeds token ids, so any tokenizer of the right size does)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t1")  # EOS ignored
+
+
+def vllm_variants(student, teacher, ids, mask, spec, eps: float, g):
+    """(e) vLLM student-only and (f) vLLM TRB pair (trb_exp.decode.vllm.VLLMRollouts, EOS ignored), as
+    (key, label, fn, models) rows like the others; each engine is built in its variant's first (untimed) call."""
+    from trb_exp.decode.vllm import EngineSettings, VLLMRollouts, open_engine
+
+    settings = EngineSettings(dtype=spec["dtype"], max_model_len=spec["prompt"] + spec["new"] + 8, seed=0)
+    backend = open_engine(VLLMRollouts(student, teacher, word_tokenizer(spec["vocab"]), settings))  # closed by main
+    kw = dict(max_new_tokens=spec["new"], eos_id=-1, pad_id=0, generator=g, teacher_stats="topk",
+              keep_teacher_logprobs=False)
+
+    def student_only():
+        backend.sample(ids, mask, StudentSampler(), **kw)
+
+    def trb():
+        backend.sample(ids, mask, TrustRegionSampler(eps=eps), **kw)
+
+    return [("vllm_student", "(e) vLLM student-only", student_only, [student]),
+            ("vllm_trb", "(f) vLLM TRB pair (+ its teacher pass)", trb, [student, teacher])]
 
 
 def n_bytes(model) -> int:
@@ -123,7 +172,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--new", type=int)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--eps", type=float, default=0.01, help="TRB budget (nats per token)")
-    ap.add_argument("--engine", default="static", choices=("static", "eager"), help="our engine for (b) and (c)")
+    ap.add_argument("--cpu", action="store_true", help="pair c's shapes on the CPU, 64 x 40 tokens")
+    ap.add_argument("--engine", default="static", choices=("static", "eager", "vllm"),
+                    help="our engine for (b) and (c); vllm: the static engine for (b) and (c), plus the vLLM rows")
     ap.add_argument("--no-compile", action="store_true", help="static engine: do not capture the decode steps")
     ap.add_argument("--skip", default="", help="comma list of variants to skip: hf,student,trb")
     ap.add_argument("--bandwidth", type=float, default=None, help="GB/s for the roofline")
@@ -133,11 +184,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_setup(a: argparse.Namespace) -> SimpleNamespace:
     """The shapes (paper or tiny, with --batch/--prompt/--new), device, dtype, repeats and roofline bandwidth."""
-    spec = dict(TINY if a.tiny else PAPER)
+    a.vllm = a.engine == "vllm"
+    spec = dict((TINY_VLLM if a.vllm else TINY) if a.tiny else CPU if a.cpu else PAPER)
+    if a.vllm:
+        a.engine = "static"  # (b), (c): the static engine, the ratio's denominator
     for k in ("batch", "prompt", "new"):
         if getattr(a, k):
             spec[k] = getattr(a, k)
-    device = torch.device(a.device or ("cpu" if a.tiny or not torch.cuda.is_available() else "cuda"))
+    device = torch.device(a.device or ("cpu" if a.tiny or a.cpu or not torch.cuda.is_available() else "cuda"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return SimpleNamespace(spec=spec, device=device, dtype=getattr(torch, spec["dtype"]), name=name,
                            repeats=a.repeats or (1 if not a.tiny else 2),
@@ -168,9 +222,12 @@ def make_variants(a: argparse.Namespace, su: SimpleNamespace, student, teacher) 
     def ours_trb():
         sample(student, teacher, ids, mask, TrustRegionSampler(eps=a.eps), generator=g, teacher_stats="topk", topk=16, **kw)
 
-    return [("hf", "(a) HF generate, student, eager", hf, [student]),
-            ("student", f"(b) ours student-only ({a.engine})", ours_student, [student]),
-            ("trb", f"(c) ours TRB two-model ({a.engine})", ours_trb, [student, teacher])]
+    variants = [("hf", "(a) HF generate, student, eager", hf, [student]),
+                ("student", f"(b) ours student-only ({a.engine})", ours_student, [student]),
+                ("trb", f"(c) ours TRB two-model ({a.engine})", ours_trb, [student, teacher])]
+    if a.vllm:
+        variants += vllm_variants(student, teacher, ids, mask, su.spec, a.eps, g)
+    return variants
 
 
 def measure(variants: list[tuple], skip: set[str], su: SimpleNamespace) -> list[dict]:
@@ -189,17 +246,22 @@ def measure(variants: list[tuple], skip: set[str], su: SimpleNamespace) -> list[
 
 def render(rows: list[dict], su: SimpleNamespace, student, teacher, build_s: float) -> str:
     hf_tps = next((r["tokens_s"] for r in rows if r["variant"] == "hf"), None)
+    static_tps = {r["variant"]: r["tokens_s"] for r in rows if r["variant"] in ("student", "trb")}
     f = lambda x, d=1: "–" if x is None else f"{x:,.{d}f}"  # noqa: E731
     spec = su.spec
     lines = [f"device: {su.name}; dtype {spec['dtype']}; batch {su.B}, prompt {su.P}, new tokens {su.N} (EOS ignored); "
              f"vocab {spec['vocab']:,}; student {n_bytes(student) / 1e9:.2f} GB, teacher {n_bytes(teacher) / 1e9:.2f} GB "
              f"of weights; built in {build_s:.1f} s; roofline bandwidth {f(su.bw, 0)} GB/s; repeats {su.repeats} (median)",
              "",
-             "| variant | tokens/s | × HF generate | roofline tokens/s | % of roofline | peak GB | steady s | compile/capture s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| variant | tokens/s | × HF generate | × static | roofline tokens/s | % of roofline | peak GB | steady s | "
+             "compile/capture s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         x = None if hf_tps is None else r["tokens_s"] / hf_tps
-        lines.append(f"| {r['label']} | {f(r['tokens_s'])} | {f(x, 2)} | {f(r['roofline_tokens_s'])} | "
+        base = static_tps.get(r["variant"].removeprefix("vllm_")) if r["variant"].startswith("vllm_") else None
+        r["x_static"] = None if base is None else r["tokens_s"] / base
+        lines.append(f"| {r['label']} | {f(r['tokens_s'])} | {f(x, 2)} | {f(r['x_static'], 2)} | "
+                     f"{f(r['roofline_tokens_s'])} | "
                      f"{f(None if r['roofline_frac'] is None else 100 * r['roofline_frac'])} | {f(r['peak_gb'], 2)} | "
                      f"{r['steady_s']:.2f} | {r['compile_s']:.2f} |")
     return "\n".join(lines)
@@ -213,6 +275,10 @@ def main(argv=None) -> dict:
     teacher = build(su.spec["teacher"], su.spec["vocab"], su.dtype, su.device, 1)
     build_s = time.perf_counter() - t
     rows = measure(make_variants(a, su, student, teacher), set(filter(None, a.skip.split(","))), su)
+    if a.vllm:  # this process's vLLM engine (vllm_variants opened it)
+        from trb_exp.decode.vllm import close_rollouts
+
+        close_rollouts()
     table = render(rows, su, student, teacher, build_s)
     print(table)
     if a.out:

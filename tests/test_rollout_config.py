@@ -24,7 +24,8 @@ def test_it_is_frozen_and_replace_makes_a_new_one():
 
 
 @pytest.mark.parametrize("kw, line", [
-    (dict(engine="vllm"), "rollout.engine='vllm': use auto (static where the architecture allows it), static or eager"),
+    (dict(engine="sglang"), "rollout.engine='sglang': use auto (vllm on a GPU with vllm installed, else static where "
+                            "the architecture allows it), static, eager or vllm"),
     (dict(sync_every=0), "rollout.sync_every=0: must be null (1 on CPU, 16 on GPU) or an integer >= 1"),
     (dict(compile="yes"), "rollout.compile='yes': use true or false"),
     (dict(teacher_pass="both"), "model.teacher_pass='both': use rollout or micro_batch"),

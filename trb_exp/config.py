@@ -139,8 +139,9 @@ def _validate_model(cfg) -> None:
         _require(not on_cpu, "model.dtype", cfg.model.dtype,
                  "float16 training does not work on the CPU; use auto (float32 there), float32 or bfloat16")
     pair = cfg.model.get("embedded_pair", "a")
-    _require(pair in ("a", "b"), "model.embedded_pair", pair,
-             "use a (the default tiny pair) or b (the larger one, model=embedded_b)")
+    _require(pair in ("a", "b", "c"), "model.embedded_pair", pair,
+             "use a (the default tiny pair), b (the larger one, model=embedded_b) or c (head_dim 32 for vLLM, "
+             "model=embedded_c)")
 
 
 def validate_eval(cfg) -> None:
@@ -167,6 +168,8 @@ def validate_eval(cfg) -> None:
     size = ev.get("size")
     _require(size is None or (isinstance(size, int) and size >= 1), "eval.size", size,
              "must be null (every problem) or an integer >= 1")
+    _require(ev.get("engine", "eager") in ("eager", "static", "vllm"), "eval.engine", ev.get("engine"),
+             "use eager (any model), static (Llama/Qwen2/Qwen3/Mistral) or vllm")
 
 
 def check_ks(ks, benchmarks) -> None:

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from trb_exp import CONF_DIR
 from trb_exp.run import rundir  # noqa: F401  (the ${run_uid:} resolver of hydra.run.dir)
 from trb_exp.config import ConfigError
+from trb_exp.decode.config import RolloutConfig
 from trb_exp.evaluation import evaluate_benchmarks
 from trb_exp.experiment import setup_eval
 
@@ -55,11 +56,22 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     ev, name = cfg.eval, str(cfg.model.student)
     names = [b.name for b in exp.benchmarks]
     ks = None if ev.get("ks") is None else tuple(int(k) for k in ev.ks)
+    rollout = RolloutConfig(engine=str(ev.get("engine") or "eager"))  # the decode engine of every benchmark
+    if rollout.engine == "vllm":  # one student-only vLLM engine for every benchmark (each at its own n)
+        from trb_exp.decode.vllm import open_student_rollouts
+
+        open_student_rollouts(exp.student, exp.tok, seed=int(cfg.seed), device=exp.device)
     t0 = time.time()
-    res = evaluate_benchmarks(exp.student, exp.tok, exp.benchmarks, n_samples=ev.get("samples"), ks=ks,
-                              temperature=float(ev.temperature), greedy=bool(ev.greedy),
-                              max_new_tokens=int(ev.max_new_tokens), batch_size=int(ev.batch_size),
-                              seed=int(cfg.seed), eos_ids=exp.eos_ids, progress=True)
+    try:
+        res = evaluate_benchmarks(exp.student, exp.tok, exp.benchmarks, n_samples=ev.get("samples"), ks=ks,
+                                  temperature=float(ev.temperature), greedy=bool(ev.greedy),
+                                  max_new_tokens=int(ev.max_new_tokens), batch_size=int(ev.batch_size),
+                                  seed=int(cfg.seed), eos_ids=exp.eos_ids, progress=True, rollout=rollout)
+    finally:
+        if rollout.engine == "vllm":
+            from trb_exp.decode.vllm import close_rollouts
+
+            close_rollouts()
     out = {"model": name, "benchmarks": names, "eval_s": round(time.time() - t0, 2), "results": res,
            "config": OmegaConf.to_container(cfg, resolve=True)}
     out_dir.mkdir(parents=True, exist_ok=True)

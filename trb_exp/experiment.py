@@ -69,6 +69,14 @@ def _start(cfg) -> torch.device:
     return pick_device(cfg.device)
 
 
+def _config_of(name, emb) -> dict:
+    """A model's config.json as a dict (a local or embedded directory, or a cached hub id), without its weights."""
+    from trb_exp.models import resolve
+
+    cfg = transformers.AutoConfig.from_pretrained(resolve(str(name), emb), trust_remote_code=False)
+    return cfg.to_dict()
+
+
 def setup(cfg, method: Method | None = None, rollout: RolloutConfig | None = None) -> Experiment:
     """The training experiment of ``cfg`` (already validated): method, task, benchmarks, the pair. ``method`` and
     ``rollout``: as ``trainer.accept`` built them from ``cfg`` (built here when not given)."""
@@ -104,6 +112,10 @@ def setup(cfg, method: Method | None = None, rollout: RolloutConfig | None = Non
     check_prompts(tok, train_prompts, f"dataset ({task.name}, training prompts)", positions)
     for b in benchmarks:
         check_prompts(tok, b.prompts, f"benchmark {b.name}", positions)
+    if rollout.engine in ("vllm", "auto"):  # configs only: a pair vLLM cannot run stops here, in one line
+        from trb_exp.decode.vllm import resolve_vllm
+
+        rollout = resolve_vllm(rollout, method, _config_of(mc.student, emb), _config_of(mc.teacher, emb), device)
     student = load_model(mc.student, device=device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code,
                          train=True, embedded_dir=emb, gradient_checkpointing=bool(mc.get("gradient_checkpointing")),
                          field="model.student")
@@ -114,6 +126,10 @@ def setup(cfg, method: Method | None = None, rollout: RolloutConfig | None = Non
     set_vocab_size(student, vocab)  # padded embeddings: compare both models on the tokenizer's vocabulary
     set_vocab_size(teacher, vocab)
     rollout = resolve_engine(rollout, student, teacher)
+    if rollout.engine == "vllm":  # this process's vLLM engine (built on first use; decode/vllm.py)
+        from trb_exp.decode.vllm import open_rollouts
+
+        open_rollouts(cfg, rollout, student, teacher, tok, vocab, method)
     # different EOS ids (Base student, instruct teacher): one merged end-of-sequence event at the student's id
     eos_id, all_eos = pair_eos_ids(tok, teacher_tok, student, teacher)
     return Experiment(cfg=cfg, device=device, tok=tok, student=student, benchmarks=benchmarks, eos_id=eos_id,

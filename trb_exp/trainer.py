@@ -29,6 +29,7 @@ from trb_exp.decode.backend import sample
 from trb_exp.decode.config import RolloutConfig
 from trb_exp.decode.forward import response_logits
 from trb_exp.decode.record import concat_rollouts
+from trb_exp.decode.vllm import close_rollouts, vllm_rollouts
 from trb_exp.decode.teacher_pass import TeacherTargets
 from trb_exp.distributed import (
     DistContext,
@@ -99,6 +100,9 @@ def rollouts(exp: Experiment, state: TrainState, step: int):
     exp.student.eval()
     rule = exp.method.sampler(step, tr.temperature, generator=state.generator)
     chunk = tr.get("rollout_batch_size") or len(batch)  # decode in row chunks: one chunk's KV caches at a time
+    if exp.rollout.engine == "vllm":  # a paged engine: the whole step at once; the pair engine goes once no teacher
+        chunk = len(batch)
+        vllm_rollouts().plan(rule)
     keep = exp.rollout.keeps_teacher(exp.method.needs_teacher_logprobs)
     parts = [sample(exp.student, exp.teacher, ids[c : c + chunk], mask[c : c + chunk], rule,
                     max_new_tokens=tr.max_new_tokens, eos_id=exp.eos_id, pad_id=tok.pad_token_id,
@@ -226,6 +230,7 @@ def train(exp: Experiment, state: TrainState, logger: RunLogger, run_dir: Path, 
             with full_params(exp.student):  # FSDP2: ranks decode different numbers of tokens
                 ro, batch = rollouts(exp, state, step)
             m = update(exp, state, ro, step)
+            m.update(after_update(exp))
             state.step = step + 1
             log_now = state.step % tr.log_every == 0 or step == 0
             if log_now or exp.method.schedule.adaptive:  # an adaptive budget reads every step's gap and reward
@@ -250,6 +255,17 @@ def train(exp: Experiment, state: TrainState, logger: RunLogger, run_dir: Path, 
             if _stop_requested(exp, stop) and state.step < tr.max_steps:
                 done = run_dir / "checkpoints" / f"step_{state.step}"
                 raise Stopped(_signame(stop), done if every and state.step % every == 0 else checkpoint(exp, state, run_dir))
+
+
+def after_update(exp: Experiment) -> dict:
+    """rollout.engine=vllm: the new weights into the live vLLM engine (verified), and the step's time split
+    (``time/decode_s``, ``time/teacher_pass_s``, ``time/weight_sync_s``); other engines: nothing."""
+    if exp.rollout.engine != "vllm":
+        return {}
+    engine = vllm_rollouts()
+    engine.mark_updated()
+    engine.sync()
+    return engine.times.metrics()
 
 
 def _stop_requested(exp: Experiment, stop: StopSignals | None) -> bool:
@@ -290,6 +306,8 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
     resume_step = None
     if ckpt is not None:
         resume_step = restore(state, exp.train_student, ckpt, run_dir, dist)
+        if exp.rollout.engine == "vllm":  # the restored weights into the vLLM engine
+            vllm_rollouts().mark_updated()
         print(f"[resume] {ckpt} (step {state.step} of {cfg.trainer.max_steps})", flush=True)
     elif (run_dir / "metrics.jsonl").exists():  # the same run, stopped before its first checkpoint
         resume_step = -1
@@ -309,6 +327,8 @@ def run(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None, on_acce
         train(exp, state, logger, run_dir, stop)
     finally:
         logger.close()
+        if exp.rollout.engine == "vllm":
+            close_rollouts()
     return finish(exp, state, run_dir)
 
 
@@ -324,6 +344,9 @@ def accept(cfg: DictConfig, run_dir: Path, dist: DistContext) -> tuple[Path | No
             ckpt = resume_from(cfg, run_dir)
         method = Method.from_cfg(cfg.method, cfg.schedule)  # every rank builds the same one from the same config
         rollout = RolloutConfig.from_cfg(cfg, method)
+        if rollout.engine == "vllm" and str(cfg.trainer.get("strategy", "auto")) == "fsdp":
+            raise ConfigError("rollout.engine=vllm: trainer.strategy=fsdp shards the student, and the vLLM engine "
+                              "needs its whole weights after every step; use trainer.strategy=ddp or rollout.engine=static")
     except ConfigError as e:
         err = e
     ckpt, message = dist.broadcast((ckpt, None if err is None else str(err)))  # every rank stops, or resumes alike

@@ -4,6 +4,7 @@ backend its ``RolloutConfig`` names. ``backend(config)`` is the one function tha
 
     eager   ``decode/eager.py``: one Hugging Face forward per model and token (any architecture)
     static  ``decode/static.py``: preallocated KV caches, fixed-shape steps, no per-token host sync
+    vllm    ``decode/vllm.py``: this process's in-process vLLM engine (the TRB pair model, or the student alone)
 
 A backend is a function ``(student, teacher, prompt_ids, prompt_mask, sampler, *, max_new_tokens, eos_id, pad_id,
 generator, keep_teacher_logprobs, eos_ids) -> Rollout``. A new engine (vLLM) is a module in ``decode/``, a value
@@ -39,6 +40,10 @@ def backend(config: RolloutConfig) -> Backend:
         return partial(sample_static, teacher_stats=config.teacher_stats, topk=config.topk,
                        sync_every=config.sync_every, compile=config.compile, compact=config.compact,
                        solver_iters=config.solver_iters)
+    if config.engine == "vllm":
+        from trb_exp.decode.vllm import sample_vllm  # this process's vLLM engine (decode/vllm.py)
+
+        return partial(sample_vllm, teacher_stats=config.teacher_stats, topk=config.topk)
     raise ValueError(f"rollout.engine={config.engine!r}: resolve it with decode.backend.resolve_engine first")
 
 
@@ -47,7 +52,7 @@ def resolve_engine(config: RolloutConfig, student, teacher) -> RolloutConfig:
     the eager loop, said in one line; ``static`` on another architecture is a one-line ``ConfigError``."""
     from trb_exp.decode.static_lm import UnsupportedModel, check_supported
 
-    if config.engine == "eager":
+    if config.engine in ("eager", "vllm"):  # vllm: checked at setup, before the models loaded (vllm.resolve_vllm)
         return config
     for name, model in (("model.student", student), ("model.teacher", teacher)):
         try:
