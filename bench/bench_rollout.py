@@ -15,7 +15,7 @@ capture, reported separately as ``first_s - steady_s``) and then ``--repeats`` t
     python bench/bench_rollout.py --tiny               # CPU, seconds (the tests run this)
     python bench/bench_rollout.py --out docs/bench_rollout.md   # on a GPU: produces docs/bench_rollout.md (+ .json)
     python bench/bench_rollout.py --engine vllm        # GPU: adds (e) vLLM student-only, (f) vLLM TRB pair
-    python bench/bench_rollout.py --cpu --engine vllm  # CPU, pair c's shapes (head_dim 32), 64 x 40 tokens
+    python bench/bench_rollout.py --cpu --engine vllm  # CPU, pair a32's shapes (head_dim 32), 64 x 40 tokens
 
 ``--engine vllm`` adds two rows to the static engine's, from the same run on the same pair: (e) vLLM sampling the
 student alone and (f) vLLM's TRB pair model (``trb_exp.decode.vllm``, the trainer's rollout.engine=vllm: the
@@ -58,7 +58,7 @@ TINY = dict(
                  intermediate_size=96),
     vocab=512, batch=4, prompt=8, new=12, dtype="float32",
 )
-# pair c's shapes (model=embedded_c: head_dim 32 in both towers, which vLLM's CPU attention runs), the notes' 64 x 40
+# pair a32's shapes (model=embedded_a32: head_dim 32 in both towers, which vLLM's CPU attention runs), the notes' 64 x 40
 CPU = dict(
     student=dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=3, num_key_value_heads=3, head_dim=32,
                  intermediate_size=256),
@@ -172,7 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--new", type=int)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--eps", type=float, default=0.01, help="TRB budget (nats per token)")
-    ap.add_argument("--cpu", action="store_true", help="pair c's shapes on the CPU, 64 x 40 tokens")
+    ap.add_argument("--cpu", action="store_true", help="pair a32's shapes on the CPU, 64 x 40 tokens")
     ap.add_argument("--engine", default="static", choices=("static", "eager", "vllm"),
                     help="our engine for (b) and (c); vllm: the static engine for (b) and (c), plus the vLLM rows")
     ap.add_argument("--no-compile", action="store_true", help="static engine: do not capture the decode steps")

@@ -1,10 +1,10 @@
-"""rollout.engine=vllm against rollout.engine=static on pair c (model=embedded_c), TRB, 50 steps, pass@1 every 10.
+"""rollout.engine=vllm against rollout.engine=static on pair a32 (model=embedded_a32), TRB, 50 steps, pass@1 every 10.
 Produces docs/vllm.md's acceptance table (printed here; pasted into "What ran here" by hand).
 
     python bench/vllm_acceptance.py --out outputs/vllm_acceptance            # the 4 runs (seeds 0, 1), then the table
     python bench/vllm_acceptance.py --out outputs/vllm_acceptance --table    # the table of runs already there
 
-Needs vllm (CPU: docs/vllm.md "Installing"). Every run: ``python -m trb_exp.train method=trb model=embedded_c
+Needs vllm (CPU: docs/vllm.md "Installing"). Every run: ``python -m trb_exp.train method=trb model=embedded_a32
 rollout.engine=ENGINE seed=SEED logger=none trainer.max_steps=50 trainer.eval_every=10``. The table: pass@1 at
 steps 0, 10, ..., 50 (its sampling standard error at step 50), the training seconds, and the medians over steps
 6-50 of the step time and, for vLLM, its split (decode, the pair's teacher pass, the weight sync).
@@ -28,7 +28,7 @@ ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OM
 def train(run_dir: Path, engine: str, seed: int) -> None:
     if (run_dir / "summary.json").exists():
         return
-    args = ["method=trb", "model=embedded_c", f"rollout.engine={engine}", f"seed={seed}", "logger=none",
+    args = ["method=trb", "model=embedded_a32", f"rollout.engine={engine}", f"seed={seed}", "logger=none",
             "trainer.max_steps=50", "trainer.eval_every=10", "trainer.progress=false", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
     with open(run_dir.with_suffix(".log"), "w") as log:

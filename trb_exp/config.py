@@ -139,9 +139,9 @@ def _validate_model(cfg) -> None:
         _require(not on_cpu, "model.dtype", cfg.model.dtype,
                  "float16 training does not work on the CPU; use auto (float32 there), float32 or bfloat16")
     pair = cfg.model.get("embedded_pair", "a")
-    _require(pair in ("a", "b", "c"), "model.embedded_pair", pair,
-             "use a (the default tiny pair), b (the larger one, model=embedded_b) or c (head_dim 32 for vLLM, "
-             "model=embedded_c)")
+    _require(pair in ("a", "b", "a32"), "model.embedded_pair", pair,
+             "use a (the default tiny pair), b (the larger one, model=embedded_b) or a32 (head_dim 32 for vLLM, "
+             "model=embedded_a32)")
 
 
 def validate_eval(cfg) -> None:

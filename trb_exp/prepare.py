@@ -73,9 +73,9 @@ PAIRS: dict[str, PairSpec] = {
         student=ModelSize(hidden=128, layers=3, heads=4, intermediate=384),
         seed=1,
     ),
-    # "c": pair a with the student's 96 dimensions split into 3 heads of 32 instead of 4 of 24, so both towers
-    # have head_dim 32, a size vLLM's CPU attention runs (rollout.engine=vllm; model=embedded_c)
-    "c": PairSpec(student=ModelSize(hidden=96, layers=3, heads=3, intermediate=256)),
+    # "a32": pair a with the student's 96 dimensions split into 3 heads of 32 instead of 4 of 24, so both towers
+    # have head_dim 32, a size vLLM's CPU attention runs (rollout.engine=vllm; model=embedded_a32)
+    "a32": PairSpec(student=ModelSize(hidden=96, layers=3, heads=3, intermediate=256)),
 }
 
 

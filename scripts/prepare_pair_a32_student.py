@@ -1,7 +1,7 @@
-"""python scripts/prepare_pair_c_student.py OUT_DIR: how trb_exp/assets/embedded_c was built (1,205 s on one core).
+"""python scripts/prepare_pair_a32_student.py OUT_DIR: how trb_exp/assets/embedded_a32 was built (1,205 s on one core).
 
 Pair c = pair a's teacher (same TeacherSpec, seed and task: copied from trb_exp/assets/embedded/teacher) plus a
-student of pair c's spec trained exactly as prepare.prepare_pair trains it. One-off, to save the ~30 min teacher SFT."""
+student of pair a32's spec trained exactly as prepare.prepare_pair trains it. One-off, to save the ~30 min teacher SFT."""
 import json, random, shutil, sys, time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,7 +14,7 @@ from trb_exp.models import tiny_llama, EMBEDDED
 
 torch.set_num_threads(1)
 out = Path(sys.argv[1])
-spec = P.pair_spec("c")
+spec = P.pair_spec("a32")
 a = json.loads((EMBEDDED / "prepare.json").read_text())
 assert a["spec"]["teacher"] == asdict(spec.teacher) and a["spec"]["seed"] == spec.seed, "teacher spec differs"
 torch.manual_seed(spec.seed)
