@@ -3,9 +3,10 @@ rows marked slow), and that no stray directory or other run's file is left. The 
 ``test_bad_input_table.py``; verified checkpoints are tested file by file in ``test_checkpoint_verify.py``."""
 
 import os
-import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,86 @@ def test_cli_data_row_exit_2_and_no_directory(data, tiny_pair, tmp_path):
     r = _cli(*FAST, *_pair(tiny_pair), *_local(data, name, *extra), f"hydra.run.dir={tmp_path / 'runs' / 'x'}")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: " + message.format(f=data / name)
     assert "Traceback" not in r.stderr + r.stdout and not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- signals from the first instant
+def _start(*args):
+    return subprocess.Popen([sys.executable, "-m", "trb_exp.train", *args], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process ``pid`` has a handler installed for ``sig`` (``SigCgt`` of /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def _wait(proc, cond, timeout=240.0):
+    t0 = time.time()
+    while not cond():
+        assert proc.poll() is None, f"the run ended before the signal: {proc.communicate()}"
+        assert time.time() - t0 < timeout, "timed out waiting for the run"
+        time.sleep(0.001)
+
+
+STARTUP = {"SIGINT": (130, "[interrupted] stopped during start-up: nothing to save yet"),
+           **{s: (75, f"[{s}] stopped during start-up: nothing to save yet; exit 75 (rerun the same command to "
+                      "start the run)") for s in ("SIGTERM", "SIGUSR1", "SIGHUP")}}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads SigCgt from /proc (Linux)")
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_signal_during_the_imports_is_one_line_and_no_run_dir(signame, tiny_pair, tmp_path):
+    """As soon as the process can catch the signal (its first lines, before torch, transformers or Hydra are
+    imported): the documented exit code, one line, no traceback and no run directory."""
+    proc = _start(*FAST, *_pair(tiny_pair), f"hydra.run.dir={tmp_path / 'runs' / 'x'}")
+    _wait(proc, lambda: _catches(proc.pid, signal.SIGTERM))
+    proc.send_signal(getattr(signal, signame))
+    out, err = proc.communicate(timeout=120)
+    code, line = STARTUP[signame]
+    assert proc.returncode == code and err.strip().splitlines() == [line], err
+    assert "Traceback" not in out + err and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame, when", [("SIGHUP", "run dir"), ("SIGTERM", "accepted")])
+def test_signal_during_setup_exits_75_with_a_step_0_checkpoint_or_nothing_to_save(signame, when, tiny_pair,
+                                                                                 tmp_path):
+    """Just after Hydra made the run directory (the imports of the trainer are still going on), or once the
+    run was accepted (.hydra/ written; the models load): exit 75 and one line, either nothing to save (and
+    no run directory) or the step-0 checkpoint, intact."""
+    from trb_exp.run.state import verify_checkpoint
+
+    run_dir = tmp_path / "runs" / "x"
+    proc = _start(*FAST, *_pair(tiny_pair), "trainer.max_steps=50", f"hydra.run.dir={run_dir}")
+    _wait(proc, lambda: (run_dir / ".hydra").exists() if when == "accepted" else run_dir.exists())
+    proc.send_signal(getattr(signal, signame))
+    out, err = proc.communicate(timeout=240)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 75 and "Traceback" not in out + err, err
+    ckpt = run_dir / "checkpoints" / "step_0"
+    if lines == [STARTUP[signame][1]]:
+        assert when == "run dir" and not (tmp_path / "runs").exists()
+    else:
+        assert lines[-1] == f"[{signame}] checkpoint {ckpt}; exit 75 (rerun the same command to resume)", err
+        assert verify_checkpoint(ckpt) is None and not (run_dir / "summary.json").exists()
+        assert sorted(p.name for p in run_dir.iterdir()) == [
+            ".hydra", "checkpoints", "metrics.jsonl", "train.log"]
+
+
+@pytest.mark.slow
+def test_sighup_during_training_checkpoints_and_exits_75(tiny_pair, tmp_path):
+    from trb_exp.run.state import list_checkpoints
+
+    run_dir = tmp_path / "run"
+    proc = _start(*FAST, *_pair(tiny_pair), "trainer.max_steps=200", "trainer.eval_every=0",
+                  f"hydra.run.dir={run_dir}")
+    _wait(proc, lambda: (run_dir / "metrics.jsonl").exists() and '"train/loss"' in (run_dir / "metrics.jsonl").read_text())
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=240)
+    (ckpt,) = list_checkpoints(run_dir / "checkpoints")
+    assert proc.returncode == 75 and err.strip().splitlines()[-1] == \
+        f"[SIGHUP] checkpoint {ckpt}; exit 75 (rerun the same command to resume)", err
