@@ -172,3 +172,33 @@ def test_sighup_during_training_checkpoints_and_exits_75(tiny_pair, tmp_path):
     (ckpt,) = list_checkpoints(run_dir / "checkpoints")
     assert proc.returncode == 75 and err.strip().splitlines()[-1] == \
         f"[SIGHUP] checkpoint {ckpt}; exit 75 (rerun the same command to resume)", err
+
+
+# --------------------------------------------------------------------------- prepare --out
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["full", "file", "unwritable"])
+def test_prepare_out_refuses_in_the_first_second(case, tmp_path):
+    """Before torch is imported (the training would take minutes): one line, exit 2, nothing created."""
+    out = {"full": tmp_path / "full", "file": tmp_path / "afile", "unwritable": tmp_path / "ro" / "pair"}[case]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "teacher").mkdir()
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    if case == "unwritable" and os.geteuid() == 0:
+        out = Path("/proc/trb_exp_out/pair")  # root writes anywhere a mode allows: a file system that refuses
+    before = _tree(tmp_path)
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "trb_exp.prepare", "--out", str(out)], capture_output=True, text=True,
+                       env=_env(), cwd=ROOT, timeout=60)
+    took = time.time() - t0
+    line = {"full": f"error: --out {out}: the directory exists and holds files, which would be overwritten; give a "
+                    "new directory (it is created) or an empty one",
+            "file": f"error: --out {out}: a file is there; give a directory (it is created if missing)"}.get(case)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    if line is not None:
+        assert r.stderr.strip() == line
+    else:
+        assert r.stderr.startswith(f"error: --out {out}: cannot write there (") and \
+            r.stderr.strip().endswith("); give a writable directory")
+    assert took < 5, took  # about 0.2 s; 5 s leaves room for a loaded machine (torch alone takes longer)
+    assert _tree(tmp_path) == before and "torch" not in r.stderr

@@ -94,3 +94,25 @@ def preflight(config_name: str, roles: tuple[str, ...] = ("student", "teacher"))
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+
+
+def check_out_dir(out, flag: str = "--out") -> None:
+    """An output directory a long job will fill: refused at once (a ``ConfigError``) when a file is there,
+    when it is a directory that already holds files (they would be overwritten), or when it cannot be
+    written (a trial directory is made and removed in its nearest existing ancestor)."""
+    import tempfile
+
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {out}: a file is there; give a directory (it is created if missing)")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{flag} {out}: the directory exists and holds files, which would be overwritten; "
+                          "give a new directory (it is created) or an empty one")
+    base = out.absolute()
+    while not base.exists():
+        base = base.parent
+    try:
+        Path(tempfile.mkdtemp(prefix=".trb_exp-write-test-", dir=base)).rmdir()
+    except OSError as e:
+        raise ConfigError(f"{flag} {out}: cannot write there ({base}: {e.strerror}); give a writable "
+                          "directory") from None
