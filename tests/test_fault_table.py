@@ -3,6 +3,7 @@ rows marked slow), and that no stray directory or other run's file is left. The 
 ``test_bad_input_table.py``; verified checkpoints are tested file by file in ``test_checkpoint_verify.py``."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,3 +203,70 @@ def test_prepare_out_refuses_in_the_first_second(case, tmp_path):
             r.stderr.strip().endswith("); give a writable directory")
     assert took < 5, took  # about 0.2 s; 5 s leaves room for a loaded machine (torch alone takes longer)
     assert _tree(tmp_path) == before and "torch" not in r.stderr
+
+
+# --------------------------------------------------------------------------- start-up: unreadable files
+@pytest.fixture(scope="module")
+def broken(tiny_pair, tmp_path_factory):
+    """Copies of the tiny pair's models, each with one damaged file."""
+    d = tmp_path_factory.mktemp("broken")
+    for name, role, file, how in [("trunc_weights", "student", "model.safetensors", "half"),
+                                  ("junk_weights", "teacher", "model.safetensors", "junk"),
+                                  ("bad_tokenizer", "student", "tokenizer.json", "half"),
+                                  ("bad_config", "teacher", "config.json", "half")]:
+        shutil.copytree(tiny_pair / role, d / name)
+        f = d / name / file
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2] if how == "half" else b"\x00junk" * 64)
+    return d
+
+
+def _why(f: Path) -> str:
+    import json
+
+    try:
+        json.loads(f.read_text())
+    except ValueError as e:
+        return str(e)
+    raise AssertionError(f"{f} parses")
+
+
+# (role, broken copy, the exact message); {d}: the broken copies' directory
+FILE_ROWS = [
+    ("student", "trunc_weights", "model.student: {d}/trunc_weights/model.safetensors is not a complete safetensors "
+                                 "file (Error while deserializing header: incomplete metadata, file not fully "
+                                 "covered); it is damaged or was not fully written (a half-finished download?): "
+                                 "download or save it again"),
+    ("teacher", "junk_weights", "model.teacher: {d}/junk_weights/model.safetensors is not a complete safetensors "
+                                "file (Error while deserializing header: header too large); it is damaged or was "
+                                "not fully written (a half-finished download?): download or save it again"),
+    ("student", "bad_tokenizer", "model.student: {d}/bad_tokenizer/tokenizer.json is not valid JSON ({why}); the "
+                                 "file is damaged or was not fully written: save or download it again"),
+    ("teacher", "bad_config", "model.teacher: {d}/bad_config/config.json is not valid JSON ({why}); the file is "
+                              "damaged or was not fully written: save or download it again"),
+]
+
+
+@pytest.mark.parametrize("role, copy, message", FILE_ROWS, ids=[r[1] for r in FILE_ROWS])
+def test_unreadable_model_file_is_one_line_naming_it(role, copy, message, broken, tiny_pair, tmp_path):
+    pair = {"student": tiny_pair / "student", "teacher": tiny_pair / "teacher", role: broken / copy}
+    cfg = compose([*FAST, f"model.student={pair['student']}", f"model.teacher={pair['teacher']}"])
+    with pytest.raises(ConfigError) as e:
+        run(cfg, tmp_path / "run")
+    bad = {"bad_tokenizer": "tokenizer.json", "bad_config": "config.json"}.get(copy)
+    assert str(e.value) == message.format(d=broken, why=_why(broken / copy / bad) if bad else "")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_cli_unreadable_weights_exit_2_and_no_run_dir(broken, tiny_pair, tmp_path):
+    """Through the CLI: one line, exit 2, and neither the run directory nor Hydra's train.log is left."""
+    other = tmp_path / "runs" / "other"
+    other.mkdir(parents=True)
+    (other / "metrics.jsonl").write_text('{"step": 0}\n')  # another run's file beside it: untouched
+    r = _cli(*FAST, f"model.student={broken / 'trunc_weights'}", f"model.teacher={tiny_pair / 'teacher'}",
+             f"hydra.run.dir={tmp_path / 'runs' / 'x'}")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "error: " + FILE_ROWS[0][2].format(d=broken)
+    assert "Traceback" not in r.stderr + r.stdout
+    assert _tree(tmp_path / "runs") == ["other", "other/metrics.jsonl"]
+    assert (other / "metrics.jsonl").read_text() == '{"step": 0}\n'

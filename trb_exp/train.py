@@ -82,6 +82,10 @@ def main(cfg: DictConfig) -> float | None:
             except ConfigError:
                 rd.reject()  # leave no trace: a new directory goes, an existing one is as it was
                 raise
+            except Exception:  # a bug (its traceback follows): a run that logged nothing leaves no directory
+                if not (run_dir / "metrics.jsonl").exists():
+                    rd.reject()
+                raise
         default_signals()  # the run is done: a signal now is no start-up stop
         dist.close()
     except FinishedRun as e:
