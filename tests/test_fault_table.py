@@ -270,3 +270,46 @@ def test_cli_unreadable_weights_exit_2_and_no_run_dir(broken, tiny_pair, tmp_pat
     assert "Traceback" not in r.stderr + r.stdout
     assert _tree(tmp_path / "runs") == ["other", "other/metrics.jsonl"]
     assert (other / "metrics.jsonl").read_text() == '{"step": 0}\n'
+
+
+# --------------------------------------------------------------------------- keys nobody reads
+KEY_ROWS = [
+    ("+trainer.max_step=5", "trainer.max_step: no such setting, so nothing would read it; did you mean "
+                            "trainer.max_steps?"),
+    ("trainer.max_step=5", "trainer.max_step: no such setting, so nothing would read it; did you mean "
+                           "trainer.max_steps?"),
+    ("+foo=1", "foo: no such setting, so nothing would read it; see conf/config.yaml for the settings"),
+    ("+rollout.engin=eager", "rollout.engin: no such setting, so nothing would read it; did you mean rollout.engine?"),
+    ("++seeds=3", "seeds: no such setting, so nothing would read it; did you mean seed?"),
+]
+
+
+@pytest.mark.parametrize("override, message", KEY_ROWS, ids=[r[0] for r in KEY_ROWS])
+def test_a_key_nobody_reads_is_refused_with_the_nearest(override, message):
+    from trb_exp.keys import check_keys, check_overrides
+
+    with pytest.raises(ConfigError) as e:
+        check_overrides(["logger=none", override, "hydra.run.dir=x"])
+    assert str(e.value) == message
+    if override.startswith("+"):  # composed (in process: train.run validates it)
+        with pytest.raises(ConfigError) as e:
+            check_keys(compose(["logger=none", override]))
+        assert str(e.value) == message
+
+
+@pytest.mark.parametrize("overrides", [[], ["experiment=mini_a"], ["experiment=paper_0.6b_4b"], ["model=hf"],
+                                       ["method=veto", "schedule=gap"], ["dataset=local"], ["dataset=math_train"],
+                                       ["+model.chat_template_kwargs.enable_thinking=false"],
+                                       ["+dataset.data_files.train=x.jsonl"], ["+method.anything=1"]])
+def test_every_shipped_config_and_the_free_form_keys_pass(overrides):
+    from trb_exp.keys import check_keys, check_overrides
+
+    check_overrides(overrides)
+    check_keys(compose(overrides))
+
+
+@pytest.mark.slow
+def test_cli_unknown_key_exit_2_before_anything(tmp_path):
+    r = _cli("+trainer.max_step=5", f"hydra.run.dir={tmp_path / 'runs' / 'x'}", timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: " + KEY_ROWS[0][1]], r.stderr
+    assert not (tmp_path / "runs").exists()

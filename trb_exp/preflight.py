@@ -70,12 +70,20 @@ def check_available(name: str, field: str = "model") -> None:
 
 
 def preflight(config_name: str, roles: tuple[str, ...] = ("student", "teacher")) -> None:
-    """Compose the command line's config (Hydra's compose API) and check its models; print the one-line
-    error and exit 2 if one cannot be loaded offline. Does nothing when online, for Hydra's own flags
+    """Check the command line's keys (``keys.check_overrides``); compose its config (Hydra's compose API) and
+    check its models; print the one-line error and exit 2 if a key is unknown or a model cannot be loaded
+    offline. Does nothing when online, for Hydra's own flags
     (--help, --cfg, -m) and when the config does not compose (Hydra then reports that itself)."""
+    args = sys.argv[1:]
+    from trb_exp.keys import check_overrides
+
+    try:
+        check_overrides(args, config_name)  # a misspelt key, with or without +: one line, not Hydra's error
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if not hub_offline():
         return
-    args = sys.argv[1:]
     if any(a.startswith("-") for a in args):
         return
     try:
