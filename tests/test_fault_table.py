@@ -313,3 +313,44 @@ def test_cli_unknown_key_exit_2_before_anything(tmp_path):
     r = _cli("+trainer.max_step=5", f"hydra.run.dir={tmp_path / 'runs' / 'x'}", timeout=60)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: " + KEY_ROWS[0][1]], r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- booleans where a number is expected
+BOOL_ROWS = [
+    ("trainer.max_steps=true", "trainer.max_steps=true: a boolean where an integer is expected; give an integer, "
+                               "e.g. trainer.max_steps=400"),
+    ("optim.lr=false", "optim.lr=false: a boolean where a number is expected; give a number, e.g. optim.lr=0.001"),
+    ("trainer.eval_size=true", "trainer.eval_size=true: true/false is not a value this key takes; see its comment in "
+                               "conf/config.yaml"),
+    ("seed=true", "seed=true: a boolean where an integer is expected; give an integer, e.g. seed=0"),
+]
+
+
+@pytest.mark.parametrize("override, message", BOOL_ROWS, ids=[r[0] for r in BOOL_ROWS])
+def test_a_boolean_where_a_number_is_expected_is_refused(override, message):
+    from trb_exp.keys import check_keys
+
+    with pytest.raises(ConfigError) as e:
+        check_keys(compose(["logger=none", override]))
+    assert str(e.value) == message
+    check_keys(compose(["logger=none", "trainer.progress=false", "rollout.compile=true"]))  # real booleans pass
+
+
+# --------------------------------------------------------------------------- prompt + max_new_tokens
+def test_prompt_plus_max_new_tokens_beyond_the_positions_is_refused_or_clipped(capsys):
+    from trb_exp.data import check_prompts
+    from trb_exp.data.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    prompts = ["1+2=", "12+34*5="]  # 5 and 9 tokens with <bos>
+    assert check_prompts(tok, prompts, "dataset (arithmetic, training prompts)", 128, 119) == 119
+    with pytest.raises(ConfigError) as e:
+        check_prompts(tok, prompts, "dataset (arithmetic, training prompts)", 128, 120)
+    assert str(e.value) == ("trainer.max_new_tokens=120: dataset (arithmetic, training prompts): prompt 1 is 9 "
+                            "tokens, and 9 + 120 = 129 is beyond the student's 128 positions (max_position_embeddings); "
+                            "give trainer.max_new_tokens=119 or less, or trainer.clip_max_new_tokens=true to clip it")
+    capsys.readouterr()
+    assert check_prompts(tok, prompts, "dataset (arithmetic, training prompts)", 128, 100000, clip=True) == 119
+    assert capsys.readouterr().err.splitlines() == [
+        "[warning] trainer.max_new_tokens=100000 clipped to 119: dataset (arithmetic, training prompts): prompt 1 is "
+        "9 tokens of the student's 128 positions"]

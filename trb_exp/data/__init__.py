@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import random
+import sys
 
 import torch
 
@@ -229,11 +230,15 @@ def check_answers(rows: list[tuple[str, str]], lines: list[int] | None, grader: 
             raise ConfigError(f"{field}={str(path)!r}: {where}: answer {answer!r} can never be graded; {fix}")
 
 
-def check_prompts(tokenizer, prompts: list[str], where: str, max_positions: int | None) -> None:
+def check_prompts(tokenizer, prompts: list[str], where: str, max_positions: int | None,
+                  max_new_tokens: int | None = None, clip: bool = False,
+                  field: str = "trainer.max_new_tokens") -> int | None:
     """Every rendered prompt encodes without unknown tokens and leaves room for a response within the
-    model's ``max_positions``: one line naming the first that does not."""
+    model's ``max_positions``: one line naming the first that does not. With ``max_new_tokens``: the longest
+    prompt plus ``max_new_tokens`` must fit too, else one line with the numbers, or (``clip``) one warning
+    line and the largest ``max_new_tokens`` that fits, which is returned (``max_new_tokens`` otherwise)."""
     if not prompts:
-        return
+        return max_new_tokens
     ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     unk = tokenizer.unk_token_id
     for i, row in enumerate(ids):
@@ -242,11 +247,24 @@ def check_prompts(tokenizer, prompts: list[str], where: str, max_positions: int 
             raise ConfigError(f"{where}: prompt {i} has text the student's tokenizer cannot encode "
                               f"({''.join(bad)[:20]!r} would become <unk>); the embedded character-level tokenizer "
                               "knows only the arithmetic task's characters: use a real model (model=hf) for other text")
-    if max_positions:
-        longest = max(range(len(ids)), key=lambda i: len(ids[i]))
-        if len(ids[longest]) >= max_positions:
-            raise ConfigError(f"{where}: prompt {longest} is {len(ids[longest])} tokens, no room for a response in the "
-                              f"student's {max_positions} positions (max_position_embeddings); shorten or drop such prompts")
+    if not max_positions:
+        return max_new_tokens
+    longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+    n = len(ids[longest])
+    if n >= max_positions:
+        raise ConfigError(f"{where}: prompt {longest} is {n} tokens, no room for a response in the "
+                          f"student's {max_positions} positions (max_position_embeddings); shorten or drop such prompts")
+    if max_new_tokens is None or n + max_new_tokens <= max_positions:
+        return max_new_tokens
+    room = max_positions - n
+    if not clip:
+        raise ConfigError(f"{field}={max_new_tokens}: {where}: prompt {longest} is {n} tokens, and {n} + "
+                          f"{max_new_tokens} = {n + max_new_tokens} is beyond the student's {max_positions} positions "
+                          f"(max_position_embeddings); give {field}={room} or less, or "
+                          f"{field.rsplit('.', 1)[0]}.clip_max_new_tokens=true to clip it")
+    print(f"[warning] {field}={max_new_tokens} clipped to {room}: {where}: prompt {longest} is {n} tokens of the "
+          f"student's {max_positions} positions", file=sys.stderr, flush=True)
+    return room
 
 
 def _read_rows(path, prompt_field: str, answer_field: str, field: str) -> tuple[list[tuple[str, str]], list[int] | None]:

@@ -24,9 +24,9 @@ from trb_exp.run.rundir import FinishedRun
 from trb_exp.run.state import CHECKSUMS_FILE, STATE_FILE, list_checkpoints, verify_checkpoint
 
 # keys a resumed run may change: how long it runs, how it checkpoints, logs and shows progress, where
-RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.resume", "trainer.resume_fallback", "trainer.checkpoint_every",
-                     "trainer.keep_checkpoints", "trainer.progress", "trainer.eval_every", "trainer.save_student",
-                     "logger.", "device", "threads")
+RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.resume", "trainer.resume_fallback", "trainer.clip_max_new_tokens",
+                     "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.progress", "trainer.eval_every",
+                     "trainer.save_student", "logger.", "device", "threads")
 
 
 def config_changes(old: dict, new: dict) -> list[str]:
@@ -38,7 +38,8 @@ def config_changes(old: dict, new: dict) -> list[str]:
         return out
 
     a, b = flat(old), flat(new)
-    return sorted(k for k in set(a) | set(b)
+    clipped = {"trainer.max_new_tokens"} if b.get("trainer.clip_max_new_tokens") else set()  # set at setup, from it
+    return sorted(k for k in (set(a) | set(b)) - clipped
                   if a.get(k) != b.get(k) and not any(k == r or (r.endswith(".") and k.startswith(r))
                                                       for r in RESUMABLE_CHANGES))
 
