@@ -354,3 +354,35 @@ def test_prompt_plus_max_new_tokens_beyond_the_positions_is_refused_or_clipped(c
     assert capsys.readouterr().err.splitlines() == [
         "[warning] trainer.max_new_tokens=100000 clipped to 119: dataset (arithmetic, training prompts): prompt 1 is "
         "9 tokens of the student's 128 positions"]
+
+
+# --------------------------------------------------------------------------- damaged checkpoints, through the CLI
+@pytest.mark.slow
+def test_cli_damaged_checkpoints(tiny_pair, tmp_path):
+    """A run stopped after step 2 (checkpoints 1 and 2): resume=PATH on the damaged newest is exit 2 naming the
+    file; with every checkpoint damaged resume=auto is exit 2 and the run dir is left exactly as it was."""
+    run_dir = tmp_path / "run"
+    args = [*FAST, *_pair(tiny_pair), "trainer.max_steps=2", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=0",
+            "trainer.eval_every=0"]
+    r = _cli(*args, f"hydra.run.dir={run_dir}")
+    assert r.returncode == 0, r.stderr
+    (run_dir / "summary.json").unlink()  # as if preempted after step 2
+    newest, older = run_dir / "checkpoints" / "step_2", run_dir / "checkpoints" / "step_1"
+    size = (newest / "state.pt").stat().st_size
+    (newest / "state.pt").write_bytes(b"")
+    r = _cli(*args, f"trainer.resume={newest}", f"hydra.run.dir={tmp_path / 'fork'}")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"error: trainer.resume='{newest}': {newest / 'state.pt'}: 0 bytes where {size} were written (truncated or "
+        "overwritten); resume from another checkpoint (an older step_<k> beside it)"), r.stderr
+    assert not (tmp_path / "fork").exists()
+    (older / "student" / "model.safetensors").write_bytes(b"\0" * 10)
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    r = _cli(*args, f"hydra.run.dir={run_dir}")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert lines[-3].startswith(f"[resume] warning: skipping checkpoint {newest}: state.pt: 0 bytes where ")
+    assert lines[-2].startswith(f"[resume] warning: skipping checkpoint {older}: student/model.safetensors: 10 bytes")
+    assert lines[-1] == (f"error: trainer.resume=auto: no intact checkpoint in {run_dir / 'checkpoints'} (newest: "
+                         f"{newest / 'state.pt'}: 0 bytes where {size} were written (truncated or overwritten)); set "
+                         "trainer.resume_fallback=scratch to start the run afresh")
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # nothing touched
