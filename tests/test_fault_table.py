@@ -300,7 +300,8 @@ def test_a_key_nobody_reads_is_refused_with_the_nearest(override, message):
 @pytest.mark.parametrize("overrides", [[], ["experiment=mini_a"], ["experiment=paper_0.6b_4b"], ["model=hf"],
                                        ["method=veto", "schedule=gap"], ["dataset=local"], ["dataset=math_train"],
                                        ["+model.chat_template_kwargs.enable_thinking=false"],
-                                       ["+dataset.data_files.train=x.jsonl"], ["+method.anything=1"]])
+                                       ["+dataset.data_files.train=x.jsonl"], ["+method.anything=1"],
+                                       ["dataset=openthoughts3", "+dataset.filter.domain=math"]])
 def test_every_shipped_config_and_the_free_form_keys_pass(overrides):
     from trb_exp.keys import check_keys, check_overrides
 

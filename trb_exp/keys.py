@@ -3,8 +3,9 @@ with ``+``) or ``+foo=1`` would compose and then be ignored, so the setting is s
 ``trainer.max_steps=true`` would pass as 1. A key is known when a YAML file of ``conf/`` sets it
 (``config.yaml`` / ``evaluate.yaml``, or an option of one of their groups); an unknown key is one line with
 the nearest known key. Not checked: ``hydra.*`` (Hydra's own), ``method.*`` (``methods.py`` refuses a knob
-no component reads) and the free-form namespaces in ``FREE_FORM``; a value replacing a scalar or null key
-(``dataset.data_files={train: ...}``) may hold any keys. Torch-free: the CLI runs it before its imports.
+no component reads) and the free-form namespaces: those in ``FREE_FORM`` and every mapping a YAML file
+leaves empty (``dataset.filter: {}``, ``model.chat_template_kwargs: {}``); a value replacing a scalar or
+null key (``dataset.data_files={train: ...}``) may hold any keys. Torch-free: the CLI runs it before its imports.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _flat(node, prefix: str, out: dict[str, bool], values: dict[str, list]) -> N
         if k == "defaults" and not prefix:
             continue
         key = f"{prefix}{k}"
-        out[key] = isinstance(v, dict)
+        out[key] = out.get(key, False) or (isinstance(v, dict) and bool(v))  # {}: an open mapping, any keys
         if isinstance(v, dict):
             _flat(v, key + ".", out, values)
         else:
