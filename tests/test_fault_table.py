@@ -387,3 +387,53 @@ def test_cli_damaged_checkpoints(tiny_pair, tmp_path):
                          f"{newest / 'state.pt'}: 0 bytes where {size} were written (truncated or overwritten)); set "
                          "trainer.resume_fallback=scratch to start the run afresh")
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # nothing touched
+
+
+# --------------------------------------------------------------------------- the same rows through trainer.run
+RUN_ROWS = [
+    ("trainer.max_steps=true", BOOL_ROWS[0][1]),
+    ("+trainer.max_step=5", KEY_ROWS[0][1]),
+    ("schedule.eps0=true", "schedule.eps0=true: a boolean where a number is expected; give a number, e.g. "
+                           "schedule.eps0=0.5"),
+    ("trainer.max_new_tokens=100000",
+     "trainer.max_new_tokens=100000: dataset (arithmetic, training prompts): prompt {i} is {n} tokens, and {n} + 100000 = "
+     "{total} is beyond the student's 128 positions (max_position_embeddings); give trainer.max_new_tokens={room} or "
+     "less, or trainer.clip_max_new_tokens=true to clip it"),
+]
+
+
+def _longest_train_prompt(cfg):
+    from trb_exp.data import load_task
+    from trb_exp.data.tokenizer import build_char_tokenizer
+
+    ids = build_char_tokenizer()(load_task(cfg.dataset).train_prompts)["input_ids"]
+    i = max(range(len(ids)), key=lambda j: len(ids[j]))
+    return i, len(ids[i])
+
+
+@pytest.mark.parametrize("override, message", RUN_ROWS, ids=[r[0] for r in RUN_ROWS])
+def test_run_refuses_before_any_model_loads(override, message, tiny_pair, tmp_path, no_model_load):
+    cfg = compose([*FAST, *_pair(tiny_pair), override])
+    i, n = _longest_train_prompt(cfg)
+    with pytest.raises(ConfigError) as e:
+        run(cfg, tmp_path / "run")
+    assert str(e.value) == message.format(i=i, n=n, total=n + 100000, room=128 - n)
+    assert not (tmp_path / "run").exists()
+
+
+def test_clip_max_new_tokens_clips_with_one_warning_line(tiny_pair, tmp_path, capsys):
+    cfg = compose([*FAST, *_pair(tiny_pair), "trainer.max_new_tokens=100000", "trainer.clip_max_new_tokens=true"])
+    i, n = _longest_train_prompt(cfg)
+    summary = run(cfg, tmp_path / "run")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[warning]")]
+    assert warnings == [f"[warning] trainer.max_new_tokens=100000 clipped to {128 - n}: dataset (arithmetic, training "
+                        f"prompts): prompt {i} is {n} tokens of the student's 128 positions"]
+    assert summary["steps"] == 1 and cfg.trainer.max_new_tokens == 128 - n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, message", RUN_ROWS[:1], ids=["max_steps=true"])
+def test_cli_boolean_exit_2_and_no_run_dir(override, message, tiny_pair, tmp_path):
+    r = _cli(*FAST, *_pair(tiny_pair), override, f"hydra.run.dir={tmp_path / 'runs' / 'x'}")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: " + message, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "runs").exists()
