@@ -139,6 +139,7 @@ def test_legacy_checkpoint_without_checksums_is_checked_by_loading(two_checkpoin
     assert bad[0] == ckpt / "state.pt" and bad[1].startswith("does not load (")
 
 
+@pytest.mark.slow  # two 8-step runs
 def test_damaged_newest_checkpoint_of_an_interrupted_run_resumes_from_the_older_one(tiny_pair, tmp_path, capsys):
     """Stopped after step 6 (checkpoints 3 and 6), its step-6 state.pt truncated: trainer.resume=auto continues
     from step 3, and the run's record and weights equal those of the uninterrupted run."""

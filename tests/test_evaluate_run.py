@@ -70,6 +70,7 @@ def test_run_refusals_are_one_line(case, message, tmp_path):
     assert str(e.value) == message.format(run=run)
 
 
+@pytest.mark.slow  # a training run and two evaluations
 def test_evaluating_a_trained_run_equals_spelling_its_config_out(tiny_pair, tmp_path):
     """End to end on a 1-step run of the tiny pair: run=<dir> scores exactly as the explicit command."""
     from trb_exp.evaluate import run as evaluate
