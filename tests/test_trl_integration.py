@@ -149,7 +149,7 @@ def test_eos_accounting_with_pad_equal_to_eos(pair):
 
 
 # --------------------------------------------------------------------------- the trainers
-def _dist_trainer(trb, *, tok=None, student=None, teacher=None, steps=3, **cfg):
+def _dist_trainer(trb, *, tok=None, student=None, teacher=None, steps=3, teacher_tokenizer=None, **cfg):
     from trl import DistillationConfig
 
     args = DistillationConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=4,
@@ -157,7 +157,7 @@ def _dist_trainer(trb, *, tok=None, student=None, teacher=None, steps=3, **cfg):
                               save_strategy="no", use_cpu=True, seed=0, bf16=False, **cfg)
     return TRBDistillationTrainer(model=student or _model("student"), teacher_model=teacher or _model("teacher"),
                                   args=args, train_dataset=Dataset.from_dict({"prompt": TRAIN_PROMPTS}),
-                                  processing_class=tok or _tok(), trb=trb)
+                                  processing_class=tok or _tok(), trb=trb, teacher_tokenizer=teacher_tokenizer)
 
 
 def _trb_logs(trainer):
@@ -357,3 +357,44 @@ def test_trb_config():
                        (dict(budget="relative", eps0=2.0), "fraction"), (dict(budget="x"), "budget")]:
         with pytest.raises(TRBConfigError, match=match):
             TRBConfig(**{"eps0": 0.5, "warmup_steps": 2, **bad})
+
+
+def test_refuses_a_teacher_tokenizer_with_other_token_ids(tmp_path):
+    """Same vocabulary size, '1' and '2' swapped: the sizes agree, the token -> id maps do not (issue 22)."""
+    from trb_exp.data.tokenizer import CHARS, build_char_tokenizer
+
+    swapped = build_char_tokenizer(CHARS.replace("1", "#").replace("2", "1").replace("#", "2"))
+    assert len(swapped) == len(_tok())
+    _model("teacher").save_pretrained(tmp_path / "teacher")
+    swapped.save_pretrained(tmp_path / "teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")  # its tokenizer is read from beside it
+    msg = ("TRB cannot blend with tokenizers that map tokens to different ids (e.g. [('1', 5), ('1', 6), ('2', 5)]): "
+           "the blend compares the two next-token distributions id by id; pick a teacher from the student's "
+           "model family")
+    with pytest.raises(TRBConfigError) as e:
+        _dist_trainer(TRBConfig(eps0=0.5, warmup_steps=2), teacher=teacher)
+    assert str(e.value) == msg
+    with pytest.raises(TRBConfigError) as e:  # given explicitly, for a teacher held in memory
+        _dist_trainer(TRBConfig(eps0=0.5, warmup_steps=2), teacher=_model("teacher"), teacher_tokenizer=swapped)
+    assert str(e.value) == msg
+
+
+def test_temperature_zero_is_one_trb_config_error():
+    with pytest.raises(TRBConfigError) as e:
+        _dist_trainer(TRBConfig(eps0=0.5, warmup_steps=2), temperature=0.0)
+    assert str(e.value) == ("TRB cannot blend with temperature=0.0: the blend samples from mu_b at a temperature "
+                            "T > 0 (T = 0 is greedy decoding, which has no distribution to blend); use e.g. "
+                            "temperature=1.0")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("eps0", True, "TRBConfig.eps0=True: a KL budget must be a finite number >= 0 (0 = plain OPD)"),
+    ("warmup_steps", True, "TRBConfig.warmup_steps=True: the horizon K must be an integer >= 0"),
+    ("final_ratio", True, "TRBConfig.final_ratio=True: must be a number"),
+    ("tol", False, "TRBConfig.tol=False: must be a number"),
+])
+def test_trb_config_refuses_booleans(field, value, message):
+    kw = {"eps0": 0.5, "warmup_steps": 2, field: value}
+    with pytest.raises(TRBConfigError) as e:
+        TRBConfig(**kw)
+    assert str(e.value) == message

@@ -77,7 +77,10 @@ def check_device(value, field: str = "device") -> None:
 
 def validate(cfg) -> None:
     """The training config, before any model is loaded: one ``ConfigError`` line naming the field and the fix."""
+    from trb_exp.keys import check_keys
+
     check_missing(cfg)
+    check_keys(cfg)  # a key nobody reads (a typo added with +), a boolean where a number is expected
     _validate_trainer(cfg.trainer)
     _validate_optim(cfg.optim)
     _require(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool), "seed", cfg.seed, "must be an integer")
@@ -146,7 +149,10 @@ def _validate_model(cfg) -> None:
 
 def validate_eval(cfg) -> None:
     """``trb_exp.evaluate``'s own config, before any model is loaded."""
+    from trb_exp.keys import check_keys
+
     check_missing(cfg, skip=("model.teacher",))
+    check_keys(cfg, "evaluate")
     ev = cfg.eval
     th = cfg.get("threads")
     _require(th is None or (isinstance(th, int) and not isinstance(th, bool) and th >= 0), "threads", th,

@@ -15,6 +15,7 @@ identity and the trainer is the single-process one, bit for bit.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 from dataclasses import dataclass
@@ -117,10 +118,14 @@ class DistContext:
 
     def close(self) -> None:
         """The end of a run: every rank is done communicating, then the process group goes (a process that
-        exits with gloo threads still connected can abort at interpreter exit)."""
+        exits with gloo threads still connected can abort at interpreter exit). The FSDP2 / DDP wrappers of a
+        finished model hold the group through reference cycles: collected first, so that destroying the
+        group really closes its connections on every rank, before any rank exits."""
         if self.active and dist.is_initialized():
+            gc.collect()
             dist.barrier()
             dist.destroy_process_group()
+            gc.collect()
 
 
 def submitit_tasks() -> int:

@@ -1,4 +1,5 @@
-"""Scoring a checkpoint without training: ``python -m trb_exp.evaluate model.student=PATH dataset=math500``.
+"""Scoring a checkpoint without training: ``python -m trb_exp.evaluate model.student=PATH dataset=math500``,
+or a training run as it was trained: ``python -m trb_exp.evaluate run=<run dir>`` (``run/saved.py``).
 
 Loads ``model.student`` alone (a directory written by ``train`` or a hub id), renders every problem
 with the same prompt format as training (``model.chat_template`` / ``system_prompt``), samples
@@ -30,6 +31,7 @@ from trb_exp.config import ConfigError
 from trb_exp.decode.config import RolloutConfig
 from trb_exp.evaluation import evaluate_benchmarks
 from trb_exp.experiment import setup_eval
+from trb_exp.run.saved import evaluation_config, explicit_keys
 
 
 def markdown_table(results: dict, names: list[str]) -> str:
@@ -51,7 +53,11 @@ def markdown_table(results: dict, names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
+def run(cfg: DictConfig, out_dir: Path, explicit: set[str] | None = None) -> dict:
+    """Score ``cfg.model.student``; a training run's student (``run=``, or a path inside a run dir) is scored
+    with the run's own prompt format, task, benchmarks and length unless ``explicit`` (the keys the command
+    line set) says otherwise (``run/saved.py``)."""
+    cfg = evaluation_config(cfg, explicit or set())
     exp = setup_eval(cfg)  # the student alone; benchmarks rendered with the training prompt format
     ev, name = cfg.eval, str(cfg.model.student)
     names = [b.name for b in exp.benchmarks]
@@ -88,7 +94,7 @@ def main(cfg: DictConfig) -> None:
     try:
         with rundir.RunDir(out_dir) as rd:
             try:
-                run(cfg, out_dir)
+                run(cfg, out_dir, explicit_keys(HydraConfig.get().overrides.task))
             except ConfigError:
                 rd.reject()  # a rejected evaluation leaves no directory behind
                 raise

@@ -109,9 +109,12 @@ def setup(cfg, method: Method | None = None, rollout: RolloutConfig | None = Non
                   for b in benchmarks]
     train_prompts = [fmt(p) for p in task.train_prompts]
     positions = max_positions(mc.student, emb, mc.trust_remote_code)
-    check_prompts(tok, train_prompts, f"dataset ({task.name}, training prompts)", positions)
-    for b in benchmarks:
-        check_prompts(tok, b.prompts, f"benchmark {b.name}", positions)
+    tr, new_tokens = cfg.trainer, int(cfg.trainer.max_new_tokens)
+    for prompts, where in [(train_prompts, f"dataset ({task.name}, training prompts)"),
+                           *[(b.prompts, f"benchmark {b.name}") for b in benchmarks]]:
+        new_tokens = check_prompts(tok, prompts, where, positions, new_tokens, bool(tr.get("clip_max_new_tokens")))
+    if new_tokens != tr.max_new_tokens:  # clipped (one warning line said so): the loop and evaluations read it
+        tr.max_new_tokens = new_tokens
     if rollout.engine in ("vllm", "auto"):  # configs only: a pair vLLM cannot run stops here, in one line
         from trb_exp.decode.vllm import resolve_vllm
 

@@ -73,10 +73,27 @@ def max_positions(name: str, embedded_dir: Path | None = None, trust_remote_code
     return int(n) if isinstance(n, int) else None
 
 
+def _damaged_json(directory: Path) -> tuple[Path, str] | None:
+    """The first ``*.json`` file of a model directory (config, tokenizer, generation config) that does not
+    parse, with the parser's message; None if all do."""
+    import json
+
+    for f in sorted(directory.glob("*.json")):
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return f, str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
 def _load_error(name: str, e: Exception, field: str = "model") -> ConfigError:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     if Path(name).expanduser().is_dir():  # a local directory: downloading is not the fix
         p = Path(name).expanduser()
+        damaged = _damaged_json(p)
+        if damaged is not None:
+            return ConfigError(f"{field}: {damaged[0]} is not valid JSON ({damaged[1]}); the file is damaged or "
+                               "was not fully written: save or download it again")
         what = "is empty" if not any(p.iterdir()) else f"has no loadable model or tokenizer ({first})"
         return ConfigError(f"{field}={name!r}: the directory {what}; give a directory written by save_pretrained "
                            "(config.json, *.safetensors and the tokenizer files)")
@@ -84,6 +101,25 @@ def _load_error(name: str, e: Exception, field: str = "model") -> ConfigError:
         f"{field}: cannot load {name!r} ({first}); download it first (`hf download {name} --local-dir DIR`) "
         f"and point {field} at the directory"
     )
+
+
+def check_weight_files(path: str, field: str = "model") -> None:
+    """Every ``*.safetensors`` file of a local model directory is complete: a truncated or garbled file (a
+    half-finished download, a full disk) is one line naming it, instead of a traceback from deep inside
+    ``from_pretrained``."""
+    from safetensors import safe_open
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as e:  # noqa: BLE001 -- SafetensorError (a Rust error type) and OSError alike
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"{field}: {f} is not a complete safetensors file ({why}); it is damaged or was "
+                              "not fully written (a half-finished download?): download or save it again") from None
 
 
 def load_model(name: str, *, device: torch.device, dtype: str = "auto", trust_remote_code: bool = False,
@@ -95,6 +131,7 @@ def load_model(name: str, *, device: torch.device, dtype: str = "auto", trust_re
     path = resolve(name, embedded_dir)
     torch_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
                    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    check_weight_files(path, field)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

@@ -70,12 +70,20 @@ def check_available(name: str, field: str = "model") -> None:
 
 
 def preflight(config_name: str, roles: tuple[str, ...] = ("student", "teacher")) -> None:
-    """Compose the command line's config (Hydra's compose API) and check its models; print the one-line
-    error and exit 2 if one cannot be loaded offline. Does nothing when online, for Hydra's own flags
+    """Check the command line's keys (``keys.check_overrides``); compose its config (Hydra's compose API) and
+    check its models; print the one-line error and exit 2 if a key is unknown or a model cannot be loaded
+    offline. Does nothing when online, for Hydra's own flags
     (--help, --cfg, -m) and when the config does not compose (Hydra then reports that itself)."""
+    args = sys.argv[1:]
+    from trb_exp.keys import check_overrides
+
+    try:
+        check_overrides(args, config_name)  # a misspelt key, with or without +: one line, not Hydra's error
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if not hub_offline():
         return
-    args = sys.argv[1:]
     if any(a.startswith("-") for a in args):
         return
     try:
@@ -94,3 +102,25 @@ def preflight(config_name: str, roles: tuple[str, ...] = ("student", "teacher"))
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+
+
+def check_out_dir(out, flag: str = "--out") -> None:
+    """An output directory a long job will fill: refused at once (a ``ConfigError``) when a file is there,
+    when it is a directory that already holds files (they would be overwritten), or when it cannot be
+    written (a trial directory is made and removed in its nearest existing ancestor)."""
+    import tempfile
+
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {out}: a file is there; give a directory (it is created if missing)")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{flag} {out}: the directory exists and holds files, which would be overwritten; "
+                          "give a new directory (it is created) or an empty one")
+    base = out.absolute()
+    while not base.exists():
+        base = base.parent
+    try:
+        Path(tempfile.mkdtemp(prefix=".trb_exp-write-test-", dir=base)).rmdir()
+    except OSError as e:
+        raise ConfigError(f"{flag} {out}: cannot write there ({base}: {e.strerror}); give a writable "
+                          "directory") from None

@@ -15,6 +15,21 @@ has to teach it to ground its steps in the prompt.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a bad --out stops in a second, before torch is imported
+    import sys
+
+    from trb_exp.config import ConfigError
+    from trb_exp.preflight import check_out_dir
+
+    _argv = sys.argv[1:]
+    for out in [a.split("=", 1)[1] for a in _argv if a.startswith("--out=")] + \
+               [_argv[i + 1] for i, a in enumerate(_argv[:-1]) if a == "--out"]:
+        try:
+            check_out_dir(out)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
 import argparse
 import hashlib
 import json
@@ -184,9 +199,15 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None, help="output directory (default: the pair's shipped directory)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = ap.parse_args(argv)
-    if args.out is not None and args.out.exists() and not args.out.is_dir():  # before 15 minutes of training
-        print(f"error: --out {args.out}: a file is there; give a directory (it is created if missing)", file=sys.stderr)
-        raise SystemExit(2)
+    if args.out is not None:  # before 15 minutes of training (python -m checks it before importing torch)
+        from trb_exp.config import ConfigError
+        from trb_exp.preflight import check_out_dir
+
+        try:
+            check_out_dir(args.out)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     if args.threads:
         torch.set_num_threads(args.threads)
     report = prepare_pair(pair_spec(args.pair), args.out or embedded_dir_of(args.pair))

@@ -53,7 +53,8 @@ def check_eps0(eps0, *, relative: bool = False, finite: bool = False, field: str
     """The one check of a KL budget ``eps0`` (the schedule group, the budget functions, TRL's ``TRBConfig``): a
     number >= 0 (finite where ``finite``: the adaptive controllers), at most 1 for a ``relative`` budget.
     Raises ``error`` with one line naming ``field``."""
-    if not (isinstance(eps0, numbers.Real) and eps0 >= 0 and (not finite or math.isfinite(eps0))):
+    if not (isinstance(eps0, numbers.Real) and not isinstance(eps0, bool) and eps0 >= 0
+            and (not finite or math.isfinite(eps0))):
         raise error(f"{field}={eps0!r}: a KL budget must be {'a finite number ' if finite else ''}>= 0 (0 = plain OPD)")
     if relative and eps0 > 1:
         raise error(f"{field}={eps0!r}: a relative budget is a fraction of KL(pi_T||pi_S): use a value in [0, 1]")

@@ -2,17 +2,36 @@
 
 ``main`` checks the run directory (``rundir.py``), runs ``trainer.run`` (the loop), and turns what can
 go wrong into one line: a bad config or a taken run dir is exit 2, a stop signal leaves a checkpoint and
-exits 75 (SIGTERM/SIGUSR1) or 130 (SIGINT) with the command that resumes it. This module imports neither
-torch nor transformers at the top: a sweep's launching process (joblib, submitit) composes the jobs
-without them, and the jobs import the trainer where they run.
+exits 75 (SIGTERM/SIGUSR1/SIGHUP) or 130 (SIGINT) with the command that resumes it; before the run holds
+its run directory (the imports included) a stop signal is one line with nothing to save
+(``run/preempt.py``). This module imports neither torch nor transformers at the top: a sweep's launching
+process (joblib, submitit) composes the jobs without them, and the jobs import the trainer where they run.
 """
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # offline and a model that is not cached: stop before the slow imports
-    from trb_exp.preflight import preflight
+if __name__ == "__main__":
+    import sys
 
-    preflight("config")
+    from trb_exp.run.preempt import StartupStop, stop_at_startup
+
+    stop_at_startup()  # from the first instant: a stop signal during the imports is one line, no traceback
+    try:
+        from trb_exp.preflight import preflight
+
+        preflight("config")  # offline and a model that is not cached: stop before the slow imports
+        # Hydra's parallel launchers (joblib, submitit) pickle the task function: hand them the importable
+        # trb_exp.train.main, not this file's copy in __main__, which their workers cannot unpickle.
+        from trb_exp.train import main as _importable_main
+
+        _importable_main()
+    except StartupStop as stopped:
+        from trb_exp.run.rundir import discard_new
+
+        discard_new(stopped.run_dir)
+        print(stopped.line(), file=sys.stderr)
+        sys.exit(stopped.exit_code)
+    sys.exit(0)
 
 import json
 import sys
@@ -25,7 +44,7 @@ from omegaconf import DictConfig
 
 from trb_exp import CONF_DIR
 from trb_exp.config import ConfigError
-from trb_exp.run.preempt import EXIT_INTERRUPTED, Stopped, StopSignals, submitit_signal
+from trb_exp.run.preempt import EXIT_INTERRUPTED, Stopped, StopSignals, default_signals, submitit_signal
 from trb_exp.run.rundir import FinishedRun, RunDir
 
 
@@ -63,6 +82,11 @@ def main(cfg: DictConfig) -> float | None:
             except ConfigError:
                 rd.reject()  # leave no trace: a new directory goes, an existing one is as it was
                 raise
+            except Exception:  # a bug (its traceback follows): a run that logged nothing leaves no directory
+                if not (run_dir / "metrics.jsonl").exists():
+                    rd.reject()
+                raise
+        default_signals()  # the run is done: a signal now is no start-up stop
         dist.close()
     except FinishedRun as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # a re-submitted sweep: keep the finished job, go on
@@ -98,10 +122,3 @@ def main(cfg: DictConfig) -> float | None:
           f"{final['eval/pass@1']:.3f} in {summary['train_s']:.0f}s; run dir {run_dir}")
     return final.get("eval/pass@1")
 
-
-if __name__ == "__main__":
-    # Hydra's parallel launchers (joblib, submitit) pickle the task function: hand them the importable
-    # trb_exp.train.main, not this file's copy in __main__, which their workers cannot unpickle.
-    from trb_exp.train import main as _importable_main
-
-    _importable_main()

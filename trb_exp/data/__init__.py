@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import random
+import sys
 
 import torch
 
@@ -91,10 +92,10 @@ def load_task(cfg) -> Task:
                     list(splits["test"]["prompt"]), list(splits["test"]["answer"]), arithmetic.grade, spec,
                     name="arithmetic")
     if cfg.name == "local":
-        train = _read_rows(cfg.train_file, cfg.prompt_field, cfg.answer_field, "dataset.train_file")
-        test = _read_rows(cfg.test_file, cfg.prompt_field, cfg.answer_field, "dataset.test_file")
+        grade = _grader(cfg, "exact", "dataset")
+        train, test = _local_rows(cfg, "train_file"), _local_rows(cfg, "test_file")
         return Task([r[0] for r in train], [r[1] for r in train], [r[0] for r in test], [r[1] for r in test],
-                    _grader(cfg, "exact", "dataset"), name="local")
+                    grade, name="local")
     if cfg.name == "hf":
         from trb_exp.data.hub import load_rows
 
@@ -106,6 +107,13 @@ def load_task(cfg) -> Task:
         return Task(train_p, train_a, test_p, test_a, _grader(cfg, "math", "dataset"),
                     name=str(cfg.get("label") or "test"))
     raise ConfigError(f"dataset.name={cfg.name!r}: choose arithmetic, local or hf")
+
+
+def _local_rows(cfg, key: str) -> list[tuple[str, str]]:
+    """The (prompt, answer) rows of ``dataset.<key>``, every answer checked against ``dataset.grader``."""
+    rows, lines = _read_rows(cfg[key], cfg.prompt_field, cfg.answer_field, f"dataset.{key}")
+    check_answers(rows, lines, str(cfg.get("grader", "exact")), cfg[key], f"dataset.{key}")
+    return rows
 
 
 CONF_DIR = Path(_CONF)
@@ -182,16 +190,21 @@ def prompt_formatter(tokenizer, model_cfg) -> Callable[[str], str]:
     return fmt
 
 
-def _check_json_lines(path: Path, field: str) -> None:
-    """A JSONL file: the first line that is not one JSON object, by number (a JSON array file is left
-    to the reader)."""
+def _check_json_lines(path: Path, field: str) -> list[int] | None:
+    """A JSONL file: the first line that is not UTF-8 text or not one JSON object, by number. Returns the
+    line number of each row (blank lines hold none); None for a JSON array file (left to the reader)."""
     import json
 
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            text = line.strip()
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{field}={str(path)!r}: line {n} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                  f"column {e.start + 1}); save the file as UTF-8") from None
             if n == 1 and text.startswith("["):
-                return
+                return None
             if not text:
                 continue
             try:
@@ -200,13 +213,32 @@ def _check_json_lines(path: Path, field: str) -> None:
                 raise ConfigError(f"{field}={str(path)!r}: line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise ConfigError(f"{field}={str(path)!r}: line {n} is not a JSON object (one row per line)")
+            rows.append(n)
+    return rows
 
 
-def check_prompts(tokenizer, prompts: list[str], where: str, max_positions: int | None) -> None:
+def check_answers(rows: list[tuple[str, str]], lines: list[int] | None, grader: str, path, field: str) -> None:
+    """Every reference answer is one the grader in use can grade: an integer for ``exact`` (the arithmetic
+    task's grader), an expression math-verify parses (not NaN) for ``math``; one line naming the first that
+    is not."""
+    from trb_exp.data.grading import ungradable
+
+    for i, (_, answer) in enumerate(rows):
+        fix = ungradable(answer, grader)
+        if fix is not None:
+            where = f"line {lines[i]}" if lines else f"row {i}"
+            raise ConfigError(f"{field}={str(path)!r}: {where}: answer {answer!r} can never be graded; {fix}")
+
+
+def check_prompts(tokenizer, prompts: list[str], where: str, max_positions: int | None,
+                  max_new_tokens: int | None = None, clip: bool = False,
+                  field: str = "trainer.max_new_tokens") -> int | None:
     """Every rendered prompt encodes without unknown tokens and leaves room for a response within the
-    model's ``max_positions``: one line naming the first that does not."""
+    model's ``max_positions``: one line naming the first that does not. With ``max_new_tokens``: the longest
+    prompt plus ``max_new_tokens`` must fit too, else one line with the numbers, or (``clip``) one warning
+    line and the largest ``max_new_tokens`` that fits, which is returned (``max_new_tokens`` otherwise)."""
     if not prompts:
-        return
+        return max_new_tokens
     ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     unk = tokenizer.unk_token_id
     for i, row in enumerate(ids):
@@ -215,15 +247,29 @@ def check_prompts(tokenizer, prompts: list[str], where: str, max_positions: int 
             raise ConfigError(f"{where}: prompt {i} has text the student's tokenizer cannot encode "
                               f"({''.join(bad)[:20]!r} would become <unk>); the embedded character-level tokenizer "
                               "knows only the arithmetic task's characters: use a real model (model=hf) for other text")
-    if max_positions:
-        longest = max(range(len(ids)), key=lambda i: len(ids[i]))
-        if len(ids[longest]) >= max_positions:
-            raise ConfigError(f"{where}: prompt {longest} is {len(ids[longest])} tokens, no room for a response in the "
-                              f"student's {max_positions} positions (max_position_embeddings); shorten or drop such prompts")
+    if not max_positions:
+        return max_new_tokens
+    longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+    n = len(ids[longest])
+    if n >= max_positions:
+        raise ConfigError(f"{where}: prompt {longest} is {n} tokens, no room for a response in the "
+                          f"student's {max_positions} positions (max_position_embeddings); shorten or drop such prompts")
+    if max_new_tokens is None or n + max_new_tokens <= max_positions:
+        return max_new_tokens
+    room = max_positions - n
+    if not clip:
+        raise ConfigError(f"{field}={max_new_tokens}: {where}: prompt {longest} is {n} tokens, and {n} + "
+                          f"{max_new_tokens} = {n + max_new_tokens} is beyond the student's {max_positions} positions "
+                          f"(max_position_embeddings); give {field}={room} or less, or "
+                          f"{field.rsplit('.', 1)[0]}.clip_max_new_tokens=true to clip it")
+    print(f"[warning] {field}={max_new_tokens} clipped to {room}: {where}: prompt {longest} is {n} tokens of the "
+          f"student's {max_positions} positions", file=sys.stderr, flush=True)
+    return room
 
 
-def _read_rows(path, prompt_field: str, answer_field: str, field: str) -> list[tuple[str, str]]:
-    """(prompt, answer) rows of a local JSONL/JSON/Parquet file, with one-line errors."""
+def _read_rows(path, prompt_field: str, answer_field: str, field: str) -> tuple[list[tuple[str, str]], list[int] | None]:
+    """(prompt, answer) rows of a local JSONL/JSON/Parquet file, with one-line errors, and the line number of
+    each row (a JSONL file; else None)."""
     from pathlib import Path
 
     from datasets import load_dataset
@@ -233,11 +279,11 @@ def _read_rows(path, prompt_field: str, answer_field: str, field: str) -> list[t
     kind = "parquet" if str(path).endswith(".parquet") else "json"
     if Path(path).stat().st_size == 0:
         raise ConfigError(f"{field}={path!r}: the file has no rows")
-    if kind == "json":
-        _check_json_lines(Path(path), field)
+    lines = _check_json_lines(Path(path), field) if kind == "json" else None
     try:
         ds = load_dataset(kind, data_files=str(path), split="train")
-    except Exception as e:  # malformed JSON, unreadable parquet
+        ds[0]  # noqa: B018 -- a JSON array file's text is decoded here
+    except Exception as e:  # malformed JSON, unreadable parquet, a JSON array file that is not UTF-8
         raise ConfigError(f"{field}={path!r}: cannot be read as {kind} ({type(e).__name__})") from None
     if len(ds) == 0:
         raise ConfigError(f"{field}={path!r}: the file has no rows")
@@ -249,9 +295,10 @@ def _read_rows(path, prompt_field: str, answer_field: str, field: str) -> list[t
     for i, r in enumerate(ds):
         p, a = r[prompt_field], r[answer_field]
         if not isinstance(p, str) or not p or a is None:
-            raise ConfigError(f"{field}={path!r}: row {i} has an empty or non-text {prompt_field!r}/{answer_field!r}")
+            where = f"line {lines[i]}" if lines else f"row {i}"
+            raise ConfigError(f"{field}={path!r}: {where} has an empty or non-text {prompt_field!r}/{answer_field!r}")
         rows.append((p, str(a)))
-    return rows
+    return rows, lines
 
 
 @functools.lru_cache(maxsize=4)

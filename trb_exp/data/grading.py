@@ -98,6 +98,21 @@ def math_grade(response: str, reference: str) -> bool:
         return False
 
 
+def ungradable(reference: str, grader: str) -> str | None:
+    """None if grader ``grader`` (``exact`` or ``math``) can grade against ``reference``, else what to do:
+    ``exact`` compares integers; ``math`` needs an expression math-verify parses (not NaN)."""
+    if grader == "exact":
+        try:
+            int(reference.strip())
+            return None
+        except ValueError:
+            return "the exact grader compares integers: give an integer answer, or dataset.grader=math"
+    gold = [] if reference.strip().lower() == "nan" else _parse_reference(reference)
+    if gold and not isinstance(gold[0], str):  # a sympy object, not only the text math-verify gave up on
+        return None
+    return "math-verify cannot parse it as a number or expression: give the final answer (e.g. 42 or \\frac{1}{2})"
+
+
 def get_grader(name: str) -> Callable[[str, str], bool]:
     """``math`` (math-verify) or ``exact`` (the arithmetic task's last ``A:<int>``)."""
     if name == "math":

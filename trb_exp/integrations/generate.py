@@ -36,6 +36,11 @@ class TRBConfigError(ValueError):
     """A setting that would silently break the blend (or hang): one message naming it and the fix."""
 
 
+def _is_real(v) -> bool:
+    """An int or float, not a bool (``True`` would pass as 1)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 # --------------------------------------------------------------------------- the budget schedule
 @dataclass(frozen=True)
 class TRBConfig:
@@ -61,9 +66,13 @@ class TRBConfig:
                                  f"{', '.join(s for s in SCHEDULES if s not in ADAPTIVE)}")
         check_eps0(self.eps0, relative=self.budget == "relative", finite=True, field="TRBConfig.eps0",
                    error=TRBConfigError)
-        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+        if not (isinstance(self.warmup_steps, int) and not isinstance(self.warmup_steps, bool)
+                and self.warmup_steps >= 0):
             raise TRBConfigError(f"TRBConfig.warmup_steps={self.warmup_steps!r}: the horizon K must be an "
                                  "integer >= 0")
+        for name in ("final_ratio", "tol"):
+            if not _is_real(getattr(self, name)):
+                raise TRBConfigError(f"TRBConfig.{name}={getattr(self, name)!r}: must be a number")
         if self.budget not in ("absolute", "relative"):
             raise TRBConfigError(f"TRBConfig.budget={self.budget!r}: use 'absolute' (nats per token) or "
                                  "'relative' (a fraction of KL(pi_T||pi_S))")
@@ -258,11 +267,21 @@ def check_processor_list(processors) -> None:
 
 def refusals(*, generation=None, use_vllm: bool = False, eps_first: float = 0.0, sharded_teacher: bool = False,
              num_processes: int = 1, student_vocab: int | None = None, teacher_vocab: int | None = None,
-             multimodal: bool = False) -> None:
+             multimodal: bool = False, token_ids: tuple[dict, dict] | None = None, temperature=None) -> None:
     """Raise ONE ``TRBConfigError`` naming every setting that would silently break the blend (or hang).
 
-    ``eps_first``: the budget of the first training step (schedules never increase, so 0 means no blending)."""
+    ``eps_first``: the budget of the first training step (schedules never increase, so 0 means no blending);
+    ``token_ids``: the student's and the teacher's tokenizer vocabularies (token -> id), when known;
+    ``temperature``: the sampling temperature of the training rollouts, when known."""
     problems = []
+    if temperature is not None and not (_is_real(temperature) and math.isfinite(temperature) and temperature > 0):
+        problems.append(f"temperature={temperature!r}: the blend samples from mu_b at a temperature T > 0 "
+                        "(T = 0 is greedy decoding, which has no distribution to blend); use e.g. temperature=1.0")
+    if token_ids is not None and token_ids[0] != token_ids[1]:
+        s, t = token_ids
+        diff = sorted(set(s.items()) ^ set(t.items()))[:3]
+        problems.append(f"tokenizers that map tokens to different ids (e.g. {diff}): the blend compares the two "
+                        "next-token distributions id by id; pick a teacher from the student's model family")
     if generation is not None:
         bad = check_generation_config(generation)
         if bad:

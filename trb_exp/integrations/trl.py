@@ -73,6 +73,26 @@ def _output_rows(model) -> int | None:
         return getattr(cfg.get_text_config(), "vocab_size", None) if cfg is not None else None
 
 
+def _tokenizer_of(obj):
+    """A tokenizer from a tokenizer, a processor (its ``.tokenizer``), or a model or path it was saved with
+    (``AutoTokenizer.from_pretrained(name_or_path)``); None when there is none."""
+    if obj is None:
+        return None
+    if hasattr(obj, "get_vocab"):
+        return obj
+    if hasattr(getattr(obj, "tokenizer", None), "get_vocab"):
+        return obj.tokenizer
+    path = obj if isinstance(obj, str) else getattr(obj, "name_or_path", None)
+    if not path:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):  # no tokenizer saved there
+        return None
+
+
 def _check_trl_version() -> None:
     import trl
     from packaging.version import Version
@@ -89,11 +109,13 @@ class _TRBMixin:
 
     trb: TRBConfig
 
-    def __init__(self, *args, trb: TRBConfig, **kwargs):
-        """The trainer's own arguments plus ``trb``: refused settings fail before (and after) TRL's __init__."""
+    def __init__(self, *args, trb: TRBConfig, teacher_tokenizer=None, **kwargs):
+        """The trainer's own arguments plus ``trb``: refused settings fail before (and after) TRL's __init__.
+        ``teacher_tokenizer``: the teacher's tokenizer, compared with the student's token by token (default:
+        the one saved with the teacher, read from its ``name_or_path``)."""
         _check_trl_version()
         self._trb_setup(trb)
-        self._trb_early(args, kwargs)
+        self._trb_early(args, kwargs, teacher_tokenizer)
         super().__init__(*args, **kwargs)
         self._trb_refuse(self.generation_config)
 
@@ -118,16 +140,23 @@ class _TRBMixin:
                  student_vocab=_output_rows(self.accelerator.unwrap_model(self.model)),
                  teacher_vocab=_output_rows(self._trb_teacher()), multimodal=bool(getattr(self, "_is_vlm", False)))
 
-    def _trb_early(self, args, kwargs, names=("model", "teacher_model", "args")) -> None:
-        """The refusals that can be decided before TRL's own __init__ (which imports vLLM when use_vllm=True and
-        words the vocabulary check its own way)."""
+    def _trb_early(self, args, kwargs, teacher_tokenizer=None, names=("model", "teacher_model", "args")) -> None:
+        """The refusals that can be decided before TRL's own __init__ (which imports vLLM when use_vllm=True,
+        words the vocabulary check its own way and lets transformers reject a temperature of 0 with a traceback)."""
         got = dict(zip(names, args))
         got.update({k: kwargs[k] for k in names if k in kwargs})
         student, teacher, targs = got.get("model"), got.get("teacher_model"), got.get("args")
         loaded = [m if hasattr(m, "get_output_embeddings") else None for m in (student, teacher)]
+        student_tok = _tokenizer_of(kwargs.get("processing_class") or student)
+        teacher_tok = _tokenizer_of(teacher_tokenizer or teacher)
         refusals(use_vllm=bool(getattr(targs, "use_vllm", False)), eps_first=self.trb.eps_at(0),
                  student_vocab=_output_rows(loaded[0]) if all(loaded) else None,
-                 teacher_vocab=_output_rows(loaded[1]) if all(loaded) else None)
+                 teacher_vocab=_output_rows(loaded[1]) if all(loaded) else None,
+                 token_ids=(student_tok.get_vocab(), teacher_tok.get_vocab()) if student_tok and teacher_tok else None,
+                 temperature=getattr(targs, "temperature", None))
+        if student_tok is not None and teacher_tok is None and teacher is not None:
+            warnings.warn("TRB: the teacher's tokenizer was not found next to it, so the two tokenizers' token -> id "
+                          "maps were not compared; pass teacher_tokenizer=...", stacklevel=4)
 
     def _trb_collect(self, proc: TRBLogitsProcessor) -> None:
         self._trb_stats.append(proc.stats())

@@ -1,13 +1,19 @@
-"""Preemption: SIGTERM / SIGUSR1 (what SLURM sends before it kills or requeues a job) and Ctrl-C
-(SIGINT) ask the training loop to stop after the current step; the loop then writes a checkpoint and
-the CLI exits with a documented code:
+"""Preemption: SIGTERM / SIGUSR1 (what SLURM sends before it kills or requeues a job), SIGHUP (a closed
+terminal or ssh session) and Ctrl-C (SIGINT) ask the training loop to stop after the current step; the loop
+then writes a checkpoint and the CLI exits with a documented code:
 
-    EXIT_PREEMPTED = 75   SIGTERM or SIGUSR1: checkpoint written; rerun the same command to resume
+    EXIT_PREEMPTED = 75   SIGTERM, SIGUSR1 or SIGHUP: checkpoint written; rerun the same command to resume
                           (75 is EX_TEMPFAIL, "try again later")
     EXIT_INTERRUPTED = 130  SIGINT (128 + 2): checkpoint written, one line names it and the command
                           that resumes it
 
 A second Ctrl-C stops at once (``KeyboardInterrupt``; the CLI still prints one line, no traceback).
+
+From the first instant of ``python -m trb_exp.train`` (``stop_at_startup``, before its imports) until the
+run holds its run directory, the same signals stop the process at once with the same exit codes and one
+line: there is nothing to save yet, and a run directory Hydra created for the run is removed
+(``StartupStop``). Once the run is accepted, a signal during the setup, the initial evaluation or the warm
+start gives a step-0 checkpoint.
 
 Inside a submitit job (``hydra/launcher=slurm``, ``submitit_local``) the signal that submitit sends before
 the time limit or on preemption (SIGUSR2 unless ``SUBMITIT_PREEMPT_SIGNAL`` names another; SLURM sends it
@@ -21,11 +27,61 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
-SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT", "SIGHUP")
+
+
+class StartupStop(BaseException):
+    """A stop signal before the run had anything to save (a ``BaseException``, like ``KeyboardInterrupt``, so
+    that no ``except Exception`` on the way, Hydra's included, turns it into a traceback). ``run_dir``: the
+    run directory Hydra had chosen by then, if any."""
+
+    def __init__(self, signame: str, run_dir: str | None = None):
+        super().__init__(signame)
+        self.signame, self.run_dir = signame, run_dir
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.signame == "SIGINT" else EXIT_PREEMPTED
+
+    def line(self) -> str:
+        if self.signame == "SIGINT":
+            return "[interrupted] stopped during start-up: nothing to save yet"
+        return (f"[{self.signame}] stopped during start-up: nothing to save yet; exit {self.exit_code} "
+                "(rerun the same command to start the run)")
+
+
+def _hydra_run_dir() -> str | None:
+    """The run directory Hydra has set for this job, if it got that far (read without importing Hydra)."""
+    hc = sys.modules.get("hydra.core.hydra_config")
+    try:
+        if hc is not None and hc.HydraConfig.initialized():
+            return str(hc.HydraConfig.get().runtime.output_dir)
+    except Exception:  # noqa: BLE001 -- not set yet (a missing value), or Hydra half imported
+        return None
+    return None
+
+
+def _raise_startup_stop(signum, frame):
+    raise StartupStop(signal.Signals(signum).name, _hydra_run_dir())
+
+
+def stop_at_startup() -> None:
+    """Until ``StopSignals`` takes over: each stop signal raises ``StartupStop`` (main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        for name in SIGNALS:
+            signal.signal(getattr(signal, name), _raise_startup_stop)
+
+
+def default_signals() -> None:
+    """The interpreter's own handlers again (after the run: a signal then is no start-up stop)."""
+    if threading.current_thread() is threading.main_thread():
+        for name in SIGNALS:
+            signal.signal(getattr(signal, name), signal.default_int_handler if name == "SIGINT" else signal.SIG_DFL)
 
 
 def submitit_signal() -> str | None:

@@ -112,3 +112,15 @@ class RunDir:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def discard_new(path) -> None:
+    """A run stopped during start-up: its run directory goes if Hydra created it for this run (it holds
+    nothing but Hydra's empty log), with the parents created for it; anything else is left as it was."""
+    if path is None or not Path(path).is_dir():
+        return
+    try:
+        with RunDir(Path(path)) as rd:
+            rd.reject()
+    except ConfigError:  # held by another run that is still going: not ours
+        pass

@@ -15,9 +15,12 @@ A checkpoint is a directory ``<run_dir>/checkpoints/step_<k>/``::
                   and ``from_pretrained`` read it as they read a finished run's ``student/``
     state.pt      the rest of the state (``torch.save`` of plain tensors, numbers, strings, lists and
                   dicts, loaded with ``torch.load(weights_only=True)``)
+    checksums.json  the size and SHA-256 of every other file, written last, before the rename
 
 It is written under a temporary name and renamed into place, so a crash mid-write never leaves a
-directory that looks like a checkpoint.
+directory that looks like a checkpoint. ``verify_checkpoint`` checks a checkpoint against its
+``checksums.json`` (a disk that lost or garbled part of a file after the rename): ``resume.py`` skips a
+damaged one for the next older intact one.
 
 Under ``trainer.strategy=fsdp`` (FSDP2, several processes) a checkpoint holds sharded states instead of
 ``student/``::
@@ -33,6 +36,8 @@ place. Such a checkpoint is for resuming; the finished run's ``student/`` is one
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
@@ -47,6 +52,7 @@ from trb_exp.config import ConfigError
 from trb_exp.optim import adamw_from_config
 
 STATE_FILE = "state.pt"
+CHECKSUMS_FILE = "checksums.json"
 SHARDED_DIR = "sharded"
 FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -152,7 +158,9 @@ def save_checkpoint(state: TrainState, ckpt_root: Path, tokenizer=None, extra_me
     payload = state.state_dict(student=False)
     if extra_meta:
         payload["meta"] = extra_meta
+    payload["checksummed"] = True  # a checkpoint that lost its checksums.json is damaged, not an old one
     torch.save(payload, tmp / STATE_FILE)
+    write_checksums(tmp)
     _publish(tmp, final)
     return final
 
@@ -172,6 +180,72 @@ def _publish(tmp: Path, final: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(ckpt: Path) -> None:
+    """``ckpt/checksums.json``: {relative path: {"bytes": n, "sha256": hex}} of every other file of ``ckpt``."""
+    files = sorted(p for p in Path(ckpt).rglob("*") if p.is_file() and p.name != CHECKSUMS_FILE)
+    table = {p.relative_to(ckpt).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (Path(ckpt) / CHECKSUMS_FILE).write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+
+
+def verify_checkpoint(ckpt: Path) -> tuple[Path, str] | None:
+    """None if checkpoint ``ckpt`` is intact, else (the damaged file, what is wrong with it). A checkpoint
+    with ``checksums.json`` is checked against it (every listed file there, same size, same SHA-256); one
+    written before checksums (no such file, and a ``state.pt`` that does not say it has them) is checked by
+    loading ``state.pt`` and reading the headers of its safetensors files."""
+    ckpt = Path(ckpt)
+    sums = ckpt / CHECKSUMS_FILE
+    if not sums.is_file():
+        return _verify_by_loading(ckpt)
+    try:
+        table = json.loads(sums.read_text())
+        assert isinstance(table, dict) and table and all(isinstance(v, dict) for v in table.values())
+    except (OSError, ValueError, AssertionError):
+        return sums, "not a valid checksum table (empty, truncated or garbled)"
+    for rel, want in sorted(table.items()):
+        f = ckpt / rel
+        if not f.is_file():
+            return f, "missing"
+        size = f.stat().st_size
+        if size != want.get("bytes"):
+            return f, f"{size} bytes where {want.get('bytes')} were written (truncated or overwritten)"
+        if _sha256(f) != want.get("sha256"):
+            return f, "its SHA-256 differs from the one written with it (the file is damaged)"
+    return None
+
+
+def _verify_by_loading(ckpt: Path) -> tuple[Path, str] | None:
+    """A checkpoint without ``checksums.json``: its files must load."""
+    from safetensors import safe_open
+
+    try:
+        payload = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- a damaged pickle raises anything from EOFError to RuntimeError
+        return ckpt / STATE_FILE, f"does not load ({_first_line(e)})"
+    if isinstance(payload, dict) and payload.get("checksummed"):
+        return ckpt / CHECKSUMS_FILE, "missing (this checkpoint was written with one)"
+    for f in sorted((ckpt / "student").glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    st.get_slice(k)
+        except Exception as e:  # noqa: BLE001 -- SafetensorError and OSError alike
+            return f, f"does not load ({_first_line(e)})"
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def sharded(path: Path) -> bool:
@@ -201,9 +275,11 @@ def save_sharded_checkpoint(state: TrainState, model, ckpt_root: Path, ctx, extr
         payload = state.state_dict(student=False, optimizer=False)
         if extra_meta:
             payload["meta"] = extra_meta
+        payload["checksummed"] = True
         torch.save(payload, tmp / STATE_FILE)
     ctx.barrier()  # every rank's shard is on disk
     if ctx.is_main:
+        write_checksums(tmp)
         _publish(tmp, final)
     ctx.barrier()  # nobody goes on (or prunes) before the checkpoint is in place
     return final
@@ -271,11 +347,11 @@ def _is_tied(model, key: str) -> bool:
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """The complete checkpoints under ``ckpt_root``, oldest first."""
+    """The published checkpoints under ``ckpt_root`` (intact or not: ``verify_checkpoint``), oldest first."""
     if not Path(ckpt_root).is_dir():
         return []
     found = [(int(m.group(1)), p) for p in Path(ckpt_root).iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+             if (m := _STEP_DIR.match(p.name)) and ((p / STATE_FILE).is_file() or (p / CHECKSUMS_FILE).is_file())]
     return [p for _, p in sorted(found)]
 
 
