@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import math
 
-
-class ConfigError(ValueError):
-    """A bad input: its message is one line naming the field and the fix."""
+from trb_exp.errors import ConfigError  # noqa: F401  (re-exported: the modules raise config.ConfigError)
 
 
 def _require(cond: bool, field: str, value, fix: str) -> None:

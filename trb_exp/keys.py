@@ -15,7 +15,7 @@ import functools
 from pathlib import Path
 
 from trb_exp import CONF_DIR
-from trb_exp.config import ConfigError
+from trb_exp.errors import ConfigError
 
 GROUPS = ("model", "dataset", "schedule", "method", "logger")  # config groups whose options are nodes
 NOT_CHECKED = ("hydra", "method")
