@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from trb_exp.decode.forward import _cache_field
 from trb_exp.data.arithmetic import grade as arithmetic_grade
 from trb_exp.data.tokenizer import build_char_tokenizer
 from trb_exp.evaluation import default_ks, evaluate, pass_at_k
@@ -74,8 +75,9 @@ class Scripted(torch.nn.Module):
             out[r, 0, nxt] = 0.0
         return out
 
-    def forward(self, input_ids, attention_mask, position_ids, cache=None, use_cache=True, **kw):
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=True, **kw):
         self.calls += 1
+        cache = kw.get(_cache_field())  # the KV cache under the installed transformers' name (cache / past_key_values)
         if cache is None:  # prefill: assign a script to each row
             prompts = self.tok.batch_decode(input_ids, skip_special_tokens=True)
             greedy = len(prompts) == len(self.greedy)
@@ -88,7 +90,7 @@ class Scripted(torch.nn.Module):
         else:
             assert input_ids.shape[1] == 1  # one new token per decode step (KV-cached loop)
             cache = {"scripts": cache["scripts"], "t": cache["t"] + 1}
-        return SimpleNamespace(logits=self._logits(cache["scripts"], cache["t"]), cache=cache)
+        return SimpleNamespace(logits=self._logits(cache["scripts"], cache["t"]), **{_cache_field(): cache})
 
 
 PROMPTS = ["1+1=", "2+2=", "3*3="]
