@@ -73,15 +73,38 @@ PAIRS: dict[str, PairSpec] = {
         student=ModelSize(hidden=128, layers=3, heads=4, intermediate=384),
         seed=1,
     ),
+    # The generalisation study's settings (docs/results/generalisation/PLAN.md). Every tower has head_dim 32,
+    # a head size vLLM's attention supports (a's student, head_dim 24, does not). Fewer teacher and student
+    # steps than a and b, to keep each build near 20 minutes of one core.
+    # c: a's teacher shape, a narrower and deeper student (64 x 4 layers, 2 heads).
+    "c": PairSpec(
+        teacher=ModelSize(hidden=128, layers=4, heads=4, intermediate=384),
+        student=ModelSize(hidden=64, layers=4, heads=2, intermediate=192),
+        teacher_steps=2000, student_steps=1200, seed=2,
+    ),
+    # d: a wider, shallower pair (teacher 192 x 3 layers, 6 heads <- student 128 x 2 layers, 4 heads).
+    "d": PairSpec(
+        teacher=ModelSize(hidden=192, layers=3, heads=6, intermediate=512),
+        student=ModelSize(hidden=128, layers=2, heads=4, intermediate=320),
+        teacher_steps=2000, student_steps=1000, seed=3,
+    ),
+    # e: a task variant, additions and subtractions of 3-5 operands (longer chains, no products);
+    # conf/experiment/mini_e.yaml trains on the same task.
+    "e": PairSpec(
+        task=ArithmeticSpec(min_operands=3, max_operands=5, ops="+-"),
+        teacher=ModelSize(hidden=128, layers=3, heads=4, intermediate=384),
+        student=ModelSize(hidden=96, layers=2, heads=3, intermediate=256),
+        teacher_steps=2000, student_steps=1200, seed=4,
+    ),
 }
 
 
 def pair_spec(pair: str, task: ArithmeticSpec | None = None) -> PairSpec:
-    """The PairSpec of a named pair, trained on ``task`` (default: the default arithmetic task)."""
+    """The PairSpec of a named pair, trained on ``task`` (default: the pair's own task)."""
     if pair not in PAIRS:
         from trb_exp.config import ConfigError
         raise ConfigError(f"model.embedded_pair={pair!r}: unknown pair; choose one of {sorted(PAIRS)}")
-    return replace(PAIRS[pair], task=task if task is not None else ArithmeticSpec())
+    return replace(PAIRS[pair], task=task if task is not None else PAIRS[pair].task)
 
 
 def _sft(model, tokenizer, rows, *, steps, batch_size, lr, seed, desc, prompt_loss, eval_fn=None, eval_every=250, target=None):
