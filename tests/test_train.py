@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from budget import assert_budget_used, record_rollouts
 from conftest import compose
 from transformers import AutoModelForCausalLM
@@ -48,6 +49,9 @@ def test_each_method_runs_end_to_end(method, tiny_pair, tmp_path, monkeypatch):
     assert (tmp_path / "student" / "model.safetensors").exists() and student.config.model_type == "llama"
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["method"] == method and saved["final"]["step"] == 3 == summary["final"]["step"]
+    env = saved["environment"]  # the run's environment record (trb_exp.run.environment)
+    assert env["threads"] == 1 and env["torch"] == torch.__version__
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_training_is_deterministic(tiny_pair, tmp_path):
