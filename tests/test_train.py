@@ -65,6 +65,34 @@ def test_training_is_deterministic(tiny_pair, tmp_path):
     assert strip(la) == strip(lb) and a["final"] == b["final"]
 
 
+def test_validation_split_is_scored_and_changes_nothing_else(tiny_pair, tmp_path):
+    import hashlib
+
+    from trb_exp.data import load_task
+    from trb_exp.data.tokenizer import build_char_tokenizer
+    from trb_exp.evaluation import evaluate
+
+    base = ["method=trb", "schedule.eps0=0.01", *FAST, *_pair(tiny_pair)]
+    run(compose([*base, "dataset.val_size=0"]), tmp_path / "none")
+    cfg = compose([*base, "dataset.val_size=6"])
+    run(cfg, tmp_path / "val")
+    rows = {d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("none", "val")}
+    keep = lambda r: {k: v for k, v in r.items() if not k.startswith("val/") and "time" not in k
+                      and not k.endswith("_s") and k != "trb/solver_share"}
+    assert [keep(r) for r in rows["val"]] == [keep(r) for r in rows["none"]]  # every other value, bit for bit
+    assert not any(k.startswith("val/") for r in rows["none"] for k in r)
+    sha = {d: hashlib.sha256((tmp_path / d / "student" / "model.safetensors").read_bytes()).hexdigest() for d in rows}
+    assert sha["val"] == sha["none"]
+    logged = [r for r in rows["val"] if "val/pass@1" in r]
+    assert [r["step"] for r in logged] == [0, 2, 3]
+    # the logged score is evaluate() of the final student on the 6 validation problems, seed + 2
+    task = load_task(cfg.dataset)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "val" / "student")
+    ref = evaluate(student, build_char_tokenizer(), task.val_prompts, task.val_answers, task.grade, n_samples=2,
+                   max_new_tokens=12, seed=cfg.seed + 2, eos_ids=(student.config.eos_token_id,))
+    assert logged[-1]["val/pass@1"] == ref["pass@1"] and logged[-1]["val/mean_length"] == ref["mean_length"]
+
+
 @pytest.mark.parametrize("override, message", [
     ("schedule.eps0=-0.1", "schedule.eps0=-0.1: a KL budget must be >= 0"),
     ("schedule.warmup_steps=0", "schedule.warmup_steps=0"),

@@ -51,6 +51,7 @@ class Experiment:
     # state_dict() / load_state_dict(); train.run puts them in TrainState.extras under the same name, so
     # checkpoints save and restore them with everything else
     stateful: dict = field(default_factory=dict)
+    validation: Benchmark | None = None  # the task's validation split (dataset.val_size), scored as val/<metric>
 
 
 def is_char_tokenizer(tok) -> bool:
@@ -127,9 +128,11 @@ def setup(cfg) -> Experiment:
     benchmarks = [Benchmark(b.name, [fmt(p) for p in b.prompts[:size]], b.answers[:size], b.grade, b.n_samples)
                   for b in benchmarks]
     train_prompts = [fmt(p) for p in task.train_prompts]
+    validation = Benchmark("val", [fmt(p) for p in task.val_prompts[:size]], list(task.val_answers[:size]),
+                           task.grade) if task.val_prompts else None  # cut like the test set
     positions = max_positions(mc.student, emb, mc.trust_remote_code)
     check_prompts(tok, train_prompts, f"dataset ({task.name}, training prompts)", positions)
-    for b in benchmarks:
+    for b in benchmarks + ([validation] if validation else []):
         check_prompts(tok, b.prompts, f"benchmark {b.name}", positions)
     student = load_model(mc.student, device=device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code,
                          train=True, embedded_dir=emb, gradient_checkpointing=bool(mc.get("gradient_checkpointing")),
@@ -147,7 +150,7 @@ def setup(cfg) -> Experiment:
                       eos_ids=all_eos, method=method, teacher=teacher,
                       train_prompts=train_prompts, train_answers=list(task.train_answers),
                       grade=task.grade, teacher_pass=teacher_pass, rollout_kw=rollout_kw, sparse_teacher=sparse,
-                      stateful=method.stateful())
+                      stateful=method.stateful(), validation=validation)
 
 
 def setup_eval(cfg) -> Experiment:

@@ -177,7 +177,8 @@ def _micro_batch_loss(exp: Experiment, ro, t_lp, sl: slice, n_tokens, step: int,
 
 
 def evaluate_student(exp: Experiment, step: int, logger: RunLogger, progress: bool = False) -> dict:
-    """Score the student on the benchmarks (its own seeded generator: no training stream is touched).
+    """Score the student on the benchmarks (its own seeded generator: no training stream is touched), then
+    on the validation split if the task has one (``val/<metric>``, another seeded generator).
     Under torchrun every rank scores its block of each benchmark's problems, gathered into one result."""
     tr, ev = exp.cfg.trainer, exp.cfg.get("eval") or {}
     kw = dict(n_samples=tr.eval_samples, temperature=1.0, max_new_tokens=tr.max_new_tokens, seed=exp.cfg.seed + 1,
@@ -191,6 +192,10 @@ def evaluate_student(exp: Experiment, step: int, logger: RunLogger, progress: bo
     else:  # eval/<benchmark>/<metric> and the setup average eval/<metric>
         r = evaluate_benchmarks(exp.student, exp.tok, exp.benchmarks, evaluate_fn=scorer, **kw)
     r = {f"eval/{k}": v for k, v in r.items()}
+    if exp.validation is not None:  # after the test set, its own generator: the test values are unchanged
+        v = exp.validation
+        r.update({f"val/{k}": x for k, x in scorer(exp.student, exp.tok, v.prompts, v.answers, v.grade, **{
+            **kw, "n_samples": kw["n_samples"] or v.n_samples, "seed": exp.cfg.seed + 2}).items()})
     logger.log(r, step)
     if exp.dist.is_main:
         tqdm.write(f"[eval] step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items()))

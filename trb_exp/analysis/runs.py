@@ -116,7 +116,8 @@ def load_run(path: Path, rel: str) -> Run:
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
             raise _bad(path / "metrics.jsonl", f"line {n} is not a metrics row (a JSON object with an integer step)")
         if PASS1 in row:
-            evals.setdefault(int(row["step"]), {}).update({k: v for k, v in row.items() if k.startswith("eval/")})
+            evals.setdefault(int(row["step"]), {}).update(
+                {k: v for k, v in row.items() if k.startswith(("eval/", "val/"))})  # val/: the validation split
         if "train/loss" in row or any(k in row for k in DIAGNOSTICS) or "time/step_s" in row:
             train.append(row)
     sp = path / "summary.json"
