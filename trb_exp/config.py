@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+EMBEDDED_PAIRS = ("a", "b", "c", "d", "e")  # the named tiny pairs (trb_exp.prepare.PAIRS)
+
 
 class ConfigError(ValueError):
     """A bad input: its message is one line naming the field and the fix."""
@@ -138,8 +140,9 @@ def _validate_model(cfg) -> None:
         _require(not on_cpu, "model.dtype", cfg.model.dtype,
                  "float16 training does not work on the CPU; use auto (float32 there), float32 or bfloat16")
     pair = cfg.model.get("embedded_pair", "a")
-    _require(pair in ("a", "b"), "model.embedded_pair", pair,
-             "use a (the default tiny pair) or b (the larger one, model=embedded_b)")
+    _require(pair in EMBEDDED_PAIRS, "model.embedded_pair", pair,
+             "use a (the default tiny pair), b (the larger one, model=embedded_b) or c, d, e (the generalisation "
+             "study's, model=embedded_c / _d / _e)")
 
 
 def _validate_rollout(ro) -> None:

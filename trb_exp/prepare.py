@@ -2,6 +2,8 @@
 
     python -m trb_exp.prepare                 # rebuild the shipped pair in trb_exp/assets/embedded
     python -m trb_exp.prepare --pair b        # the second miniature pair, in trb_exp/assets/embedded_b
+    python -m trb_exp.prepare --pair c --threads 1   # c, d, e: the generalisation study's pairs (head_dim 32),
+                                                     # in trb_exp/assets/embedded_<pair>; cost: prepare.json "seconds"
     python -m trb_exp.prepare --out DIR       # somewhere else
 
 Teacher: a 4-layer Llama trained by SFT on the task's worked solutions until its sampled
