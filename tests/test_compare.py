@@ -92,7 +92,7 @@ def _write_run(d, method, seed, curve, *, eps0=0.5, k=20, max_steps=40, benches=
                "final": {"step": max_steps, "eval/pass@1": curve[max_steps]},
                "peak_rss_mb": 100.0}
     if environment is not None:
-        summary["environment"] = environment
+        summary["env"] = environment
     (d / "summary.json").write_text(json.dumps(summary))
 
 
@@ -330,7 +330,7 @@ def test_committed_reports_reproduce_byte_for_byte(report, tmp_path, monkeypatch
 
 def test_compare_warns_across_isas_and_versions(tmp_path, capsys):
     env = {"torch": "2.13.0+cpu", "transformers": "5.25.0", "cpu_capability": "AVX512", "threads": 1, "gpu": None,
-           "git_commit": "abc", "git_dirty": False}
+           "commit": "abc", "dirty": False}
     curve = {0: 0.0, 10: 0.2, 20: 0.3, 30: 0.4, 40: 0.5}
     _write_run(tmp_path / "runs" / "a", "opd", 0, curve, environment=env)
     _write_run(tmp_path / "runs" / "b", "trb", 0, curve, environment={**env, "cpu_capability": "AVX2"})
@@ -340,6 +340,6 @@ def test_compare_warns_across_isas_and_versions(tmp_path, capsys):
     assert lines == ["[compare] warning: the runs were made in different environments (cpu_capability AVX2 vs "
                      "AVX512): their values agree bit for bit only within one ISA and library versions"]
     _write_run(tmp_path / "same" / "a", "opd", 0, curve, environment=env)
-    _write_run(tmp_path / "same" / "b", "trb", 0, curve, environment={**env, "threads": 2, "git_commit": "def"})
+    _write_run(tmp_path / "same" / "b", "trb", 0, curve, environment={**env, "threads": 2, "commit": "def"})
     C.main([str(tmp_path / "same"), "--out", str(tmp_path / "o2")])
     assert "environments" not in capsys.readouterr().err  # threads and commit do not change the bits

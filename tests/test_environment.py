@@ -23,8 +23,8 @@ def test_record_matches_torch_and_the_checkout():
         head = _git(PACKAGE_DIR, "rev-parse", "HEAD")
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("the package is not in a git checkout (an installed wheel)")
-    assert env.git_commit == head and isinstance(env.git_dirty, bool)
-    assert set(env.as_dict()) == {"torch", "transformers", "cpu_capability", "threads", "gpu", "git_commit", "git_dirty"}
+    assert env.commit == head and isinstance(env.dirty, bool)
+    assert set(env.as_dict()) == {"torch", "transformers", "cpu_capability", "threads", "gpu", "commit", "dirty"}
 
 
 def test_git_state_clean_dirty_and_outside_a_checkout(tmp_path):

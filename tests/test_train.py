@@ -49,7 +49,7 @@ def test_each_method_runs_end_to_end(method, tiny_pair, tmp_path, monkeypatch):
     assert (tmp_path / "student" / "model.safetensors").exists() and student.config.model_type == "llama"
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["method"] == method and saved["final"]["step"] == 3 == summary["final"]["step"]
-    env = saved["environment"]  # the run's environment record (trb_exp.run.environment)
+    env = saved["env"]  # the run's environment record (trb_exp.run.environment)
     assert env["threads"] == 1 and env["torch"] == torch.__version__
     assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 

@@ -64,7 +64,7 @@ def compare(run_dirs, out: Path, *, target_frac: float = 0.8, teacher_pass1: flo
     runs = [r for r in runs if r.evals and r.summary is not None]
     if not runs:
         raise InputError("error: none of the runs has finished (summary.json) with an evaluation row")
-    mismatch = bit_exact_mismatch([(r.summary or {}).get("environment") for r in runs])
+    mismatch = bit_exact_mismatch([(r.summary or {}).get("env") for r in runs])
     if mismatch:
         print(f"[compare] {mismatch}", file=sys.stderr)
     groups = group_runs(runs)

@@ -382,7 +382,7 @@ def finish(exp: Experiment, state: TrainState, run_dir: Path) -> dict:
     summary = {
         "method": exp.method.name, "seed": int(exp.cfg.seed), "steps": int(tr.max_steps),
         "train_s": round(state.train_s, 2), "initial": state.history[0], "final": state.history[-1],
-        "peak_rss_mb": peak_rss_mb(), "environment": current_environment().as_dict(),
+        "peak_rss_mb": peak_rss_mb(), "env": current_environment().as_dict(),
     }
     if tr.save_student and is_fsdp(exp.student):  # gathered from the shards on rank 0
         weights = full_state_dict(exp.student, dist)

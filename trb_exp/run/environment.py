@@ -2,8 +2,9 @@
 
 Bit-exact reproduction of a run holds only within one CPU instruction set (ISA) and one pair of
 library versions: on a CPU, AVX-512 and AVX2 kernels differ in the last bits from the first step, and
-the difference grows over training. ``Environment`` is written into every run's ``summary.json``;
-``trb_exp.compare`` warns when it compares runs whose environments differ in those fields.
+the difference grows over training. ``Environment`` is written into every run's ``summary.json`` as
+``env`` (the key the compact run store reads); ``trb_exp.compare`` warns when it compares runs whose
+environments differ in those fields.
 To force AVX2 on an AVX-512 machine: ``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
 ONEDNN_MAX_CPU_ISA=AVX2``.
 """
@@ -26,8 +27,8 @@ class Environment:
     cpu_capability: str  # torch.backends.cpu.get_cpu_capability(): the ATen kernel ISA (e.g. AVX512, AVX2)
     threads: int  # torch.get_num_threads() when the run finished
     gpu: str | None  # torch.cuda.get_device_name(0), None without CUDA
-    git_commit: str | None  # HEAD of the checkout the package was imported from; None outside a git checkout
-    git_dirty: bool | None  # tracked files differ from HEAD; None outside a git checkout
+    commit: str | None  # HEAD of the checkout the package was imported from; None outside a git checkout
+    dirty: bool | None  # tracked files differ from HEAD; None outside a git checkout
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -54,7 +55,7 @@ def current_environment(where: Path = PACKAGE_DIR) -> Environment:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return Environment(torch=torch.__version__, transformers=transformers.__version__,
                        cpu_capability=str(torch.backends.cpu.get_cpu_capability()), threads=torch.get_num_threads(),
-                       gpu=gpu, git_commit=commit, git_dirty=dirty)
+                       gpu=gpu, commit=commit, dirty=dirty)
 
 
 def bit_exact_mismatch(environments: list[dict | None]) -> str | None:
