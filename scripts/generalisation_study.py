@@ -1,0 +1,358 @@
+"""The generalisation study (docs/results/generalisation/PLAN.md): OPD against TRB on five settings, a
+budget-matched control for the reward controller, and TRB at the configuration the validation split selects.
+
+    python scripts/generalisation_study.py matched
+        the budget-matched linear schedule (eps0, K) per setting, derived from the committed powered-study
+        trb_reward runs (docs/results/powered/runs), with every per-run number it uses;
+    python scripts/generalisation_study.py run --out /work/study_runs/generalisation [--lanes 2] [--pairs-from DIR]
+        runs what the plan asks for, in the plan's order, two lanes under ``nice -n 19``, one torch thread each;
+        finished runs (summary.json) in --out, committed under --committed or reused from the powered study are
+        never run again, an interrupted one (no summary.json) is started again from scratch. A setting whose pair
+        is not built yet waits: --pairs-from DIR copies DIR/embedded_<p> (key-checked) into <out>/pairs, the
+        TRB_EXP_CACHE of the runs; nothing is ever built by a run;
+    python scripts/generalisation_study.py status [--out DIR]
+        per block: finished / planned runs;
+    python scripts/generalisation_study.py report [--runs docs/results/generalisation/runs] [--out docs/results/generalisation]
+        the report (README.md and its plots) from finished runs.
+
+Every run is ``python -m trb_exp.train experiment=<setting> <arm overrides> seed=<s> logger=none threads=1``
+written to ``<out>/<setting>/<arm>/seed_<s>/`` (the selection grid: ``<out>/selection/<setting>/eps0_<e>_K_<k>/
+seed_<s>/``). The metric is the powered study's AUC: the trapezoid area under the pass@1 curve over the
+evaluated steps, divided by the steps spanned (the run's mean pass@1 over training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# ---- the pre-registered design (PLAN.md); change nothing here once runs exist --------------------
+SETTINGS = ("mini_a", "mini_b", "mini_c", "mini_d", "mini_e")
+PAIR = {"mini_a": "a", "mini_b": "b", "mini_c": "c", "mini_d": "d", "mini_e": "e"}
+SEEDS = tuple(range(100, 110))  # every arm and setting, paired by seed
+FROZEN = {"eps0": 0.5, "K": 50}  # the powered study's TRB arm (selected on mini_a's test set, seed 0)
+GRID_EPS0 = (0.1, 0.25, 0.5, 1.0, 2.0)  # conf/sweep/trb_mini.yaml: the paper's K, eps0 rescaled to the tiny pairs
+GRID_K = (15, 25, 50)
+SELECTION_SETTING, SELECTION_SEEDS = "mini_a", (200, 201, 202)
+MATCHED_SEEDS = {"mini_a": tuple(range(100, 110)), "mini_b": tuple(range(100, 106))}  # the powered study's 16
+MAIN_ARMS = ("opd", "trb", "trb_sel")
+REUSED_ARMS = ("opd", "trb")  # identical configuration in the powered study: its committed runs are used
+POWERED = ROOT / "docs" / "results" / "powered" / "runs"
+COMMITTED = ROOT / "docs" / "results" / "generalisation" / "runs"
+TARGET = 0.3  # secondary: pass@1 >= 0.3 by the last step (250)
+NO_VAL = ("dataset.val_size=0",)  # main and matched runs: their analysis reads the test split only (saves ~1/6 of
+#                                   a run; the validation split changes no other value, tests/test_train.py)
+
+
+def linear(eps0: float, k: int, name: str) -> list[str]:
+    return ["method=trb", f"method.name={name}", "schedule=linear", f"schedule.eps0={eps0:g}", f"schedule.warmup_steps={k}"]
+
+
+ARM_OVERRIDES = {"opd": ["method=opd"], "trb": linear(FROZEN["eps0"], FROZEN["K"], "trb")}
+
+
+# ---- records -------------------------------------------------------------------------------------
+class Record(NamedTuple):
+    """A finished run: test and validation pass@1 per evaluated step, the logged budget per logged step,
+    the cumulative training seconds at each evaluated step (sum of time/step_s), train_s, its environment."""
+
+    evals: dict
+    val: dict
+    eps: dict
+    wall: dict
+    train_s: float
+    env: dict | None
+
+
+def load_record(run_dir: Path) -> Record | None:
+    if not (run_dir / "summary.json").is_file():
+        return None
+    evals, val, eps, wall, t = {}, {}, {}, {0: 0.0}, 0.0
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        step = int(row["step"])
+        if "train/loss" in row:
+            t += float(row.get("time/step_s", 0.0))
+            if "trb/eps" in row:
+                eps[step] = float(row["trb/eps"])
+        if "eval/pass@1" in row:
+            evals[step] = float(row["eval/pass@1"])
+            wall[step] = t
+        if "val/pass@1" in row:
+            val[step] = float(row["val/pass@1"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return Record(evals, val, eps, {s: wall[s] for s in evals if s in wall}, float(summary.get("train_s", "nan")),
+                  summary.get("env"))
+
+
+def auc(evals: dict[int, float]) -> float:
+    """Mean pass@1 over training: the trapezoid area under the (step, pass@1) curve / steps spanned."""
+    steps = sorted(evals)
+    if len(steps) < 2:
+        raise ValueError(f"auc needs >= 2 evaluated steps, got {steps}")
+    area = sum((evals[a] + evals[b]) / 2 * (b - a) for a, b in zip(steps, steps[1:]))
+    return area / (steps[-1] - steps[0])
+
+
+def steps_to(evals: dict[int, float], target: float = TARGET) -> int | None:
+    return next((s for s in sorted(evals) if evals[s] >= target - 1e-9), None)
+
+
+def median(xs) -> float:
+    return statistics.median(list(xs))
+
+
+# ---- the budget-matched control --------------------------------------------------------------------
+class Matched(NamedTuple):
+    eps0: float
+    K: int
+    handover: list  # per run: the first training step with budget 0 (logged step - 1)
+    spent: list  # per run: sum of trb/eps over the logged steps (nats x steps)
+    mean_warm: list  # per run: mean budget over the steps before the hand-over
+
+
+def matched_schedule(setting: str, powered: Path = POWERED) -> Matched:
+    """The linear schedule with the reward controller's measured hand-over and total budget on ``setting``:
+    K = the median over runs of the hand-over step (rounded half up), eps0 = 2 S / (K + 1) with S the median
+    of the runs' total budget sum_k eps_k, so that sum_k eps0 (1 - k/K) over k = 0..K-1 equals S."""
+    handover, spent, warm = [], [], []
+    for seed in MATCHED_SEEDS[setting]:
+        rec = load_record(powered / setting / "trb_reward" / f"seed_{seed}")
+        if rec is None:
+            raise SystemExit(f"error: {powered / setting / 'trb_reward' / f'seed_{seed}'}: no finished run")
+        steps = sorted(rec.eps)
+        first_zero = next(s for s in steps if rec.eps[s] == 0)  # logged step k+1 is training step k
+        handover.append(first_zero - 1)
+        spent.append(round(sum(rec.eps.values()), 4))
+        before = [rec.eps[s] for s in steps if s < first_zero]
+        warm.append(round(sum(before) / len(before), 4))
+    k = int(median(handover) + 0.5)
+    return Matched(round(2 * median(spent) / (k + 1), 3), k, handover, spent, warm)
+
+
+def cmd_matched(args) -> None:
+    for s in MATCHED_SEEDS:
+        m = matched_schedule(s, Path(args.powered))
+        print(f"{s}: seeds {MATCHED_SEEDS[s][0]}-{MATCHED_SEEDS[s][-1]}: hand-over steps {m.handover} (median "
+              f"{median(m.handover):g} -> K = {m.K}); total budget {m.spent} (median {median(m.spent):.4g}); "
+              f"mean budget before the hand-over {m.mean_warm} (median {median(m.mean_warm):.4g}) "
+              f"-> eps0 = 2 x {median(m.spent):.4g} / ({m.K} + 1) = {m.eps0}")
+
+
+# ---- jobs --------------------------------------------------------------------------------------------
+class Job(NamedTuple):
+    block: str  # matched | selection | main
+    setting: str
+    arm: str
+    seed: int
+    overrides: tuple
+    rel: str  # the run dir relative to --out (and to the committed runs)
+
+
+def grid_rel(setting: str, eps0: float, k: int, seed: int) -> str:
+    return f"selection/{setting}/eps0_{eps0:g}_K_{k}/seed_{seed}"
+
+
+def selection_jobs() -> list[Job]:
+    return [Job("selection", SELECTION_SETTING, f"eps0_{e:g}_K_{k}", seed, tuple(linear(e, k, "trb")),
+                grid_rel(SELECTION_SETTING, e, k, seed))
+            for seed in SELECTION_SEEDS for e in GRID_EPS0 for k in GRID_K]
+
+
+def selected(find) -> tuple[float, int] | None:
+    """The grid point with the highest validation AUC (val/pass@1), mean over the selection seeds; ties: the
+    first in (eps0, K) order. None until every selection run has finished. ``find(rel)`` -> Record | None."""
+    best = None
+    for e in GRID_EPS0:
+        for k in GRID_K:
+            recs = [find(grid_rel(SELECTION_SETTING, e, k, s)) for s in SELECTION_SEEDS]
+            if any(r is None for r in recs):
+                return None
+            score = sum(auc(r.val) for r in recs) / len(recs)
+            if best is None or score > best[0]:
+                best = (score, e, k)
+    return best[1], best[2]
+
+
+def matched_jobs() -> list[Job]:
+    jobs, sched = [], {s: matched_schedule(s) for s in MATCHED_SEEDS}
+    for seed in SEEDS:
+        for s in MATCHED_SEEDS:
+            if seed in MATCHED_SEEDS[s]:
+                m = sched[s]
+                jobs.append(Job("matched", s, "trb_matched", seed, (*linear(m.eps0, m.K, "trb_matched"), *NO_VAL),
+                                f"{s}/trb_matched/seed_{seed}"))
+    return jobs
+
+
+def main_jobs(sel: tuple[float, int] | None) -> list[Job]:
+    """Seed by seed, setting by setting, arm by arm. trb_sel waits for the selection; if it selects the frozen
+    point, trb_sel IS the trb arm (not run twice)."""
+    jobs = []
+    for seed in SEEDS:
+        for s in SETTINGS:
+            for arm in MAIN_ARMS:
+                if arm == "trb_sel":
+                    if sel is None or sel == (FROZEN["eps0"], FROZEN["K"]):
+                        continue
+                    ov = linear(sel[0], sel[1], "trb_sel")
+                else:
+                    ov = ARM_OVERRIDES[arm]
+                jobs.append(Job("main", s, arm, seed, (*ov, *NO_VAL), f"{s}/{arm}/seed_{seed}"))
+    return jobs
+
+
+def reused(job: Job) -> Path | None:
+    """The powered study's committed run that this job would repeat (same setting, arm configuration, seed)."""
+    if job.block == "main" and job.arm in REUSED_ARMS and (POWERED / job.rel / "summary.json").is_file():
+        return POWERED / job.rel
+    return None
+
+
+# ---- running -------------------------------------------------------------------------------------
+def pair_ready(pair: str, cache: Path) -> bool:
+    from trb_exp.models import embedded_dir_of
+    from trb_exp.prepare import pair_spec
+
+    key = pair_spec(pair).key()
+    for d in (embedded_dir_of(pair), cache / f"embedded-{key}"):
+        p = d / "prepare.json"
+        if p.is_file() and json.loads(p.read_text()).get("key") == key:
+            return True
+    return False
+
+
+def import_pairs(src: Path, cache: Path) -> None:
+    """Copy built pairs DIR/embedded_<p> whose prepare.json key is the plan's into the runs' cache."""
+    from trb_exp.prepare import pair_spec
+
+    for s in SETTINGS:
+        p = PAIR[s]
+        d, key = src / f"embedded_{p}", pair_spec(p).key()
+        dst = cache / f"embedded-{key}"
+        if (d / "prepare.json").is_file() and not dst.exists():
+            if json.loads((d / "prepare.json").read_text()).get("key") != key:
+                print(f"[pairs] {d}: another spec (key != {key}); not used", flush=True)
+                continue
+            shutil.copytree(d, dst.with_suffix(".tmp"))
+            dst.with_suffix(".tmp").rename(dst)
+            print(f"[pairs] pair {p} -> {dst}", flush=True)
+
+
+def command(out: Path, job: Job) -> list[str]:
+    return [sys.executable, "-m", "trb_exp.train", f"experiment={job.setting}", *job.overrides, f"seed={job.seed}",
+            "logger=none", "threads=1", f"hydra.run.dir={out / job.rel}"]
+
+
+def finder(*roots: Path):
+    def find(rel: str) -> Record | None:
+        for r in roots:
+            if (rec := load_record(r / rel)) is not None:
+                return rec
+        return None
+    return find
+
+
+def pending(out: Path, committed: Path, cache: Path) -> tuple[list[Job], list[str]]:
+    """The plan's runs not finished anywhere, in order, whose prerequisites are met; and what waits."""
+    find = finder(out, committed)
+    sel = selected(find)
+    waits = [] if sel is not None else ["trb_sel waits for the selection grid"]
+    jobs = []
+    for job in matched_jobs() + selection_jobs() + main_jobs(sel):
+        if reused(job) is not None or find(job.rel) is not None:
+            continue
+        if not pair_ready(PAIR[job.setting], cache):
+            waits.append(f"{job.setting} waits for pair {PAIR[job.setting]}")
+            continue
+        jobs.append(job)
+    return jobs, sorted(set(waits))
+
+
+def start(out: Path, job: Job, env: dict):
+    d = out / job.rel
+    if d.exists():  # an interrupted run (no summary.json): start it again from scratch
+        shutil.rmtree(d)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    log = open(d.parent / f"{d.name}.log", "w")
+    p = subprocess.Popen(["nice", "-n", "19", *command(out, job)], cwd=ROOT, env=env, stdout=log,
+                         stderr=subprocess.STDOUT)
+    print(f"[start] {job.rel}", flush=True)
+    return p, log, job, time.time()
+
+
+def cmd_run(args) -> None:
+    out, committed = Path(args.out).resolve(), Path(args.committed).resolve()
+    cache = out / "pairs"
+    cache.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (out / "runner_commit.txt").write_text(commit + "\n")
+    print(f"[study] code at {commit} ({ROOT}); runs in {out}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TRB_EXP_CACHE": str(cache)}
+    active, said = [], None
+    while True:
+        if args.pairs_from:
+            import_pairs(Path(args.pairs_from), cache)
+        running = {a[2].rel for a in active}
+        jobs, waits = pending(out, committed, cache)
+        jobs = [j for j in jobs if j.rel not in running]
+        if waits != said:
+            print("[wait] " + ("; ".join(waits) or "nothing"), flush=True)
+            said = waits
+        while jobs and len(active) < args.lanes:
+            active.append(start(out, jobs.pop(0), env))
+        if not active and not jobs:
+            if not waits or not args.wait:
+                print("[study] nothing left to run now" + (f" ({'; '.join(waits)})" if waits else ""), flush=True)
+                return
+        time.sleep(10)
+        for item in list(active):
+            p, log, job, t0 = item
+            if p.poll() is not None:
+                log.close()
+                active.remove(item)
+                print(f"[{'done' if p.returncode == 0 else 'FAILED rc=%d' % p.returncode}] {job.rel} "
+                      f"in {time.time() - t0:.0f} s", flush=True)
+
+
+def cmd_status(args) -> None:
+    out, committed = Path(args.out), Path(args.committed)
+    find = finder(out, committed)
+    sel = selected(find)
+    for block, jobs in (("matched", matched_jobs()), ("selection", selection_jobs()), ("main", main_jobs(sel))):
+        done = sum(1 for j in jobs if reused(j) is not None or find(j.rel) is not None)
+        print(f"{block}: {done}/{len(jobs)} finished" + (f" (selected eps0={sel[0]:g}, K={sel[1]})" if block == "main" and sel else ""))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("matched")
+    m.add_argument("--powered", default=str(POWERED))
+    r = sub.add_parser("run")
+    r.add_argument("--out", default="/work/study_runs/generalisation")
+    r.add_argument("--lanes", type=int, default=2)
+    r.add_argument("--committed", default=str(COMMITTED), help="finished runs already committed")
+    r.add_argument("--pairs-from", default=None, help="a folder of built pairs embedded_<p>/ (key-checked)")
+    r.add_argument("--no-wait", dest="wait", action="store_false", help="stop when only blocked runs are left")
+    st = sub.add_parser("status")
+    st.add_argument("--out", default="/work/study_runs/generalisation")
+    st.add_argument("--committed", default=str(COMMITTED))
+    args = p.parse_args(argv)
+    {"matched": cmd_matched, "run": cmd_run, "status": cmd_status}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
