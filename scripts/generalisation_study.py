@@ -336,6 +336,320 @@ def cmd_status(args) -> None:
         print(f"{block}: {done}/{len(jobs)} finished" + (f" (selected eps0={sel[0]:g}, K={sel[1]})" if block == "main" and sel else ""))
 
 
+
+# ---- report --------------------------------------------------------------------------------------
+ARM_ORDER = ("opd", "trb", "trb_sel", "trb_matched", "trb_reward")
+
+
+def collect(roots) -> dict:
+    """setting -> arm -> seed -> Record over the roots (first found wins), the powered study's reused arms
+    included; and "selection" -> grid point -> seed -> Record."""
+    out: dict = {s: {a: {} for a in ARM_ORDER} for s in SETTINGS}
+    out["selection"] = {}
+    for root in [*roots, POWERED]:
+        for s in SETTINGS:
+            arms = ARM_ORDER if root != POWERED else (*REUSED_ARMS, "trb_reward")
+            for a in arms:
+                for d in sorted(x for x in (root / s / a).glob("seed_*") if x.is_dir()):
+                    seed = int(d.name.split("_")[1])
+                    if root == POWERED and a in REUSED_ARMS and seed not in SEEDS:
+                        continue
+                    if seed not in out[s][a] and (rec := load_record(d)) is not None:
+                        out[s][a][seed] = rec
+        for d in sorted(x for x in (root / "selection" / SELECTION_SETTING).glob("eps0_*/seed_*") if x.is_dir()):
+            cell = out["selection"].setdefault(d.parent.name, {})
+            seed = int(d.name.split("_")[1])
+            if seed not in cell and (rec := load_record(d)) is not None:
+                cell[seed] = rec
+    return out
+
+
+def paired(runs: dict, setting: str, arm: str, base: str, metric) -> dict:
+    """Per-seed differences arm - base of ``metric(record)`` over the seeds both finished."""
+    from trb_exp.analysis.stats import paired_difference
+
+    a, b = runs[setting][arm], runs[setting][base]
+    return paired_difference({s: metric(a[s]) for s in a}, {s: metric(b[s]) for s in b})
+
+
+def across(runs: dict, arm: str, base: str, settings=SETTINGS):
+    """(per-setting paired AUC differences, the random-effects estimate over the settings with n >= 2, or None)."""
+    from trb_exp.analysis.stats import random_effects
+
+    per = {s: paired(runs, s, arm, base, lambda r: auc(r.evals)) for s in settings}
+    use = {s: d for s, d in per.items() if d["n"] >= 2 and statistics.variance(d["diffs"]) > 0}
+    if len(use) < 2:
+        return per, None
+    return per, random_effects([d["mean"] for d in use.values()],
+                               [statistics.variance(d["diffs"]) / d["n"] for d in use.values()])
+
+
+def _ci(d: dict) -> str:
+    if not d["n"]:
+        return "—"
+    return f"{d['mean']:+.3f}" + (f" ± {d['half']:.3f}" if d["half"] is not None else "") + f" (n={d['n']})"
+
+
+def _re(re) -> str:
+    if re is None:
+        return "— (needs >= 2 settings with >= 2 paired seeds)"
+    return (f"{re.mean:+.3f} [{re.lo:+.3f}, {re.hi:+.3f}] (k={re.k}; τ = {re.tau:.3f}, I² = {re.i2:.0%}; "
+            f"DL normal CI [{re.lo_z:+.3f}, {re.hi_z:+.3f}])")
+
+
+def verdict(re) -> str:
+    """The plan's rule on a random-effects TRB - OPD estimate."""
+    if re is None:
+        return "no estimate yet"
+    if re.lo > 0:
+        v = "TRB helps across settings (CI above 0)"
+    elif re.hi < 0:
+        v = "TRB hurts across settings (CI below 0)"
+    elif -0.05 < re.lo and re.hi < 0.05:
+        v = "no effect of practical size (CI inside ±0.05)"
+    else:
+        v = f"inconclusive (CI [{re.lo:+.3f}, {re.hi:+.3f}])"
+    return v + ("; the effect depends on the setting (τ ≥ 0.05)" if re.tau >= 0.05 else "")
+
+
+def matched_verdict(d: dict) -> str:
+    if d["half"] is None:
+        return "no CI yet"
+    lo, hi = d["mean"] - d["half"], d["mean"] + d["half"]
+    if lo > 0:
+        return "the controller beats the matched linear schedule (CI above 0)"
+    if hi < 0:
+        return "the matched linear schedule beats the controller (CI below 0)"
+    if -0.05 < lo and hi < 0.05:
+        return "no difference of practical size (CI inside ±0.05)"
+    return f"inconclusive (CI [{lo:+.3f}, {hi:+.3f}])"
+
+
+def pair_rows() -> list[str]:
+    from trb_exp.models import embedded_dir_of
+    from trb_exp.prepare import pair_spec
+
+    L = ["| setting | pair key | teacher pass@1 | student pass@1 | build s (one core) |", "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        p = embedded_dir_of(PAIR[s]) / "prepare.json"
+        key = pair_spec(PAIR[s]).key()
+        if p.is_file() and (j := json.loads(p.read_text())).get("key") == key:
+            L.append(f"| {s} | `{key}` | {j['teacher']['eval']['pass@1']:.3f} | {j['student']['eval']['pass@1']:.3f} "
+                     f"| {j['seconds']:.0f} |")
+        else:
+            L.append(f"| {s} | `{key}` | not built yet | | |")
+    return L
+
+
+def _mean_ci(xs) -> str:
+    from trb_exp.analysis.stats import mean_ci
+
+    m, h, _ = mean_ci(xs)
+    return f"{m:.3f}" + (f" ± {h:.3f}" if h is not None else "")
+
+
+def arm_rows(runs: dict) -> list[str]:
+    L = ["| setting | arm | runs (seeds) | reused | AUC | final pass@1 | pass@1 at step 50 | reached 0.3 | "
+         "train min (median) |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in SETTINGS:
+        for a in ARM_ORDER:
+            recs = runs[s][a]
+            if not recs:
+                continue
+            seeds = sorted(recs)
+            r = [recs[x] for x in seeds]
+            n_reused = sum((POWERED / s / a / f"seed_{x}" / "summary.json").is_file() for x in seeds) \
+                if a in (*REUSED_ARMS, "trb_reward") else 0
+            span = f"{seeds[0]}–{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ",".join(map(str, seeds))
+            L.append(f"| {s} | {a} | {len(r)} ({span}) | {n_reused} | {_mean_ci([auc(x.evals) for x in r])} | "
+                     f"{_mean_ci([x.evals[max(x.evals)] for x in r])} | {_mean_ci([x.evals[50] for x in r])} | "
+                     f"{sum(steps_to(x.evals) is not None for x in r)}/{len(r)} | {median(x.train_s for x in r) / 60:.1f} |")
+    return L
+
+
+def primary_section(runs: dict) -> list[str]:
+    L = []
+    for arm in ("trb", "trb_sel"):
+        per, re = across(runs, arm, "opd")
+        _, re_wo = across(runs, arm, "opd", SETTINGS[1:])
+        L += [f"**{arm} − opd** (AUC, paired by seed)", "", "| setting | mean ± 95% CI (n) |", "|---|---|"]
+        L += [f"| {s} | {_ci(d)} |" for s, d in per.items()]
+        L += ["", f"- random effects over the settings: {_re(re)}",
+              f"- without mini_a (the selection setting): {_re(re_wo)}", ""]
+    return L
+
+
+def jump_section(runs: dict) -> list[str]:
+    from trb_exp.analysis.stats import mcnemar_exact
+
+    L = ["| setting | " + " | ".join(a for a in MAIN_ARMS) + " |", "|---|" + "---|" * len(MAIN_ARMS)]
+    for s in SETTINGS:
+        cells = []
+        for a in MAIN_ARMS:
+            r = runs[s][a]
+            cells.append(f"{sum(steps_to(x.evals) is not None for x in r.values())}/{len(r)}" if r else "—")
+        L.append(f"| {s} | " + " | ".join(cells) + " |")
+    b = c = n = 0
+    for s in SETTINGS:
+        for seed in sorted(set(runs[s]["trb"]) & set(runs[s]["opd"])):
+            t, o = (steps_to(runs[s][x][seed].evals) is not None for x in ("trb", "opd"))
+            b, c, n = b + (t and not o), c + (o and not t), n + 1
+    L += ["", f"Pooled over the {n} (setting, seed) pairs with both arms: TRB alone reached 0.3 in {b}, OPD alone in "
+          f"{c}; exact McNemar p = {mcnemar_exact(b, c):.3f}.", ""]
+    return L
+
+
+def matched_section(runs: dict) -> list[str]:
+    from trb_exp.analysis.stats import paired_difference
+
+    L = ["| comparison | metric | " + " | ".join(MATCHED_SEEDS) + " | pooled |", "|---|---|" + "---|" * (len(MATCHED_SEEDS) + 1)]
+    pooled_auc = None
+    for arm, base in (("trb_reward", "trb_matched"), ("trb_matched", "opd"), ("trb_matched", "trb")):
+        for name, fn in (("AUC", lambda r: auc(r.evals)), ("final", lambda r: r.evals[max(r.evals)])):
+            cells = [_ci(paired(runs, s, arm, base, fn)) for s in MATCHED_SEEDS]
+            a = {(s, x): fn(r) for s in MATCHED_SEEDS for x, r in runs[s][arm].items() if x in MATCHED_SEEDS[s]}
+            bb = {(s, x): fn(r) for s in MATCHED_SEEDS for x, r in runs[s][base].items() if x in MATCHED_SEEDS[s]}
+            d = paired_difference(a, bb)
+            if (arm, base, name) == ("trb_reward", "trb_matched", "AUC"):
+                pooled_auc = d
+            L.append(f"| {arm} − {base} | {name} | " + " | ".join(cells) + f" | {_ci(d)} |")
+    L += ["", f"**Rule (pooled trb_reward − trb_matched AUC): {matched_verdict(pooled_auc)}.**", ""]
+    return L
+
+
+def selection_section(runs: dict) -> list[str]:
+    grid = runs["selection"]
+    L = ["| eps0 | K | seeds done | validation AUC (mean) | test AUC (mean) |", "|---|---|---|---|---|"]
+    for e in GRID_EPS0:
+        for k in GRID_K:
+            cell = grid.get(f"eps0_{e:g}_K_{k}", {})
+            recs = [cell[s] for s in SELECTION_SEEDS if s in cell]
+            v = f"{sum(auc(r.val) for r in recs) / len(recs):.3f}" if recs else "—"
+            t = f"{sum(auc(r.evals) for r in recs) / len(recs):.3f}" if recs else "—"
+            L.append(f"| {e:g} | {k} | {len(recs)}/{len(SELECTION_SEEDS)} | {v} | {t} |")
+    sel = selected(lambda rel: grid.get(rel.split("/")[2], {}).get(int(rel.rsplit("_", 1)[1])))
+    L += ["", f"Selected: eps0 = {sel[0]:g}, K = {sel[1]}." if sel else "Selected: not yet (the grid is incomplete).", ""]
+    return L
+
+
+def compute_section(runs: dict) -> list[str]:
+    """Runs made by this study (reused powered runs excluded) and their measured training minutes."""
+    blocks: dict = {"matched": [], "selection": [], "main": []}
+    for s in SETTINGS:
+        for a in ("opd", "trb", "trb_sel", "trb_matched"):
+            for seed, r in runs[s][a].items():
+                if a in REUSED_ARMS and (POWERED / s / a / f"seed_{seed}" / "summary.json").is_file():
+                    continue
+                blocks["matched" if a == "trb_matched" else "main"].append(r.train_s)
+    for cell in runs["selection"].values():
+        blocks["selection"] += [r.train_s for r in cell.values()]
+    L = ["| block | runs | measured minutes (sum of train_s) | minutes per run (median) |", "|---|---|---|---|"]
+    for b, xs in blocks.items():
+        L.append(f"| {b} | {len(xs)} | {sum(xs) / 60:.1f} | " + (f"{median(xs) / 60:.1f}" if xs else "—") + " |")
+    total = [x for xs in blocks.values() for x in xs]
+    L.append(f"| all | {len(total)} | {sum(total) / 60:.1f} | " + (f"{median(total) / 60:.1f}" if total else "—") + " |")
+    return L
+
+
+def plot_curves(runs: dict, path: Path, x: str) -> None:
+    """Per setting, pass@1 (mean over seeds) of every arm against the step (x="step") or against the
+    cumulative training seconds at that step, mean over seeds (x="wall": the compute-matched view)."""
+    from matplotlib.figure import Figure
+
+    from trb_exp.analysis.plots import save_png
+
+    fig = Figure(figsize=(15, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(SETTINGS), sharey=True)
+    for ax, s in zip(axes, SETTINGS):
+        for a in ARM_ORDER:
+            recs = [r for r in runs[s][a].values() if x == "step" or len(r.wall) == len(r.evals)]
+            if not recs:
+                continue
+            steps = sorted(set.intersection(*(set(r.evals) for r in recs)))
+            ys = [sum(r.evals[st] for r in recs) / len(recs) for st in steps]
+            xs = steps if x == "step" else [sum(r.wall[st] for r in recs) / len(recs) / 60 for st in steps]
+            ax.plot(xs, ys, marker="o", ms=3, lw=2 if a in ("opd", "trb") else 1.2, label=f"{a} ({len(recs)})")
+        ax.set_title(s, fontsize=9)
+        ax.set_xlabel("step" if x == "step" else "training minutes (one thread, shared machine)", fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel("test pass@1 (mean over seeds)")
+    save_png(fig, path)
+
+
+def plot_jumps(runs: dict, path: Path) -> None:
+    """Time to the jump: per arm, pooled over settings, the share of runs with pass@1 >= 0.3 by each step."""
+    from matplotlib.figure import Figure
+
+    from trb_exp.analysis.plots import save_png
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for a in ARM_ORDER:
+        recs = [r for s in SETTINGS for r in runs[s][a].values()]
+        if not recs:
+            continue
+        steps = sorted(set().union(*(r.evals for r in recs)))
+        share = [sum(1 for r in recs if (t := steps_to(r.evals)) is not None and t <= st) / len(recs) for st in steps]
+        ax.step(steps, share, where="post", label=f"{a} ({len(recs)} runs)")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"share of runs with pass@1 ≥ {TARGET}")
+    ax.legend(fontsize=8)
+    save_png(fig, path)
+
+
+def build_report(runs: dict, plan_commit: str, command: str) -> str:
+    final = all(len(runs[s][a]) >= len(SEEDS) for s in SETTINGS for a in MAIN_ARMS)
+    envs = sorted({(r.env or {}).get("commit") or "?" for s in SETTINGS for a in ("opd", "trb", "trb_sel", "trb_matched")
+                   for r in runs[s][a].values() if r.env} | {(r.env or {}).get("commit") or "?"
+                   for c in runs["selection"].values() for r in c.values() if r.env})
+    isas = sorted({r.env.get("cpu_capability") for s in SETTINGS for a in ARM_ORDER for r in runs[s][a].values() if r.env}
+                  | {r.env.get("cpu_capability") for c in runs["selection"].values() for r in c.values() if r.env})
+    L = ["# The generalisation study: TRB vs OPD on five settings" + ("" if final else " (INTERIM)"), "",
+         f"Pre-registered in [PLAN.md](PLAN.md) (commit `{plan_commit}`, before any run). Every number below is "
+         "computed by `scripts/generalisation_study.py report` from the committed runs in `runs/` and the powered "
+         "study's reused runs (`docs/results/powered/runs`).", ""]
+    if not final:
+        L += ["**Interim**: the study is not complete (10 seeds × 3 arms × 5 settings). Each comparison below uses "
+              "the seeds on which both of its arms have finished; no verdict is final.", ""]
+    L += [f"New runs made by code at commit(s) {', '.join(f'`{c[:10]}`' for c in envs) or '—'}; CPU capability "
+          f"{', '.join(map(str, isas)) or '—'} (values agree bit for bit only within one ISA).", "",
+          "## Settings (pairs)", "", *pair_rows(), "", "## Runs per cell", "",
+          "Mean ± 95% Student-t CI over the finished seeds. `reused`: runs of the powered study (same command).", "",
+          *arm_rows(runs), "", "## Primary: TRB − OPD across settings", "",
+          "Per setting, the paired per-seed AUC difference; across settings, DerSimonian–Laird random effects "
+          "with the Hartung–Knapp CI (t, k − 1 df) and τ, the between-setting SD.", "", *primary_section(runs),
+          "## Secondary: reaching pass@1 ≥ 0.3 by step 250", "", *jump_section(runs),
+          "## The budget-matched control (mini_a, mini_b)", "",
+          "`trb_matched`: linear, eps0 and K from the reward controller's measured total budget and hand-over "
+          "(PLAN.md): " + "; ".join(f"{s}: eps0 = {m.eps0}, K = {m.K}" for s, m in
+                                   ((s, matched_schedule(s)) for s in MATCHED_SEEDS)) + ".", "", *matched_section(runs),
+          "## Selection grid (mini_a, validation split, seeds " + ", ".join(map(str, SELECTION_SEEDS)) + ")", "",
+          *selection_section(runs), "## Compute spent", "", *compute_section(runs), ""]
+    per, re = across(runs, "trb", "opd")
+    L += ["## Verdict (the plan's rules" + (")" if final else "; interim, on what is complete)"), "",
+          f"- **TRB − OPD across settings**: {_re(re)}: {verdict(re)}.",
+          f"- **trb_sel − OPD across settings**: {verdict(across(runs, 'trb_sel', 'opd')[1])}.", "",
+          "![pass@1 per step](curves.png)", "", "![pass@1 per training minute](curves_wall.png)", "",
+          "![time to the jump](jumps.png)", "", "---", f"`{command}`", ""]
+    return "\n".join(L)
+
+
+def cmd_report(args) -> None:
+    out = Path(args.out)
+    runs = collect([Path(args.runs)])
+    plan_commit = subprocess.run(["git", "log", "--diff-filter=A", "-1", "--format=%h", "--",
+                                  "docs/results/generalisation/PLAN.md"], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.strip() or "unknown"
+    command = f"python scripts/generalisation_study.py report --runs {args.runs} --out {args.out}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "README.md").write_text(build_report(runs, plan_commit, command))
+    plot_curves(runs, out / "curves.png", "step")
+    plot_curves(runs, out / "curves_wall.png", "wall")
+    plot_jumps(runs, out / "jumps.png")
+    print(f"[report] {out / 'README.md'}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -350,8 +664,11 @@ def main(argv=None) -> None:
     st = sub.add_parser("status")
     st.add_argument("--out", default="/work/study_runs/generalisation")
     st.add_argument("--committed", default=str(COMMITTED))
+    rp = sub.add_parser("report")
+    rp.add_argument("--runs", default="docs/results/generalisation/runs")
+    rp.add_argument("--out", default="docs/results/generalisation")
     args = p.parse_args(argv)
-    {"matched": cmd_matched, "run": cmd_run, "status": cmd_status}[args.cmd](args)
+    {"matched": cmd_matched, "run": cmd_run, "status": cmd_status, "report": cmd_report}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -85,3 +85,61 @@ def test_run_order_and_reuse(gs):
     assert cmd[1:] == ["-m", "trb_exp.train", "experiment=mini_a", "method=trb", "method.name=trb_sel", "schedule=linear",
                        "schedule.eps0=1", "schedule.warmup_steps=25", "dataset.val_size=0", "seed=100", "logger=none",
                        "threads=1", "hydra.run.dir=/o/mini_a/trb_sel/seed_100"]
+
+
+def _write(root, rel, curve, seed, wall=2.0, val=None):
+    d = root / rel
+    (d / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"seed": seed}), d / ".hydra" / "config.yaml")
+    rows = [{"step": s, "train/loss": 1.0, "time/step_s": wall} for s in range(1, 251)]
+    for st, v in curve.items():
+        rows.append({"step": st, "eval/pass@1": v, **({"val/pass@1": val[st]} if val else {})})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: r["step"])))
+    (d / "summary.json").write_text(json.dumps({"train_s": 250 * wall, "env": {"commit": "abc", "cpu_capability": "AVX512"}}))
+
+
+def test_report_on_synthetic_runs(gs, tmp_path):
+    steps = (0, 50, 100, 150, 200, 250)
+    flat = lambda v: {s: (0.0 if s == 0 else v) for s in steps}
+    for seed in (100, 101, 102):
+        for s, arm, v in [("mini_c", "opd", 0.2), ("mini_c", "trb", 0.3 + 0.01 * (seed - 100)),
+                          ("mini_d", "opd", 0.2), ("mini_d", "trb", 0.25 - 0.02 * (seed - 100)),
+                          ("mini_a", "trb_matched", 0.1)]:
+            _write(tmp_path / "runs", f"{s}/{arm}/seed_{seed}", flat(v), seed)
+    gs.cmd_report(type("A", (), {"runs": str(tmp_path / "runs"), "out": str(tmp_path / "r")})())
+    text = (tmp_path / "r" / "README.md").read_text()
+    assert "(INTERIM)" in text and "New runs made by code at commit(s) `abc`; CPU capability AVX512" in text
+    # AUC of flat(v) = 0.9 v (the first trapezoid rises from 0): mini_c trb - opd = 0.9 x (0.10, 0.11, 0.12)
+    assert f"| mini_c | +{0.9 * 0.11:.3f} ± " in text and "| mini_c | trb | 3 (100–102) | 0 |" in text
+    runs = gs.collect([tmp_path / "runs"])
+    per, re = gs.across(runs, "trb", "opd")
+    assert per["mini_c"]["n"] == 3 and per["mini_a"]["n"] == 10 and re.k == 4  # mini_a, mini_b (reused), c, d
+    d = gs.paired(runs, "mini_a", "trb_reward", "trb_matched", lambda r: gs.auc(r.evals))
+    assert d["n"] == 3 and d["seeds"] == [100, 101, 102]
+    assert "| trb_reward − trb_matched | AUC | " + gs._ci(d) + " | — |" in text
+    assert "| matched | 3 | 25.0 | 8.3 |" in text  # 3 runs x 250 steps x 2 s
+    assert (tmp_path / "r" / "curves_wall.png").is_file() and (tmp_path / "r" / "jumps.png").is_file()
+
+
+def test_verdict_rules(gs):
+    from trb_exp.analysis.stats import random_effects
+
+    assert gs.verdict(random_effects([0.10, 0.12, 0.11], [1e-4] * 3)).startswith("TRB helps across settings")
+    assert gs.verdict(random_effects([-0.10, -0.12, -0.11], [1e-4] * 3)).startswith("TRB hurts across settings")
+    assert gs.verdict(random_effects([0.01, -0.01, 0.0], [1e-4] * 3)) == "no effect of practical size (CI inside ±0.05)"
+    spread = gs.verdict(random_effects([0.2, -0.2, 0.1, -0.1], [1e-4] * 4))
+    assert spread.startswith("inconclusive") and spread.endswith("the effect depends on the setting (τ ≥ 0.05)")
+    assert gs.matched_verdict({"mean": 0.03, "half": 0.01}).startswith("the controller beats")
+    assert gs.matched_verdict({"mean": -0.03, "half": 0.01}).startswith("the matched linear schedule beats")
+    assert gs.matched_verdict({"mean": 0.0, "half": 0.03}).startswith("no difference of practical size")
+
+
+def test_committed_report_re_renders_byte_for_byte(gs, tmp_path):
+    root = ROOT / "docs" / "results" / "generalisation"
+    if not (root / "README.md").is_file():
+        pytest.skip("no report committed yet")
+    gs.cmd_report(type("A", (), {"runs": str(root / "runs"), "out": str(tmp_path)})())
+    body = lambda text: text.rsplit("\n---\n", 1)[0]  # the footer names the directories
+    assert body((tmp_path / "README.md").read_text()) == body((root / "README.md").read_text())
+    for png in ("curves.png", "curves_wall.png", "jumps.png"):
+        assert (tmp_path / png).read_bytes() == (root / png).read_bytes()
