@@ -5,11 +5,16 @@ budget-matched control for the reward controller, and TRB at the configuration t
         the budget-matched linear schedule (eps0, K) per setting, derived from the committed powered-study
         trb_reward runs (docs/results/powered/runs), with every per-run number it uses;
     python scripts/generalisation_study.py run --out /work/study_runs/generalisation [--lanes 2] [--pairs-from DIR]
-        runs what the plan asks for, in the plan's order, two lanes under ``nice -n 19``, one torch thread each;
+                                                [--code /work/wt-study-runs]
+        runs what the plan asks for, in the plan's order, two lanes under ``nice -n 19``, one torch thread each,
+        with the code (and its .venv) of the checkout --code (default: this one), whose commit the runs record;
         finished runs (summary.json) in --out, committed under --committed or reused from the powered study are
-        never run again, an interrupted one (no summary.json) is started again from scratch. A setting whose pair
-        is not built yet waits: --pairs-from DIR copies DIR/embedded_<p> (key-checked) into <out>/pairs, the
-        TRB_EXP_CACHE of the runs; nothing is ever built by a run;
+        never run again. An interrupted run resumes from its newest checkpoint (every 50 steps, or where a
+        SIGTERM stopped it: bit-identical to an uninterrupted run, tests/test_checkpoint_resume.py); one without
+        a checkpoint starts again from scratch. SIGTERM to the runner stops its runs with a checkpoint (exit 75)
+        and then the runner: ``kill -TERM $(cat <out>/runner.pid)``. A setting whose pair is not built yet waits:
+        --pairs-from DIR copies DIR/embedded_<p> (key-checked) into <out>/pairs, the TRB_EXP_CACHE of the runs;
+        nothing is ever built by a run;
     python scripts/generalisation_study.py status [--out DIR]
         per block: finished / planned runs;
     python scripts/generalisation_study.py report [--runs docs/results/generalisation/runs] [--out docs/results/generalisation]
@@ -221,12 +226,14 @@ def reused(job: Job) -> Path | None:
 
 
 # ---- running -------------------------------------------------------------------------------------
-def pair_ready(pair: str, cache: Path) -> bool:
-    from trb_exp.models import embedded_dir_of
+def pair_ready(pair: str, cache: Path, code: Path = ROOT) -> bool:
+    """The pair is where the runs (the checkout ``code``) find it: shipped there or in the runs' cache."""
+    from trb_exp.models import ASSETS, embedded_dir_of
     from trb_exp.prepare import pair_spec
 
     key = pair_spec(pair).key()
-    for d in (embedded_dir_of(pair), cache / f"embedded-{key}"):
+    shipped = code / embedded_dir_of(pair).relative_to(ASSETS.parent.parent)
+    for d in (shipped, cache / f"embedded-{key}"):
         p = d / "prepare.json"
         if p.is_file() and json.loads(p.read_text()).get("key") == key:
             return True
@@ -250,8 +257,8 @@ def import_pairs(src: Path, cache: Path) -> None:
             print(f"[pairs] pair {p} -> {dst}", flush=True)
 
 
-def command(out: Path, job: Job) -> list[str]:
-    return [sys.executable, "-m", "trb_exp.train", f"experiment={job.setting}", *job.overrides, f"seed={job.seed}",
+def command(out: Path, job: Job, python: str = sys.executable) -> list[str]:
+    return [python, "-m", "trb_exp.train", f"experiment={job.setting}", *job.overrides, f"seed={job.seed}",
             "logger=none", "threads=1", f"hydra.run.dir={out / job.rel}"]
 
 
@@ -264,7 +271,7 @@ def finder(*roots: Path):
     return find
 
 
-def pending(out: Path, committed: Path, cache: Path) -> tuple[list[Job], list[str]]:
+def pending(out: Path, committed: Path, cache: Path, code: Path = ROOT) -> tuple[list[Job], list[str]]:
     """The plan's runs not finished anywhere, in order, whose prerequisites are met; and what waits."""
     find = finder(out, committed)
     sel = selected(find)
@@ -273,49 +280,79 @@ def pending(out: Path, committed: Path, cache: Path) -> tuple[list[Job], list[st
     for job in matched_jobs() + selection_jobs() + main_jobs(sel):
         if reused(job) is not None or find(job.rel) is not None:
             continue
-        if not pair_ready(PAIR[job.setting], cache):
+        if not pair_ready(PAIR[job.setting], cache, code):
             waits.append(f"{job.setting} waits for pair {PAIR[job.setting]}")
             continue
         jobs.append(job)
     return jobs, sorted(set(waits))
 
 
-def start(out: Path, job: Job, env: dict):
+def start(out: Path, job: Job, env: dict, code: Path, python: str):
     d = out / job.rel
-    if d.exists():  # an interrupted run (no summary.json): start it again from scratch
+    resumed = (d / "checkpoints").is_dir() and any((d / "checkpoints").glob("step_*"))
+    if d.exists() and not resumed:  # interrupted before its first checkpoint: start it again from scratch
         shutil.rmtree(d)
     d.parent.mkdir(parents=True, exist_ok=True)
-    log = open(d.parent / f"{d.name}.log", "w")
-    p = subprocess.Popen(["nice", "-n", "19", *command(out, job)], cwd=ROOT, env=env, stdout=log,
+    log = open(d.parent / f"{d.name}.log", "a" if resumed else "w")
+    p = subprocess.Popen(["nice", "-n", "19", *command(out, job, python)], cwd=code, env=env, stdout=log,
                          stderr=subprocess.STDOUT)
-    print(f"[start] {job.rel}", flush=True)
+    print(f"[{'resume' if resumed else 'start'}] {job.rel}", flush=True)
     return p, log, job, time.time()
 
 
+def _lock(out: Path) -> None:
+    """One runner per output folder: <out>/runner.pid names the live one."""
+    pidfile = out / "runner.pid"
+    if pidfile.is_file():
+        try:
+            os.kill(int(pidfile.read_text().split()[0]), 0)
+            raise SystemExit(f"error: {pidfile}: runner {pidfile.read_text().split()[0]} is running on this --out; "
+                             "stop it first (kill -TERM) or wait for it")
+        except (ProcessLookupError, ValueError):
+            pass
+    pidfile.write_text(f"{os.getpid()}\n")
+
+
 def cmd_run(args) -> None:
+    import signal
+
     out, committed = Path(args.out).resolve(), Path(args.committed).resolve()
+    code = Path(args.code).resolve()
+    python = str(code / ".venv" / "bin" / "python") if (code / ".venv" / "bin" / "python").is_file() else sys.executable
     cache = out / "pairs"
     cache.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    _lock(out)
+    commit = subprocess.run(["git", "-C", str(code), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     (out / "runner_commit.txt").write_text(commit + "\n")
-    print(f"[study] code at {commit} ({ROOT}); runs in {out}", flush=True)
+    print(f"[study] runs use the code at {commit} ({code}, {python}); runs in {out}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TRB_EXP_CACHE": str(cache)}
-    active, said = [], None
+           "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(code), "TRB_EXP_CACHE": str(cache)}
+    active, said, stopping = [], None, []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     while True:
+        if stopping:  # each run checkpoints its current step and exits 75; resumed by the next runner
+            for p, log, job, _ in active:
+                p.send_signal(signal.SIGTERM)
+            for p, log, job, _ in active:
+                p.wait()
+                log.close()
+                print(f"[stopped rc={p.returncode}] {job.rel}", flush=True)
+            (out / "runner.pid").unlink(missing_ok=True)
+            return
         if args.pairs_from:
             import_pairs(Path(args.pairs_from), cache)
         running = {a[2].rel for a in active}
-        jobs, waits = pending(out, committed, cache)
+        jobs, waits = pending(out, committed, cache, code)
         jobs = [j for j in jobs if j.rel not in running]
         if waits != said:
             print("[wait] " + ("; ".join(waits) or "nothing"), flush=True)
             said = waits
         while jobs and len(active) < args.lanes:
-            active.append(start(out, jobs.pop(0), env))
+            active.append(start(out, jobs.pop(0), env, code, python))
         if not active and not jobs:
             if not waits or not args.wait:
                 print("[study] nothing left to run now" + (f" ({'; '.join(waits)})" if waits else ""), flush=True)
+                (out / "runner.pid").unlink(missing_ok=True)
                 return
         time.sleep(10)
         for item in list(active):
@@ -661,6 +698,7 @@ def main(argv=None) -> None:
     r.add_argument("--committed", default=str(COMMITTED), help="finished runs already committed")
     r.add_argument("--pairs-from", default=None, help="a folder of built pairs embedded_<p>/ (key-checked)")
     r.add_argument("--no-wait", dest="wait", action="store_false", help="stop when only blocked runs are left")
+    r.add_argument("--code", default=str(ROOT), help="the checkout (with its .venv) the runs use (default: this one)")
     st = sub.add_parser("status")
     st.add_argument("--out", default="/work/study_runs/generalisation")
     st.add_argument("--committed", default=str(COMMITTED))

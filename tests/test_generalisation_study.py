@@ -143,3 +143,23 @@ def test_committed_report_re_renders_byte_for_byte(gs, tmp_path):
     assert body((tmp_path / "README.md").read_text()) == body((root / "README.md").read_text())
     for png in ("curves.png", "curves_wall.png", "jumps.png"):
         assert (tmp_path / png).read_bytes() == (root / png).read_bytes()
+
+
+def test_pairs_are_looked_up_where_the_runs_are_and_one_runner_per_out(gs, tmp_path):
+    import os
+
+    assert gs.pair_ready("a", tmp_path / "cache", ROOT) and gs.pair_ready("b", tmp_path / "cache", ROOT)
+    assert not gs.pair_ready("c", tmp_path / "cache", tmp_path / "elsewhere")  # not shipped there, not in the cache
+    from trb_exp.prepare import pair_spec
+    built = tmp_path / "built" / "embedded_c"
+    built.mkdir(parents=True)
+    (built / "prepare.json").write_text(json.dumps({"key": pair_spec("c").key()}))
+    gs.import_pairs(tmp_path / "built", tmp_path / "cache")
+    assert gs.pair_ready("c", tmp_path / "cache", tmp_path / "elsewhere")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "runner.pid").write_text(f"{os.getpid()}\n")  # a live process holds the folder
+    with pytest.raises(SystemExit, match="is running on this --out"):
+        gs._lock(tmp_path / "out")
+    (tmp_path / "out" / "runner.pid").write_text("999999999\n")  # a stale pid file is taken over
+    gs._lock(tmp_path / "out")
+    assert (tmp_path / "out" / "runner.pid").read_text() == f"{os.getpid()}\n"
