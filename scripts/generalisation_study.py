@@ -590,7 +590,7 @@ def compute_section(runs: dict) -> list[str]:
 
 def plot_curves(runs: dict, path: Path, x: str) -> None:
     """Per setting, pass@1 (mean over seeds) of every arm against the step (x="step") or against the
-    cumulative training seconds at that step, mean over seeds (x="wall": the compute-matched view)."""
+    cumulative training minutes at that step, median over seeds (x="wall": the compute-matched view)."""
     from matplotlib.figure import Figure
 
     from trb_exp.analysis.plots import save_png
@@ -604,7 +604,7 @@ def plot_curves(runs: dict, path: Path, x: str) -> None:
                 continue
             steps = sorted(set.intersection(*(set(r.evals) for r in recs)))
             ys = [sum(r.evals[st] for r in recs) / len(recs) for st in steps]
-            xs = steps if x == "step" else [sum(r.wall[st] for r in recs) / len(recs) / 60 for st in steps]
+            xs = steps if x == "step" else [median(r.wall[st] for r in recs) / 60 for st in steps]  # median: robust
             ax.plot(xs, ys, marker="o", ms=3, lw=2 if a in ("opd", "trb") else 1.2, label=f"{a} ({len(recs)})")
         ax.set_title(s, fontsize=9)
         ax.set_xlabel("step" if x == "step" else "training minutes (one thread, shared machine)", fontsize=8)

@@ -163,3 +163,19 @@ def test_pairs_are_looked_up_where_the_runs_are_and_one_runner_per_out(gs, tmp_p
     (tmp_path / "out" / "runner.pid").write_text("999999999\n")  # a stale pid file is taken over
     gs._lock(tmp_path / "out")
     assert (tmp_path / "out" / "runner.pid").read_text() == f"{os.getpid()}\n"
+
+
+def test_compute_matched_view(tmp_path):
+    spec = importlib.util.spec_from_file_location("compute_matched", ROOT / "scripts" / "compute_matched.py")
+    cm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cm)
+    curve = {0: 0.0, 50: 0.1, 100: 0.2, 150: 0.3, 200: 0.4, 250: 0.5}
+    for arm, wall in (("opd", 1.0), ("trb", 1.5)):
+        for seed, slow in ((100, 1.0), (101, 1.0), (102, 10.0)):  # a slowed run: the median ignores it
+            _write(tmp_path / "runs", f"mini_a/{arm}/seed_{seed}", curve, seed, wall=wall * slow)
+    cm.main([str(tmp_path / "runs"), "--out", str(tmp_path / "o")])
+    md = (tmp_path / "o" / "compute_matched.md").read_text()
+    assert "| mini_a | opd | 3 | 4.17 | 1.00 |" in md and "| mini_a | trb | 3 | 6.25 | 1.50 |" in md  # 250 x 1 s
+    steps, p, minutes = cm.mean_curve(cm.collect(tmp_path / "runs")["mini_a"]["trb"])
+    assert steps == sorted(curve) and p == pytest.approx([curve[s] for s in steps]) and minutes[-1] == 250 * 1.5 / 60
+    assert (tmp_path / "o" / "compute_matched.png").is_file()
