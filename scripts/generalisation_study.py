@@ -649,6 +649,10 @@ def build_report(runs: dict, plan_commit: str, command: str) -> str:
     if not final:
         L += ["**Interim**: the study is not complete (10 seeds × 3 arms × 5 settings). Each comparison below uses "
               "the seeds on which both of its arms have finished; no verdict is final.", ""]
+    L += ["Deviations from PLAN.md, decided before any run finished, independent of outcomes: (1) a run interrupted "
+          "by the end of a session resumes from its newest checkpoint (bit-identical to an uninterrupted run, "
+          "`tests/test_checkpoint_resume.py`) instead of restarting from scratch; (2) while the study is incomplete, "
+          "each comparison uses the seeds on which both of its arms have finished.", ""]
     L += [f"New runs made by code at commit(s) {', '.join(f'`{c[:10]}`' for c in envs) or '—'}; CPU capability "
           f"{', '.join(map(str, isas)) or '—'} (values agree bit for bit only within one ISA).", "",
           "## Settings (pairs)", "", *pair_rows(), "", "## Runs per cell", "",
