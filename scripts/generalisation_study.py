@@ -29,6 +29,7 @@ evaluated steps, divided by the steps spanned (the run's mean pass@1 over traini
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -127,6 +128,7 @@ class Matched(NamedTuple):
     mean_warm: list  # per run: mean budget over the steps before the hand-over
 
 
+@functools.lru_cache(maxsize=None)  # committed runs: read once per process
 def matched_schedule(setting: str, powered: Path = POWERED) -> Matched:
     """The linear schedule with the reward controller's measured hand-over and total budget on ``setting``:
     K = the median over runs of the hand-over step (rounded half up), eps0 = 2 S / (K + 1) with S the median
@@ -263,17 +265,22 @@ def command(out: Path, job: Job, python: str = sys.executable) -> list[str]:
 
 
 def finder(*roots: Path):
+    done: dict = {}  # a finished run's record never changes: read once per runner
+
     def find(rel: str) -> Record | None:
+        if rel in done:
+            return done[rel]
         for r in roots:
             if (rec := load_record(r / rel)) is not None:
+                done[rel] = rec
                 return rec
         return None
     return find
 
 
-def pending(out: Path, committed: Path, cache: Path, code: Path = ROOT) -> tuple[list[Job], list[str]]:
+def pending(out: Path, committed: Path, cache: Path, code: Path = ROOT, find=None) -> tuple[list[Job], list[str]]:
     """The plan's runs not finished anywhere, in order, whose prerequisites are met; and what waits."""
-    find = finder(out, committed)
+    find = find or finder(out, committed)
     sel = selected(find)
     waits = [] if sel is not None else ["trb_sel waits for the selection grid"]
     jobs = []
@@ -327,7 +334,7 @@ def cmd_run(args) -> None:
     print(f"[study] runs use the code at {commit} ({code}, {python}); runs in {out}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(code), "TRB_EXP_CACHE": str(cache)}
-    active, said, stopping = [], None, []
+    active, said, stopping, find = [], None, [], finder(out, committed)
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     while True:
         if stopping:  # each run checkpoints its current step and exits 75; resumed by the next runner
@@ -342,7 +349,7 @@ def cmd_run(args) -> None:
         if args.pairs_from:
             import_pairs(Path(args.pairs_from), cache)
         running = {a[2].rel for a in active}
-        jobs, waits = pending(out, committed, cache, code)
+        jobs, waits = pending(out, committed, cache, code, find)
         jobs = [j for j in jobs if j.rel not in running]
         if waits != said:
             print("[wait] " + ("; ".join(waits) or "nothing"), flush=True)
