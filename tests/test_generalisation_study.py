@@ -179,3 +179,21 @@ def test_compute_matched_view(tmp_path):
     steps, p, minutes = cm.mean_curve(cm.collect(tmp_path / "runs")["mini_a"]["trb"])
     assert steps == sorted(curve) and p == pytest.approx([curve[s] for s in steps]) and minutes[-1] == 250 * 1.5 / 60
     assert (tmp_path / "o" / "compute_matched.png").is_file()
+
+
+def test_start_resumes_a_checkpointed_run_and_restarts_one_without(gs, tmp_path, monkeypatch):
+    launched = []
+    monkeypatch.setattr(gs.subprocess, "Popen", lambda cmd, **kw: launched.append((cmd, kw["cwd"])) or "proc")
+    job = gs.main_jobs(None)[0]
+    d = tmp_path / job.rel
+    (d / "checkpoints" / "step_50").mkdir(parents=True)
+    (d / "metrics.jsonl").write_text("{}\n")
+    p, log, _, _ = gs.start(tmp_path, job, {}, tmp_path / "code", "/py")
+    log.close()
+    assert (d / "metrics.jsonl").is_file()  # kept: trainer.resume=auto continues from step_50
+    assert launched[0][0][:5] == ["nice", "-n", "19", "/py", "-m"] and launched[0][1] == tmp_path / "code"
+    other = gs.main_jobs(None)[1]
+    (tmp_path / other.rel).mkdir(parents=True)
+    (tmp_path / other.rel / "metrics.jsonl").write_text("{}\n")  # interrupted before any checkpoint
+    gs.start(tmp_path, other, {}, tmp_path / "code", "/py")[1].close()
+    assert not (tmp_path / other.rel).exists()  # removed: the run starts from scratch
