@@ -504,7 +504,8 @@ def arm_rows(runs: dict) -> list[str]:
             r = [recs[x] for x in seeds]
             n_reused = sum((POWERED / s / a / f"seed_{x}" / "summary.json").is_file() for x in seeds) \
                 if a in (*REUSED_ARMS, "trb_reward") else 0
-            span = f"{seeds[0]}–{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ",".join(map(str, seeds))
+            span = (str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}") \
+                if seeds == list(range(seeds[0], seeds[-1] + 1)) else ",".join(map(str, seeds))
             L.append(f"| {s} | {a} | {len(r)} ({span}) | {n_reused} | {_mean_ci([auc(x.evals) for x in r])} | "
                      f"{_mean_ci([x.evals[max(x.evals)] for x in r])} | {_mean_ci([x.evals[50] for x in r])} | "
                      f"{sum(steps_to(x.evals) is not None for x in r)}/{len(r)} | {median(x.train_s for x in r) / 60:.1f} |")
@@ -587,7 +588,9 @@ def compute_section(runs: dict) -> list[str]:
                 blocks["matched" if a == "trb_matched" else "main"].append(r.train_s)
     for cell in runs["selection"].values():
         blocks["selection"] += [r.train_s for r in cell.values()]
-    L = ["| block | runs | measured minutes (sum of train_s) | minutes per run (median) |", "|---|---|---|---|"]
+    L = ["Wall minutes of one torch thread (`train_s`: the training steps and evaluations after step 0) on a "
+         "2-core machine shared with other jobs at higher priority: upper bounds on the CPU time.", "",
+         "| block | runs | measured minutes (sum of train_s) | minutes per run (median) |", "|---|---|---|---|"]
     for b, xs in blocks.items():
         L.append(f"| {b} | {len(xs)} | {sum(xs) / 60:.1f} | " + (f"{median(xs) / 60:.1f}" if xs else "—") + " |")
     total = [x for xs in blocks.values() for x in xs]
