@@ -681,7 +681,12 @@ def build_report(runs: dict, plan_commit: str, command: str) -> str:
     L += ["## Verdict (the plan's rules" + (")" if final else "; interim, on what is complete)"), "",
           f"- **TRB − OPD across settings**: {_re(re)}: {verdict(re)}.",
           f"- **trb_sel − OPD across settings**: {verdict(across(runs, 'trb_sel', 'opd')[1])}.", "",
-          "![pass@1 per step](curves.png)", "", "![pass@1 per training minute](curves_wall.png)", "",
+          "![pass@1 per step](curves.png)", "",
+          "The compute-matched view below places each evaluation at the median cumulative training minutes (Σ "
+          "`time/step_s`). Those are wall minutes and follow the machine's load when each run ran: the powered "
+          "study's reused runs ran on a quieter machine than this study's, so compare arms only within runs made "
+          "under the same conditions (the powered study's own view: `docs/results/powered/compute_matched.md`).", "",
+          "![pass@1 per training minute](curves_wall.png)", "",
           "![time to the jump](jumps.png)", "", "---", f"`{command}`", ""]
     return "\n".join(L)
 
