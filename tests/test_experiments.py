@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from conftest import compose
 
@@ -40,12 +42,17 @@ def test_each_setting_trains_on_its_pairs_task(name, pair):
     pair); the generalisation pairs have vLLM-supported head sizes (32 or 64) in both towers."""
     from trb_exp.config import EMBEDDED_PAIRS
     from trb_exp.data import load_task
-    from trb_exp.prepare import PAIRS, pair_spec
+    from trb_exp.models import embedded_dir_of
+    from trb_exp.prepare import PAIRS, embedded_pair_dir, pair_spec
 
     assert sorted(EMBEDDED_PAIRS) == sorted(PAIRS)
     cfg = compose([f"experiment={name}"])
     assert load_task(cfg.dataset).spec == PAIRS[pair].task
     assert pair_spec(pair, load_task(cfg.dataset).spec).key() == pair_spec(pair).key()
+    shipped = embedded_dir_of(pair) / "prepare.json"
+    if shipped.is_file():  # a built pair is used as shipped (never rebuilt) and holds vLLM-ready towers
+        assert json.loads(shipped.read_text())["key"] == pair_spec(pair).key()
+        assert embedded_pair_dir(load_task(cfg.dataset).spec, pair) == shipped.parent
     if pair in "cde":
         spec = PAIRS[pair]
         assert {m.hidden // m.heads for m in (spec.teacher, spec.student)} <= {32, 64}
