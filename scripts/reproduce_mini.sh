@@ -46,7 +46,8 @@ if [[ $STAGES == *sweep* ]]; then
   done
 fi
 if [[ $STAGES == *select* ]]; then
-  python scripts/select_best.py "$OUT/mini_a/sweep" | tee "$OUT/mini_a/best.txt"
+  # the miniature study selected on the test set (it had no validation split); select_best now defaults to --on val
+  python scripts/select_best.py "$OUT/mini_a/sweep" --on test | tee "$OUT/mini_a/best.txt"
 fi
 if [[ $STAGES == *seeds* ]]; then
   for setting in mini_b mini_a; do

@@ -63,7 +63,8 @@ def test_steps_to_target_and_steps():
 # ----------------------------------------------------------------------------------- synthetic runs
 
 
-def _write_run(d, method, seed, curve, *, eps0=0.5, k=20, max_steps=40, benches=None, train_s=12.5, budget=None):
+def _write_run(d, method, seed, curve, *, eps0=0.5, k=20, max_steps=40, benches=None, train_s=12.5, budget=None,
+               environment=None):
     """A run dir as train.run + Hydra write it: metrics.jsonl, summary.json, .hydra/config.yaml."""
     d.mkdir(parents=True)
     cfg = {"seed": seed, "method": {"name": method, "loss": "reverse_kl", "topk": 16},
@@ -90,6 +91,8 @@ def _write_run(d, method, seed, curve, *, eps0=0.5, k=20, max_steps=40, benches=
                "initial": {"step": 0, "eval/pass@1": curve[0]},
                "final": {"step": max_steps, "eval/pass@1": curve[max_steps]},
                "peak_rss_mb": 100.0}
+    if environment is not None:
+        summary["env"] = environment
     (d / "summary.json").write_text(json.dumps(summary))
 
 
@@ -346,3 +349,20 @@ def test_committed_reports_reproduce_byte_for_byte(report, tmp_path, monkeypatch
         if f"{report.name}/{name}" not in NOT_REPRODUCIBLE:
             assert (tmp_path / name).read_bytes() == (report / name).read_bytes(), name
     assert len(COMMITTED) >= 3  # the preliminary study and both miniature settings
+
+
+def test_compare_warns_across_isas_and_versions(tmp_path, capsys):
+    env = {"torch": "2.13.0+cpu", "transformers": "5.25.0", "cpu_capability": "AVX512", "threads": 1, "gpu": None,
+           "commit": "abc", "dirty": False}
+    curve = {0: 0.0, 10: 0.2, 20: 0.3, 30: 0.4, 40: 0.5}
+    _write_run(tmp_path / "runs" / "a", "opd", 0, curve, environment=env)
+    _write_run(tmp_path / "runs" / "b", "trb", 0, curve, environment={**env, "cpu_capability": "AVX2"})
+    _write_run(tmp_path / "runs" / "c", "trb", 1, curve)  # a run from before the record: not counted
+    C.main([str(tmp_path / "runs"), "--out", str(tmp_path / "o")])
+    lines = [x for x in capsys.readouterr().err.splitlines() if "environments" in x]
+    assert lines == ["[compare] warning: the runs were made in different environments (cpu_capability AVX2 vs "
+                     "AVX512): their values agree bit for bit only within one ISA and library versions"]
+    _write_run(tmp_path / "same" / "a", "opd", 0, curve, environment=env)
+    _write_run(tmp_path / "same" / "b", "trb", 0, curve, environment={**env, "threads": 2, "commit": "def"})
+    C.main([str(tmp_path / "same"), "--out", str(tmp_path / "o2")])
+    assert "environments" not in capsys.readouterr().err  # threads and commit do not change the bits

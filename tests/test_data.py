@@ -1,8 +1,11 @@
+import re
+
 import pytest
 
 from trb_exp.data import encode_prompts, encode_targets
 from trb_exp.data.arithmetic import ArithmeticSpec, extract_answer, grade, make_splits, solve
 from trb_exp.data.tokenizer import build_char_tokenizer
+from trb_exp.data import CONF_DIR
 
 
 def test_solution_follows_precedence():
@@ -62,3 +65,38 @@ def test_prompt_and_target_encoding_pads_on_the_right_sides():
     t_ids, t_mask = encode_targets(tok, ["A:3", "A:32"])
     assert t_ids[0].tolist()[-2:] == [tok.eos_token_id, tok.pad_token_id]
     assert t_mask.sum(1).tolist() == [4, 5]
+
+
+def _task(**over):
+    from omegaconf import OmegaConf
+
+    from trb_exp.data import load_task
+
+    return load_task(OmegaConf.merge(OmegaConf.load(CONF_DIR / "dataset" / "arithmetic.yaml"), over))
+
+
+def test_validation_split_is_disjoint_and_leaves_train_and_test_alone():
+    with_val, without = _task(), _task(val_size=0)
+    assert len(with_val.val_prompts) == 200 and without.val_prompts == []
+    # the train and test splits are those of make_splits, unchanged by the validation split
+    ref = make_splits(ArithmeticSpec())
+    for t in (with_val, without):
+        assert t.train_prompts == list(ref["train"]["prompt"]) and t.test_prompts == list(ref["test"]["prompt"])
+    val = set(with_val.val_prompts)
+    assert len(val) == 200 and not val & set(with_val.train_prompts) and not val & set(with_val.test_prompts)
+    assert all(grade(f"A:{a}", a) for a in with_val.val_answers)
+    for p, a in zip(with_val.val_prompts, with_val.val_answers):  # each answer is its prompt's
+        nums, ops = [int(x) for x in re.findall(r"\d+", p)], re.findall(r"[-+*]", p)
+        assert str(solve(nums, ops)[1]) == a
+    assert _task().val_prompts == with_val.val_prompts  # seeded: the same on every call
+    assert _task(seed=1).val_prompts != with_val.val_prompts  # and follows the split seed
+
+
+def test_validation_split_as_large_as_the_space_allows_and_bad_size():
+    from trb_exp.config import ConfigError
+
+    # 2 operands of 0..1 with '+': 4 expressions, all taken by train (2) and test (2)
+    tiny = _task(min_operands=2, max_operands=2, max_operand=1, ops="+", train_size=2, test_size=2)
+    assert tiny.val_prompts == []
+    with pytest.raises(ConfigError, match=r"^dataset.val_size=-1: give an integer >= 0 \(0 = no validation split\)$"):
+        _task(val_size=-1)

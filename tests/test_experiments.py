@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from conftest import compose
 
@@ -22,7 +24,8 @@ def test_paper_presets_carry_the_papers_common_configuration(name, student, teac
     assert compose([f"experiment={name}", "optim.lr=3e-6"]).optim.lr == 3e-6
 
 
-@pytest.mark.parametrize("name, pair", [("mini_a", "a"), ("mini_b", "b")])
+@pytest.mark.parametrize("name, pair", [("mini_a", "a"), ("mini_b", "b"), ("mini_c", "c"), ("mini_d", "d"),
+                                        ("mini_e", "e")])
 def test_mini_presets(name, pair):
     cfg = compose([f"experiment={name}"])
     base = compose([])
@@ -30,3 +33,27 @@ def test_mini_presets(name, pair):
     assert cfg.model.embedded_pair == pair
     assert cfg.optim.lr == base.optim.lr and cfg.trainer.prompts_per_step == base.trainer.prompts_per_step
     assert (cfg.trainer.max_steps, cfg.trainer.eval_every, cfg.threads) == (250, 50, 1)
+
+
+@pytest.mark.parametrize("name, pair", [("mini_a", "a"), ("mini_b", "b"), ("mini_c", "c"), ("mini_d", "d"),
+                                        ("mini_e", "e")])
+def test_each_setting_trains_on_its_pairs_task(name, pair):
+    """The dataset a mini preset composes is the task its pair is built for (else the run would build a new
+    pair); the generalisation pairs have vLLM-supported head sizes (32 or 64) in both towers."""
+    from trb_exp.config import EMBEDDED_PAIRS
+    from trb_exp.data import load_task
+    from trb_exp.models import embedded_dir_of
+    from trb_exp.prepare import PAIRS, embedded_pair_dir, pair_spec
+
+    assert sorted(EMBEDDED_PAIRS) == sorted(PAIRS)
+    cfg = compose([f"experiment={name}"])
+    assert load_task(cfg.dataset).spec == PAIRS[pair].task
+    assert pair_spec(pair, load_task(cfg.dataset).spec).key() == pair_spec(pair).key()
+    shipped = embedded_dir_of(pair) / "prepare.json"
+    if shipped.is_file():  # a built pair is used as shipped (never rebuilt) and holds vLLM-ready towers
+        assert json.loads(shipped.read_text())["key"] == pair_spec(pair).key()
+        assert embedded_pair_dir(load_task(cfg.dataset).spec, pair) == shipped.parent
+    if pair in "cde":
+        spec = PAIRS[pair]
+        assert {m.hidden // m.heads for m in (spec.teacher, spec.student)} <= {32, 64}
+        assert all(m.hidden % m.heads == 0 for m in (spec.teacher, spec.student))

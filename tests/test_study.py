@@ -158,7 +158,7 @@ def test_pair_b_loads_and_decodes():
 # ---------------------------------------------------------------------------- study scripts
 
 
-def _run(d, method, seed, finals, overrides):
+def _run(d, method, seed, finals, overrides, val=None):
     d.mkdir(parents=True)
     (d / ".hydra").mkdir()
     OmegaConf.save(OmegaConf.create({"seed": seed, "method": {"name": method, **overrides.get("knobs", {})},
@@ -166,6 +166,8 @@ def _run(d, method, seed, finals, overrides):
                    d / ".hydra" / "config.yaml")
     OmegaConf.save(OmegaConf.create(overrides["cli"]), d / ".hydra" / "overrides.yaml")
     rows = [{"step": s, "eval/pass@1": v} for s, v in zip((0, 10, 20), finals)]
+    for row, v in zip(rows, val or []):
+        row["val/pass@1"] = v
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "summary.json").write_text(json.dumps({"method": method, "seed": seed}))
     (d / "student").mkdir()
@@ -185,10 +187,12 @@ def test_select_best_and_collect(tmp_path):
     _run(sweep / "veto" / "2", "veto", 1, [0.0, 0.1, 0.99],  # another seed: not the selection seed
          {"knobs": {"b_start": 0.2}, "cli": ["method.b_start=0.2", "seed=1"]})
     _run(sweep / "opd" / "0", "opd", 0, [0.0, 0.2, 0.4], {"cli": ["experiment=mini_a", "sweep=opd", "seed=0"]})
-    best = _script("select_best").select(sweep, seed=0)
-    assert best["veto"][1] == 0.5 and best["veto"][2] == ["method=veto", "method.b_start=0.6"]
-    assert best["opd"][2] == ["method=opd"]
-    assert _script("select_best").select(sweep, seed=1)["veto"][2] == ["method=veto", "method.b_start=0.2"]
+    best = _script("select_best").select(sweep, seeds=(0,), on="test")
+    assert best["veto"].score == 0.5 and best["veto"].overrides == ["method=veto", "method.b_start=0.6"]
+    assert best["opd"].overrides == ["method=opd"]
+    assert _script("select_best").select(sweep, (1,), on="test")["veto"].overrides == ["method=veto", "method.b_start=0.2"]
+    with pytest.raises(SystemExit, match="no val/pass@1 logged"):  # the default: validation, which these lack
+        _script("select_best").select(sweep)
 
     collect = _script("collect_runs").collect
     assert collect(sweep, tmp_path / "docs") == 4
@@ -214,8 +218,8 @@ def test_select_best_and_collect_read_and_write_data_files(tmp_path):
     assert collect(sweep, data) == 3
     assert [r.name for r in runstore.load(data)] == ["opd/0", "veto/0", "veto/1"]
     select = _script("select_best").select
-    assert select(data, seed=0) == select(sweep, seed=0)
-    assert select(data, seed=0)["veto"] == ("method.b_start=0.6", 0.5, ["method=veto", "method.b_start=0.6"])
+    assert select(data, on="test") == select(sweep, on="test")  # these runs have no validation split
+    assert select(data, on="test")["veto"] == ("method.b_start=0.6", 0.5, 0.5, ["method=veto", "method.b_start=0.6"])
     more = tmp_path / "more"  # a second collection adds its runs and replaces a run of the same name
     _run(more / "opd" / "0", "opd", 0, [0.0, 0.2, 0.7], {"cli": ["sweep=opd", "seed=0"]})
     _run(more / "skd" / "0", "skd", 0, [0.0, 0.2, 0.1], {"cli": ["sweep=skd", "seed=0"]})
@@ -255,3 +259,27 @@ def test_paper_reproduction_script_names_every_paper_grid():
         assert f" {fam}" in text.split("for fam in", 1)[1].split(";", 1)[0]
     bad = subprocess.run(["bash", str(script), "paper_9b"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no experiment preset conf/experiment/paper_9b.yaml" in bad.stderr
+
+
+def test_select_best_on_validation_reports_the_test_score(tmp_path, capsys):
+    sel = _script("select_best")
+    sweep = tmp_path / "sweep"
+    # b_start 0.2 is best on test (0.9) but worst on validation; 0.6 wins on validation over seeds 0 and 1
+    for i, (b, seed, test, val) in enumerate([(0.2, 0, [0.0, 0.5, 0.9], [0.0, 0.1, 0.2]),
+                                              (0.2, 1, [0.0, 0.5, 0.7], [0.0, 0.1, 0.4]),
+                                              (0.6, 0, [0.0, 0.2, 0.4], [0.0, 0.3, 0.5]),
+                                              (0.6, 1, [0.0, 0.2, 0.2], [0.0, 0.1, 0.3]),
+                                              (0.6, 2, [0.0, 0.0, 0.0], [0.0, 0.0, 0.0])]):  # not a selection seed
+        _run(sweep / str(i), "veto", seed, test, {"knobs": {"b_start": b}, "cli": [f"method.b_start={b}", f"seed={seed}"]},
+             val=val)
+    best = sel.select(sweep, seeds=(0, 1))["veto"]
+    assert best.overrides == ["method=veto", "method.b_start=0.6"]
+    assert best.score == pytest.approx(0.4) and best.test == pytest.approx(0.3)  # means over seeds 0, 1
+    auc = sel.select(sweep, seeds=(0,), score="auc")["veto"]  # trapezoid: (0+0.3)/2 + (0.3+0.5)/2 over 2 spans
+    assert auc.score == pytest.approx(((0.0 + 0.3) / 2 * 10 + (0.3 + 0.5) / 2 * 10) / 20)
+    assert auc.test == pytest.approx(((0.0 + 0.2) / 2 * 10 + (0.2 + 0.4) / 2 * 10) / 20)
+    assert sel.select(sweep, seeds=(0, 1), on="test")["veto"].overrides == ["method=veto", "method.b_start=0.2"]
+    sel.main([str(sweep), "--seeds", "0,1"])
+    out, err = capsys.readouterr()
+    assert out == "veto method=veto method.b_start=0.6\n"
+    assert "test final pass@1 0.3000" in err and "val final pass@1 0.4000 (seeds 0,1)" in err

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from budget import assert_budget_used, record_rollouts
 from conftest import compose
 from transformers import AutoModelForCausalLM
@@ -73,6 +74,9 @@ def test_each_method_runs_end_to_end(method, tiny_pair, tmp_path, monkeypatch):
     assert (tmp_path / "student" / "model.safetensors").exists() and student.config.model_type == "llama"
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["method"] == method and saved["final"]["step"] == 3 == summary["final"]["step"]
+    env = saved["env"]  # the run's environment record (trb_exp.run.environment)
+    assert env["threads"] == 1 and env["torch"] == torch.__version__
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 @pytest.mark.slow
@@ -85,6 +89,34 @@ def test_training_is_deterministic(tiny_pair, tmp_path):
     strip = lambda rows: [{k: v for k, v in json.loads(r).items() if "time" not in k and not k.endswith("_s")
                            and k != "trb/solver_share"} for r in rows]
     assert strip(la) == strip(lb) and a["final"] == b["final"]
+
+
+def test_validation_split_is_scored_and_changes_nothing_else(tiny_pair, tmp_path):
+    import hashlib
+
+    from trb_exp.data import load_task
+    from trb_exp.data.tokenizer import build_char_tokenizer
+    from trb_exp.evaluation import evaluate
+
+    base = ["method=trb", "schedule.eps0=0.01", *FAST, *_pair(tiny_pair)]
+    run(compose([*base, "dataset.val_size=0"]), tmp_path / "none")
+    cfg = compose([*base, "dataset.val_size=6"])
+    run(cfg, tmp_path / "val")
+    rows = {d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("none", "val")}
+    keep = lambda r: {k: v for k, v in r.items() if not k.startswith("val/") and "time" not in k
+                      and not k.endswith("_s") and k != "trb/solver_share"}
+    assert [keep(r) for r in rows["val"]] == [keep(r) for r in rows["none"]]  # every other value, bit for bit
+    assert not any(k.startswith("val/") for r in rows["none"] for k in r)
+    sha = {d: hashlib.sha256((tmp_path / d / "student" / "model.safetensors").read_bytes()).hexdigest() for d in rows}
+    assert sha["val"] == sha["none"]
+    logged = [r for r in rows["val"] if "val/pass@1" in r]
+    assert [r["step"] for r in logged] == [0, 2, 3]
+    # the logged score is evaluate() of the final student on the 6 validation problems, seed + 2
+    task = load_task(cfg.dataset)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "val" / "student")
+    ref = evaluate(student, build_char_tokenizer(), task.val_prompts, task.val_answers, task.grade, n_samples=2,
+                   max_new_tokens=12, seed=cfg.seed + 2, eos_ids=(student.config.eos_token_id,))
+    assert logged[-1]["val/pass@1"] == ref["pass@1"] and logged[-1]["val/mean_length"] == ref["mean_length"]
 
 
 @pytest.mark.parametrize("override, message", [

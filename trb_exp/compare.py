@@ -38,6 +38,7 @@ from trb_exp.analysis.plots import plot_headline_curves, plot_learning_curves, p
 from trb_exp.analysis.report import Roles, build_report, render_paper_table
 from trb_exp.analysis.runs import (PASS1, InputError, Run, find_run_dirs, group_runs, headline_config, headline_finals,
                                    load_run, load_runs, seeded_groups)
+from trb_exp.run.environment import bit_exact_mismatch
 from trb_exp.analysis.stats import (best_checkpoint, closest_step, first_step_at_least, mean_ci, paired_difference,
                                     steps_to_target, t_quantile_975)
 
@@ -64,6 +65,9 @@ def compare(run_dirs, out: Path, *, target_frac: float = 0.8, teacher_pass1: flo
     runs = [r for r in runs if r.evals and r.summary is not None]
     if not runs:
         raise InputError("error: none of the runs has finished (summary.json) with an evaluation row")
+    mismatch = bit_exact_mismatch([(r.summary or {}).get("env") for r in runs])
+    if mismatch:
+        print(f"[compare] {mismatch}", file=sys.stderr)
     groups = group_runs(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ import math
 
 from trb_exp.errors import ConfigError  # noqa: F401  (re-exported: the modules raise config.ConfigError)
 
+EMBEDDED_PAIRS = ("a", "b", "a32", "c", "d", "e")  # the named tiny pairs (trb_exp.prepare.PAIRS)
+
 
 def _require(cond: bool, field: str, value, fix: str) -> None:
     if not cond:
@@ -140,9 +142,9 @@ def _validate_model(cfg) -> None:
         _require(not on_cpu, "model.dtype", cfg.model.dtype,
                  "float16 training does not work on the CPU; use auto (float32 there), float32 or bfloat16")
     pair = cfg.model.get("embedded_pair", "a")
-    _require(pair in ("a", "b", "a32"), "model.embedded_pair", pair,
-             "use a (the default tiny pair), b (the larger one, model=embedded_b) or a32 (head_dim 32 for vLLM, "
-             "model=embedded_a32)")
+    _require(pair in EMBEDDED_PAIRS, "model.embedded_pair", pair,
+             "use a (the default tiny pair), b (the larger one, model=embedded_b), a32 (head_dim 32 for vLLM, "
+             "model=embedded_a32) or c, d, e (the generalisation study's, model=embedded_c / _d / _e)")
 
 
 def validate_eval(cfg) -> None:

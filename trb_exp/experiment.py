@@ -51,6 +51,7 @@ class Experiment:
     # state_dict() / load_state_dict(); train.run puts them in TrainState.extras under the same name, so
     # checkpoints save and restore them with everything else
     stateful: dict = field(default_factory=dict)
+    validation: Benchmark | None = None  # the task's validation split (dataset.val_size), scored as val/<metric>
 
 
 def is_char_tokenizer(tok) -> bool:
@@ -108,10 +109,13 @@ def setup(cfg, method: Method | None = None, rollout: RolloutConfig | None = Non
     benchmarks = [Benchmark(b.name, [fmt(p) for p in b.prompts[:size]], b.answers[:size], b.grade, b.n_samples)
                   for b in benchmarks]
     train_prompts = [fmt(p) for p in task.train_prompts]
+    validation = Benchmark("val", [fmt(p) for p in task.val_prompts[:size]], list(task.val_answers[:size]),
+                           task.grade) if task.val_prompts else None  # cut like the test set
     positions = max_positions(mc.student, emb, mc.trust_remote_code)
     tr, new_tokens = cfg.trainer, int(cfg.trainer.max_new_tokens)
+    scored = benchmarks + ([validation] if validation else [])
     for prompts, where in [(train_prompts, f"dataset ({task.name}, training prompts)"),
-                           *[(b.prompts, f"benchmark {b.name}") for b in benchmarks]]:
+                           *[(b.prompts, f"benchmark {b.name}") for b in scored]]:
         new_tokens = check_prompts(tok, prompts, where, positions, new_tokens, bool(tr.get("clip_max_new_tokens")))
     if new_tokens != tr.max_new_tokens:  # clipped (one warning line said so): the loop and evaluations read it
         tr.max_new_tokens = new_tokens
@@ -139,7 +143,7 @@ def setup(cfg, method: Method | None = None, rollout: RolloutConfig | None = Non
                       eos_ids=all_eos, method=method, teacher=teacher,
                       train_prompts=train_prompts, train_answers=list(task.train_answers),
                       grade=task.grade, rollout=rollout,
-                      stateful=method.stateful())
+                      stateful=method.stateful(), validation=validation)
 
 
 def setup_eval(cfg) -> Experiment:

@@ -2,6 +2,12 @@
 
     python -m trb_exp.prepare                 # rebuild the shipped pair in trb_exp/assets/embedded
     python -m trb_exp.prepare --pair b        # the second miniature pair, in trb_exp/assets/embedded_b
+    python -m trb_exp.prepare --pair c --threads 1   # c, d, e: the generalisation study's pairs (head_dim 32),
+                                                     # in trb_exp/assets/embedded_<pair>; cost: prepare.json "seconds"
+                                                     # (wall) and "cpu_seconds", over every attempt
+
+A build saves its progress every 100 SFT steps under $TRB_EXP_CACHE/building-<key> (default
+~/.cache/trb_exp): the same command after an interruption continues it, bit for bit.
     python -m trb_exp.prepare --out DIR       # somewhere else
 
 Teacher: a 4-layer Llama trained by SFT on the task's worked solutions until its sampled
@@ -36,6 +42,7 @@ import json
 import os
 import sys
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -91,24 +98,75 @@ PAIRS: dict[str, PairSpec] = {
     # "a32": pair a with the student's 96 dimensions split into 3 heads of 32 instead of 4 of 24, so both towers
     # have head_dim 32, a size vLLM's CPU attention runs (rollout.engine=vllm; model=embedded_a32)
     "a32": PairSpec(student=ModelSize(hidden=96, layers=3, heads=3, intermediate=256)),
+    # The generalisation study's settings (docs/results/generalisation/PLAN.md). Every tower has head_dim 32,
+    # a head size vLLM's attention supports (a's student, head_dim 24, does not). Fewer teacher and student
+    # steps than a and b, to keep each build near 20 minutes of one core.
+    # c: a's teacher shape, a narrower and deeper student (64 x 4 layers, 2 heads).
+    "c": PairSpec(
+        teacher=ModelSize(hidden=128, layers=4, heads=4, intermediate=384),
+        student=ModelSize(hidden=64, layers=4, heads=2, intermediate=192),
+        teacher_steps=2000, student_steps=1200, seed=2,
+    ),
+    # d: a wider, shallower pair (teacher 192 x 3 layers, 6 heads <- student 128 x 2 layers, 4 heads).
+    "d": PairSpec(
+        teacher=ModelSize(hidden=192, layers=3, heads=6, intermediate=512),
+        student=ModelSize(hidden=128, layers=2, heads=4, intermediate=320),
+        teacher_steps=2000, student_steps=1000, seed=3,
+    ),
+    # e: a task variant, additions and subtractions of 3-5 operands (longer chains, no products);
+    # conf/experiment/mini_e.yaml trains on the same task.
+    "e": PairSpec(
+        task=ArithmeticSpec(min_operands=3, max_operands=5, ops="+-"),
+        teacher=ModelSize(hidden=128, layers=3, heads=4, intermediate=384),
+        student=ModelSize(hidden=96, layers=2, heads=3, intermediate=256),
+        teacher_steps=2000, student_steps=1200, seed=4,
+    ),
 }
 
 
 def pair_spec(pair: str, task: ArithmeticSpec | None = None) -> PairSpec:
-    """The PairSpec of a named pair, trained on ``task`` (default: the default arithmetic task)."""
+    """The PairSpec of a named pair, trained on ``task`` (default: the pair's own task)."""
     if pair not in PAIRS:
         from trb_exp.config import ConfigError
         raise ConfigError(f"model.embedded_pair={pair!r}: unknown pair; choose one of {sorted(PAIRS)}")
-    return replace(PAIRS[pair], task=task if task is not None else ArithmeticSpec())
+    return replace(PAIRS[pair], task=task if task is not None else PAIRS[pair].task)
 
 
-def _sft(model, tokenizer, rows, *, steps, batch_size, lr, seed, desc, prompt_loss, eval_fn=None, eval_every=250, target=None):
-    """Plain SFT: cross-entropy on (prompt, target) rows; the prompt is masked unless prompt_loss."""
+def _save_progress(path: Path, state: dict) -> None:
+    """Write a build's progress atomically (a half-written file is never read)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
+def _sft(model, tokenizer, rows, *, steps, batch_size, lr, seed, desc, prompt_loss, eval_fn=None, eval_every=250,
+         target=None, progress: Path | None = None, save_every: int = 100, on_save=None):
+    """Plain SFT: cross-entropy on (prompt, target) rows; the prompt is masked unless prompt_loss.
+    ``progress``: a file the state (weights, AdamW, schedule, batch generator, history) is saved to every
+    ``save_every`` steps and at the end (then ``on_save()``), and resumed from: an interrupted build
+    continues bit for bit."""
     g = torch.Generator().manual_seed(seed)
     opt, sched = adamw(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01, warmup_steps=100, decay_steps=steps)
     model.train()
-    history = []
-    bar = tqdm(range(steps), desc=desc)
+    history, first = [], 0
+    if progress is not None and progress.is_file():
+        st = torch.load(progress, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        g.set_state(st["gen"])
+        history, first = list(st["history"]), int(st["step"])
+        print(f"[{desc}] resumed from {progress} at step {first}" + (" (finished)" if st["done"] else ""), flush=True)
+        if st["done"]:
+            return history
+
+    def save(step: int, done: bool) -> None:
+        if progress is not None:
+            _save_progress(progress, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                      "gen": g.get_state(), "history": history, "step": step, "done": done})
+            if on_save is not None:
+                on_save()
+    bar = tqdm(range(first, steps), desc=desc, initial=first, total=steps)
     def batch_loss():  # one micro-batch: the whole batch, its token mean
         idx = torch.randint(len(rows), (batch_size,), generator=g).tolist()
         p_ids, p_mask = encode_prompts(tokenizer, [rows[i][0] for i in idx])
@@ -130,6 +188,9 @@ def _sft(model, tokenizer, rows, *, steps, batch_size, lr, seed, desc, prompt_lo
             if target is not None and score["pass@1"] >= target:
                 break
             model.train()
+        if (step + 1) % save_every == 0 and step + 1 < steps:
+            save(step + 1, False)
+    save(steps, True)
     return history
 
 
@@ -153,10 +214,27 @@ def student_corpus(train_rows, spec: PairSpec, rng: random.Random):
     return rows
 
 
+def progress_dir(spec: PairSpec) -> Path:
+    """Where an unfinished build of ``spec`` keeps its progress (outside the source tree)."""
+    return Path(os.environ.get("TRB_EXP_CACHE", Path.home() / ".cache" / "trb_exp")) / f"building-{spec.key()}"
+
+
 def prepare_pair(spec: PairSpec, out: Path, *, log=print) -> dict:
-    """Train and save teacher and student (each dir self-contained with its tokenizer)."""
+    """Train and save teacher and student (each dir self-contained with its tokenizer). An interrupted build
+    resumes where it stopped (``progress_dir``); ``seconds`` counts the time of every attempt."""
     torch.manual_seed(spec.seed)
     t_start = time.time()
+    work = progress_dir(spec)
+    before = json.loads((work / "seconds.json").read_text()) if (work / "seconds.json").is_file() else {}
+    c_start = time.process_time()
+
+    def spent() -> dict:  # the build's wall and CPU seconds so far, over every attempt
+        return {"seconds": round(before.get("seconds", 0.0) + time.time() - t_start, 1),
+                "cpu_seconds": round(before.get("cpu_seconds", 0.0) + time.process_time() - c_start, 1)}
+
+    def tick():
+        (work / "seconds.json").write_text(json.dumps(spent()))
+
     splits = make_splits(spec.task)
     tok = build_char_tokenizer()
     test = splits["test"]
@@ -169,14 +247,16 @@ def prepare_pair(spec: PairSpec, out: Path, *, log=print) -> dict:
     train_rows = [(r["prompt"], r["solution"]) for r in splits["train"]]
     teacher = tiny_llama(tok, seed=spec.seed, **asdict(spec.teacher))
     t_hist = _sft(teacher, tok, train_rows, steps=spec.teacher_steps, batch_size=spec.batch_size, lr=spec.lr,
-                  seed=spec.seed, desc="teacher SFT", prompt_loss=False, eval_fn=eval_fn, target=spec.teacher_target)
+                  seed=spec.seed, desc="teacher SFT", prompt_loss=False, eval_fn=eval_fn, target=spec.teacher_target,
+                  progress=work / "teacher.pt", on_save=tick)
     t_final = evaluate(teacher, tok, prompts, answers, grade, n_samples=8, max_new_tokens=48, seed=spec.seed + 1)
     log(f"teacher: {t_final}")
 
     corpus = student_corpus(list(splits["train"]), spec, random.Random(spec.seed))
     student = tiny_llama(tok, seed=spec.seed + 1, **asdict(spec.student))
     s_hist = _sft(student, tok, corpus, steps=spec.student_steps, batch_size=spec.batch_size, lr=spec.lr,
-                  seed=spec.seed + 1, desc="student pretrain", prompt_loss=True)
+                  seed=spec.seed + 1, desc="student pretrain", prompt_loss=True, progress=work / "student.pt",
+                  on_save=tick)
     s_final = evaluate(student, tok, prompts, answers, grade, n_samples=8, max_new_tokens=48, seed=spec.seed + 1)
     log(f"student: {s_final}")
 
@@ -185,11 +265,12 @@ def prepare_pair(spec: PairSpec, out: Path, *, log=print) -> dict:
         model.save_pretrained(out / role)  # safetensors
         tok.save_pretrained(out / role)
     report = {
-        "spec": asdict(spec), "key": spec.key(), "seconds": round(time.time() - t_start, 1),
+        "spec": asdict(spec), "key": spec.key(), **spent(),
         "teacher": {"params": sum(p.numel() for p in teacher.parameters()), "eval": t_final, "history": t_hist},
         "student": {"params": sum(p.numel() for p in student.parameters()), "eval": s_final, "history": s_hist},
     }
     (out / "prepare.json").write_text(json.dumps(report, indent=1))
+    shutil.rmtree(work, ignore_errors=True)  # built: the progress is no longer needed
     return report
 
 

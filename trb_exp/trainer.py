@@ -47,6 +47,7 @@ from trb_exp.logger import NullLogger, RunLogger
 from trb_exp.methods import Method
 from trb_exp.optim import accumulate_step
 from trb_exp.run.preempt import Stopped, StopSignals
+from trb_exp.run.environment import current_environment
 from trb_exp.run.resume import restore, resume_from
 from trb_exp.run.state import (
     TrainState,
@@ -161,7 +162,8 @@ def _micro_batch_loss(method: Method, model, ro, targets: TeacherTargets, sl: sl
 
 
 def evaluate_student(exp: Experiment, step: int, logger: RunLogger, progress: bool = False) -> dict:
-    """Score the student on the benchmarks (its own seeded generator: no training stream is touched).
+    """Score the student on the benchmarks (its own seeded generator: no training stream is touched), then
+    on the validation split if the task has one (``val/<metric>``, another seeded generator).
     Under torchrun every rank scores its block of each benchmark's problems, gathered into one result."""
     tr, ev = exp.cfg.trainer, exp.cfg.get("eval") or {}
     kw = dict(n_samples=tr.eval_samples, temperature=1.0, max_new_tokens=tr.max_new_tokens, seed=exp.cfg.seed + 1,
@@ -175,6 +177,10 @@ def evaluate_student(exp: Experiment, step: int, logger: RunLogger, progress: bo
     else:  # eval/<benchmark>/<metric> and the setup average eval/<metric>
         r = evaluate_benchmarks(exp.student, exp.tok, exp.benchmarks, evaluate_fn=scorer, **kw)
     r = {f"eval/{k}": v for k, v in r.items()}
+    if exp.validation is not None:  # after the test set, its own generator: the test values are unchanged
+        v = exp.validation
+        r.update({f"val/{k}": x for k, x in scorer(exp.student, exp.tok, v.prompts, v.answers, v.grade, **{
+            **kw, "n_samples": kw["n_samples"] or v.n_samples, "seed": exp.cfg.seed + 2}).items()})
     logger.log(r, step)
     if exp.dist.is_main:
         tqdm.write(f"[eval] step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items()))
@@ -376,7 +382,7 @@ def finish(exp: Experiment, state: TrainState, run_dir: Path) -> dict:
     summary = {
         "method": exp.method.name, "seed": int(exp.cfg.seed), "steps": int(tr.max_steps),
         "train_s": round(state.train_s, 2), "initial": state.history[0], "final": state.history[-1],
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(), "env": current_environment().as_dict(),
     }
     if tr.save_student and is_fsdp(exp.student):  # gathered from the shards on rank 0
         weights = full_state_dict(exp.student, dist)

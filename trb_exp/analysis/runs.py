@@ -85,7 +85,8 @@ def run_from_record(rec: RunRecord, path: Path, rel: str) -> Run:
     evals, train = {}, []
     for row in rec.rows:
         if PASS1 in row:
-            evals.setdefault(int(row["step"]), {}).update({k: v for k, v in row.items() if k.startswith("eval/")})
+            evals.setdefault(int(row["step"]), {}).update(
+                {k: v for k, v in row.items() if k.startswith(("eval/", "val/"))})  # val/: the validation split
         if "train/loss" in row or any(k in row for k in DIAGNOSTICS) or "time/step_s" in row:
             train.append(row)
     overridden = frozenset(k for o in rec.overrides if (k := str(o).split("=", 1)[0].lstrip("+~")) in flat)

@@ -1,7 +1,8 @@
 """Statistics for comparing runs: pure functions on numbers, no I/O.
 
 Student-t confidence intervals without scipy, paired per-seed differences, the best checkpoint of a
-sweep (the paper's protocol), steps to a target, and a bootstrap CI for step-time ratios.
+sweep (the paper's protocol), steps to a target, a bootstrap CI for step-time ratios, a random-effects
+estimate across settings (DerSimonian-Laird, Hartung-Knapp CI) and the exact McNemar test.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
+from dataclasses import dataclass
 
 # two-sided 97.5% quantiles of Student's t, df = 1..30
 _T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157,
@@ -97,3 +99,68 @@ def ratio_ci(a, b, n: int = 2000, seed: int = 0) -> tuple[float, float]:
     vals = sorted(statistics.fmean([rng.choice(a) for _ in a]) / statistics.fmean([rng.choice(b) for _ in b])
                   for _ in range(n))
     return vals[int(0.025 * n)], vals[int(0.975 * n) - 1]
+
+
+# ---------------------------------------------------------------------- across settings (meta-analysis)
+
+@dataclass(frozen=True)
+class RandomEffects:
+    """A random-effects estimate over k settings: DerSimonian-Laird between-setting variance ``tau2``,
+    inverse-variance weights 1/(v_i + tau2). ``lo``/``hi``: the 95% CI with the Hartung-Knapp-Sidik-Jonkman
+    standard error and Student t (k - 1 df), the interval to read with few settings; ``lo_z``/``hi_z``: the
+    plain DL normal interval (narrower). ``i2``: the share of the spread beyond sampling error."""
+
+    k: int
+    mean: float
+    tau2: float
+    q: float  # Cochran's Q (fixed-effect weights)
+    i2: float
+    se: float  # DL standard error, sqrt(1 / sum w*)
+    lo_z: float
+    hi_z: float
+    se_hk: float | None  # HKSJ standard error (None for k = 1)
+    lo: float | None
+    hi: float | None
+
+    @property
+    def tau(self) -> float:
+        """The between-setting SD of the true effects."""
+        return math.sqrt(self.tau2)
+
+
+def random_effects(estimates, variances) -> RandomEffects:
+    """DerSimonian-Laird random effects of per-setting ``estimates`` with their sampling ``variances``
+    (e.g. a setting's mean paired difference and its SD^2 / n). Every variance must be > 0."""
+    y, v = [float(x) for x in estimates], [float(x) for x in variances]
+    if not y or len(y) != len(v):
+        raise ValueError(f"random_effects: {len(y)} estimates and {len(v)} variances; need k >= 1 of each")
+    if min(v) <= 0:
+        raise ValueError("random_effects: every sampling variance must be > 0 (a setting with n >= 2 distinct values)")
+    k = len(y)
+    w = [1 / x for x in v]
+    fixed = sum(wi * yi for wi, yi in zip(w, y)) / sum(w)
+    q = sum(wi * (yi - fixed) ** 2 for wi, yi in zip(w, y))
+    c = sum(w) - sum(wi * wi for wi in w) / sum(w)
+    tau2 = max(0.0, (q - (k - 1)) / c) if k > 1 else 0.0
+    ws = [1 / (x + tau2) for x in v]
+    mean = sum(wi * yi for wi, yi in zip(ws, y)) / sum(ws)
+    se = math.sqrt(1 / sum(ws))
+    i2 = max(0.0, (q - (k - 1)) / q) if q > 0 else 0.0
+    se_hk = lo = hi = None
+    if k > 1:
+        se_hk = math.sqrt(sum(wi * (yi - mean) ** 2 for wi, yi in zip(ws, y)) / ((k - 1) * sum(ws)))
+        t = t_quantile_975(k - 1)
+        lo, hi = mean - t * se_hk, mean + t * se_hk
+    return RandomEffects(k=k, mean=mean, tau2=tau2, q=q, i2=i2, se=se, lo_z=mean - 1.959964 * se,
+                         hi_z=mean + 1.959964 * se, se_hk=se_hk, lo=lo, hi=hi)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar test of paired binary outcomes: ``b`` pairs where only the first arm
+    succeeded, ``c`` where only the second did; the binomial(b + c, 1/2) probability of a split at
+    least as uneven. 1.0 without discordant pairs."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)

@@ -33,7 +33,7 @@ def encode_targets(tokenizer, targets: list[str], device=None) -> tuple[torch.Te
 
 
 # --------------------------------------------------------------------------- tasks
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
@@ -53,6 +53,8 @@ class Task:
     grade: Callable[[str, str], bool]
     spec: object = None
     name: str = "test"
+    val_prompts: list[str] = field(default_factory=list)  # the validation split (arithmetic: dataset.val_size)
+    val_answers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -87,10 +89,15 @@ def load_task(cfg) -> Task:
                 test_size=int(cfg.test_size), seed=int(cfg.seed))
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        val_size = cfg.get("val_size", 0)
+        if not isinstance(val_size, int) or isinstance(val_size, bool) or val_size < 0:
+            raise ConfigError(f"dataset.val_size={val_size!r}: give an integer >= 0 (0 = no validation split)")
         splits = arithmetic.make_splits(spec)
-        return Task(list(splits["train"]["prompt"]), list(splits["train"]["answer"]),
-                    list(splits["test"]["prompt"]), list(splits["test"]["answer"]), arithmetic.grade, spec,
-                    name="arithmetic")
+        train_p, test_p = list(splits["train"]["prompt"]), list(splits["test"]["prompt"])
+        val = arithmetic.make_validation(spec, val_size, set(train_p) | set(test_p))
+        return Task(train_p, list(splits["train"]["answer"]), test_p, list(splits["test"]["answer"]),
+                    arithmetic.grade, spec, name="arithmetic", val_prompts=list(val["prompt"]),
+                    val_answers=list(val["answer"]))
     if cfg.name == "local":
         grade = _grader(cfg, "exact", "dataset")
         train, test = _local_rows(cfg, "train_file"), _local_rows(cfg, "test_file")

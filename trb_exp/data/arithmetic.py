@@ -105,6 +105,22 @@ def make_splits(spec: ArithmeticSpec) -> dict[str, Dataset]:
     return {k: Dataset.from_list(v) for k, v in splits.items()}
 
 
+def make_validation(spec: ArithmeticSpec, size: int, taken: set[str]) -> Dataset:
+    """``size`` problems of the task, none of whose prompts is in ``taken`` (the train and test prompts),
+    drawn from their own seeded stream: the train and test splits are the same with or without them.
+    If the expression space left is smaller, the split is as large as it allows (possibly empty)."""
+    rng = random.Random(f"validation-{spec.seed}")
+    seen, rows, misses = set(taken), [], 0
+    while len(rows) < size and misses < 50 * size:
+        row = sample_problem(rng, spec)
+        if row["prompt"] in seen:
+            misses += 1
+            continue
+        seen.add(row["prompt"])
+        rows.append(row)
+    return Dataset.from_list(rows) if rows else Dataset.from_dict({"prompt": [], "solution": [], "answer": []})
+
+
 def extract_answer(response: str) -> str | None:
     """The last ``A:<int>`` in a response, or None."""
     found = ANSWER_RE.findall(response)

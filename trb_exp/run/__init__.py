@@ -1,2 +1,2 @@
 """The run wing: train state and checkpoints (``state``), which checkpoint to resume (``resume``), run
-directories (``rundir``) and stop signals (``preempt``)."""
+directories (``rundir``), stop signals (``preempt``) and what a run ran on (``environment``)."""
