@@ -35,6 +35,7 @@ def test_mini_presets(name, pair):
     assert (cfg.trainer.max_steps, cfg.trainer.eval_every, cfg.threads) == (250, 50, 1)
 
 
+@pytest.mark.slow  # loads each setting's pair and trains a step (7 s)
 @pytest.mark.parametrize("name, pair", [("mini_a", "a"), ("mini_b", "b"), ("mini_c", "c"), ("mini_d", "d"),
                                         ("mini_e", "e")])
 def test_each_setting_trains_on_its_pairs_task(name, pair):

@@ -421,6 +421,7 @@ def test_run_refuses_before_any_model_loads(override, message, tiny_pair, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # trains a step with clipped lengths
 def test_clip_max_new_tokens_clips_with_one_warning_line(tiny_pair, tmp_path, capsys):
     cfg = compose([*FAST, *_pair(tiny_pair), "trainer.max_new_tokens=100000", "trainer.clip_max_new_tokens=true"])
     i, n = _longest_train_prompt(cfg)

@@ -91,6 +91,7 @@ def test_training_is_deterministic(tiny_pair, tmp_path):
     assert strip(la) == strip(lb) and a["final"] == b["final"]
 
 
+@pytest.mark.slow  # two short runs
 def test_validation_split_is_scored_and_changes_nothing_else(tiny_pair, tmp_path):
     import hashlib
 
