@@ -52,13 +52,7 @@ PLAN_COMMIT = STUDY / "PLAN.commit"  # the commit that added PLAN.md, before any
 
 
 # ---- metrics -------------------------------------------------------------------------------
-def auc(evals: dict[int, float]) -> float:
-    """Mean pass@1 over training: the trapezoid area under the (step, pass@1) curve / steps spanned."""
-    steps = sorted(evals)
-    if len(steps) < 2:
-        raise ValueError(f"auc needs >= 2 evaluated steps, got {steps}")
-    area = sum((evals[a] + evals[b]) / 2 * (b - a) for a, b in zip(steps, steps[1:]))
-    return area / (steps[-1] - steps[0])
+from trb_exp.analysis.stats import curve_auc as auc  # noqa: E402  (the studies' one AUC)
 
 
 def steps_to(evals: dict[int, float], target: float = TARGET) -> int | None:

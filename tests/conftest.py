@@ -34,3 +34,14 @@ def compose(overrides):
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose("config", overrides=overrides)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if a model is loaded: a bad input must be reported before anything heavy."""
+    from trb_exp import experiment
+
+    def fail(*a, **k):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(experiment, "load_model", fail)

@@ -21,14 +21,6 @@ FAST = ["logger=none", "trainer.max_steps=1", "trainer.eval_size=4", "trainer.ev
         "trainer.prompts_per_step=2", "trainer.max_new_tokens=4", "threads=1", "device=cpu"]
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def fail(*a, **k):
-        raise AssertionError("a model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(experiment, "load_model", fail)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tiny_pair):
     d = tmp_path_factory.mktemp("bad_data")

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from conftest import compose
 
-from trb_exp import experiment
 from trb_exp.config import ConfigError
 from trb_exp.trainer import run
 
@@ -24,14 +23,6 @@ FAST = ["logger=none", "trainer.max_steps=1", "trainer.eval_size=4", "trainer.ev
 
 def _pair(tiny_pair):
     return [f"model.student={tiny_pair / 'student'}", f"model.teacher={tiny_pair / 'teacher'}"]
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def fail(*a, **k):
-        raise AssertionError("a model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(experiment, "load_model", fail)
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,15 @@ def steps_to_target(steps, values, target: float):
     return None
 
 
+def curve_auc(evals: dict[int, float]) -> float:
+    """Mean pass@1 over training (the studies' AUC): the trapezoid area under the (step, value) curve / steps spanned."""
+    steps = sorted(evals)
+    if len(steps) < 2:
+        raise ValueError(f"auc needs >= 2 evaluated steps, got {steps}")
+    area = sum((evals[a] + evals[b]) / 2 * (b - a) for a, b in zip(steps, steps[1:]))
+    return area / (steps[-1] - steps[0])
+
+
 def closest_step(steps, k: int):
     """The step of ``steps`` closest to k (ties: the smaller)."""
     steps = sorted(steps)
