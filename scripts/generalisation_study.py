@@ -687,7 +687,16 @@ def build_report(runs: dict, plan_commit: str, command: str) -> str:
           "study's reused runs ran on a quieter machine than this study's, so compare arms only within runs made "
           "under the same conditions (the powered study's own view: `docs/results/powered/compute_matched.md`).", "",
           "![pass@1 per training minute](curves_wall.png)", "",
-          "![time to the jump](jumps.png)", "", "---", f"`{command}`", ""]
+          "![time to the jump](jumps.png)", "",
+          "## To continue the study", "",
+          "The runs use the code of commit `e46b301` in a worktree of their own (`git -C <repo> worktree add --detach "
+          "/work/wt-study-runs e46b301`, with its own `.venv`: `pip install torch==2.13.0 && pip install -e .`); the "
+          "runner skips every run committed under `runs/` (and reused from the powered study) and resumes "
+          "interrupted ones from their checkpoints:", "",
+          "    nice -n 19 python scripts/generalisation_study.py run --out /work/study_runs/generalisation --lanes 2 \\",
+          "        --pairs-from trb_exp/assets --code /work/wt-study-runs", "",
+          "then `python scripts/collect_runs.py /work/study_runs/generalisation docs/results/generalisation/runs` and "
+          "`python scripts/generalisation_study.py report`.", "", "---", f"`{command}`", ""]
     return "\n".join(L)
 
 
