@@ -49,6 +49,7 @@ from trb_exp.blending import merge_eos
 from trb_exp.decode.config import RolloutConfig
 from trb_exp.decode.forward import response_logits
 from trb_exp.decode.record import Rollout
+from trb_exp.errors import ConfigError
 from trb_exp.rules.greedy import GreedySampler
 from trb_exp.rules.mixture import MixtureSampler
 from trb_exp.rules.student import StudentSampler
@@ -276,8 +277,8 @@ def engine_kind(rule) -> str:
         return "pair"
     if isinstance(rule, TeacherSampler):
         return "teacher"
-    raise NotImplementedError(f"rollout.engine=vllm cannot sample the {type(rule).__name__} rule; "
-                              "use rollout.engine=static")
+    raise ConfigError(f"rollout.engine=vllm cannot sample the {type(rule).__name__} rule; "
+                      "use rollout.engine=static")
 
 
 def set_rule(llm, rule) -> None:
@@ -393,8 +394,6 @@ def resolve_vllm(rollout: RolloutConfig, method, student_cfg: dict, teacher_cfg:
     """``rollout.engine=vllm``: checked here, before any model loads (a ConfigError naming the reason and
     ``rollout.engine=static``). ``auto``: vllm on a GPU where vllm is installed and runs the pair, said in one
     line; otherwise left to ``backend.resolve_engine`` (static where the architecture allows it)."""
-    from trb_exp.config import ConfigError
-
     if rollout.engine == "auto" and device.type != "cuda":
         if vllm_installed():
             print("[rollout] rollout.engine=auto: the static engine (auto picks vLLM on a GPU only; "
@@ -470,7 +469,7 @@ def sample_vllm(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, sampl
 def open_student_rollouts(student, tok, *, seed: int, device: torch.device) -> VLLMRollouts:
     """``trb_exp.evaluate eval.engine=vllm``: this process's student-only ``VLLMRollouts`` (a student vLLM cannot run
     here is a one-line ``ConfigError`` naming the reason and the alternative engine)."""
-    from trb_exp.config import ConfigError
+
     from trb_exp.integrations.vllm_checkpoint import vllm_support_problem
 
     if not vllm_installed():
