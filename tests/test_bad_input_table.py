@@ -112,7 +112,8 @@ def test_evaluate_bad_input(overrides, message, tiny_pair, tmp_path, no_model_lo
 
 
 def test_evaluate_embedded_checkpoint_on_arithmetic_uses_the_task_format(tiny_pair, tmp_path):
-    cfg = _eval_cfg(f"model.student={tiny_pair / 'student'}", "dataset=arithmetic", "eval.size=2", "threads=1")
+    cfg = _eval_cfg(f"model.student={tiny_pair / 'student'}", "dataset=arithmetic", "eval.size=2",
+                    "eval.max_new_tokens=40", "threads=1")
     exp = experiment.setup_eval(cfg)  # model=hf's "Question: ...\nAnswer:" would score 0.000
     from trb_exp.data import load_task
 

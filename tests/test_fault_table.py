@@ -84,8 +84,8 @@ def test_cli_data_row_exit_2_and_no_directory(data, tiny_pair, tmp_path):
 
 
 # --------------------------------------------------------------------------- signals from the first instant
-def _start(*args):
-    return subprocess.Popen([sys.executable, "-m", "trb_exp.train", *args], cwd=ROOT, env=_env(),
+def _start(*args, module="trb_exp.train"):
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -164,6 +164,26 @@ def test_sighup_during_training_checkpoints_and_exits_75(tiny_pair, tmp_path):
     (ckpt,) = list_checkpoints(run_dir / "checkpoints")
     assert proc.returncode == 75 and err.strip().splitlines()[-1] == \
         f"[SIGHUP] checkpoint {ckpt}; exit 75 (rerun the same command to resume)", err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads SigCgt from /proc (Linux)")
+@pytest.mark.parametrize("signame, when", [("SIGTERM", "imports"), ("SIGINT", "run dir")])
+def test_signal_during_an_evaluation_is_one_line_and_no_directory(signame, when, tiny_pair, tmp_path):
+    """``trb_exp.evaluate`` from its first instant: an evaluation writes nothing until it has finished, so a
+    stop signal (during its imports, or once Hydra made its directory) is one line, exit 75 / 130, and no
+    directory is left."""
+    out_dir = tmp_path / "evals" / "x"
+    proc = _start(f"model.student={tiny_pair / 'student'}", "dataset=arithmetic", "eval.max_new_tokens=8",
+                  "eval.samples=64", "threads=1", f"hydra.run.dir={out_dir}", module="trb_exp.evaluate")
+    _wait(proc, lambda: _catches(proc.pid, signal.SIGTERM) if when == "imports" else out_dir.exists())
+    proc.send_signal(getattr(signal, signame))
+    out, err = proc.communicate(timeout=120)
+    code = 130 if signame == "SIGINT" else 75
+    tag = "interrupted" if signame == "SIGINT" else signame
+    assert proc.returncode == code and err.strip().splitlines()[-1] == \
+        f"[{tag}] evaluation stopped before it finished: nothing written; exit {code} (rerun the same command)", err
+    assert "Traceback" not in out + err and not (tmp_path / "evals").exists()
 
 
 # --------------------------------------------------------------------------- prepare --out
@@ -391,6 +411,62 @@ RUN_ROWS = [
      "{total} is beyond the student's 128 positions (max_position_embeddings); give trainer.max_new_tokens={room} or "
      "less, or trainer.clip_max_new_tokens=true to clip it"),
 ]
+
+
+def test_the_teacher_with_fewer_positions_sets_the_length_limit(tiny_pair, tmp_path, no_model_load):
+    """The teacher scores every position the student samples: prompt + max_new_tokens must fit the shorter
+    of the two models, and the line names which one."""
+    import json
+
+    short = tmp_path / "short_teacher"
+    shutil.copytree(tiny_pair / "teacher", short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    cfg = compose([*FAST, f"model.student={tiny_pair / 'student'}", f"model.teacher={short}",
+                   "trainer.max_new_tokens=60"])
+    i, n = _longest_train_prompt(cfg)
+    with pytest.raises(ConfigError) as e:
+        run(cfg, tmp_path / "run")
+    assert str(e.value) == (f"trainer.max_new_tokens=60: dataset (arithmetic, training prompts): prompt {i} is {n} "
+                            f"tokens, and {n} + 60 = {n + 60} is beyond the teacher's 64 positions "
+                            f"(max_position_embeddings); give trainer.max_new_tokens={64 - n} or less, or "
+                            "trainer.clip_max_new_tokens=true to clip it")
+    assert not (tmp_path / "run").exists()
+
+
+def _eval_cfg(*overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from trb_exp import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose("evaluate", overrides=list(overrides))
+
+
+def test_evaluate_refuses_or_clips_a_length_beyond_the_positions(tiny_pair, tmp_path, capsys):
+    """``trb_exp.evaluate``: the default eval.max_new_tokens (7168, for hub models) on a 128-position student
+    is refused with the numbers before the model loads, or clipped with one warning line on request."""
+    from trb_exp.data import load_task
+    from trb_exp.data.tokenizer import build_char_tokenizer
+    from trb_exp.experiment import setup_eval
+
+    base = [f"model.student={tiny_pair / 'student'}", "dataset=arithmetic", "threads=1"]
+    ids = build_char_tokenizer()(load_task(_eval_cfg(*base).dataset).test_prompts)["input_ids"]
+    i = max(range(len(ids)), key=lambda j: len(ids[j]))
+    n = len(ids[i])
+    with pytest.raises(ConfigError) as e:
+        setup_eval(_eval_cfg(*base))
+    assert str(e.value) == (f"eval.max_new_tokens=7168: benchmark arithmetic: prompt {i} is {n} tokens, and {n} + "
+                            f"7168 = {n + 7168} is beyond the student's 128 positions (max_position_embeddings); "
+                            f"give eval.max_new_tokens={128 - n} or less, or eval.clip_max_new_tokens=true to clip it")
+    cfg = _eval_cfg(*base, "eval.clip_max_new_tokens=true")
+    capsys.readouterr()
+    setup_eval(cfg)
+    assert cfg.eval.max_new_tokens == 128 - n
+    assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("[warning]")] == [
+        f"[warning] eval.max_new_tokens=7168 clipped to {128 - n}: benchmark arithmetic: prompt {i} is {n} tokens of "
+        "the student's 128 positions"]
 
 
 def _longest_train_prompt(cfg):

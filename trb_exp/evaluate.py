@@ -11,10 +11,26 @@ Writes ``results.json`` and ``results.md`` (a table) to the run directory.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # offline and a model that is not cached: stop before the slow imports
-    from trb_exp.preflight import preflight
+if __name__ == "__main__":
+    import sys
 
-    preflight("evaluate", ("student",))
+    from trb_exp.run.preempt import StartupStop, stop_at_startup
+
+    stop_at_startup()  # from the first instant: a stop signal is one line, exit 75 / 130, and nothing left behind
+    try:
+        from trb_exp.preflight import preflight
+
+        preflight("evaluate", ("student",))  # offline and a model that is not cached: stop before the slow imports
+        from trb_exp.evaluate import main as _importable_main
+
+        _importable_main()
+    except StartupStop as stopped:  # an evaluation writes nothing until it has finished: rerun the command
+        from trb_exp.run.rundir import discard_new
+
+        discard_new(stopped.run_dir)
+        print(stopped.line(what="evaluation"), file=sys.stderr)
+        sys.exit(stopped.exit_code)
+    sys.exit(0)
 
 import json
 import sys
@@ -31,6 +47,7 @@ from trb_exp.config import ConfigError
 from trb_exp.decode.config import RolloutConfig
 from trb_exp.evaluation import evaluate_benchmarks
 from trb_exp.experiment import setup_eval
+from trb_exp.run.preempt import StartupStop
 from trb_exp.run.saved import evaluation_config, explicit_keys
 
 
@@ -95,8 +112,8 @@ def main(cfg: DictConfig) -> None:
         with rundir.RunDir(out_dir) as rd:
             try:
                 run(cfg, out_dir, explicit_keys(HydraConfig.get().overrides.task))
-            except ConfigError:
-                rd.reject()  # a rejected evaluation leaves no directory behind
+            except (ConfigError, StartupStop):
+                rd.reject()  # a rejected or stopped evaluation leaves no directory behind
                 raise
             rd.write_hydra(cfg)
     except ConfigError as e:
@@ -104,6 +121,3 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     print(f"[done] results in {out_dir / 'results.json'} and {out_dir / 'results.md'}")
 
-
-if __name__ == "__main__":
-    main()

@@ -111,12 +111,17 @@ def setup(cfg, method: Method | None = None, rollout: RolloutConfig | None = Non
     train_prompts = [fmt(p) for p in task.train_prompts]
     validation = Benchmark("val", [fmt(p) for p in task.val_prompts[:size]], list(task.val_answers[:size]),
                            task.grade) if task.val_prompts else None  # cut like the test set
-    positions = max_positions(mc.student, emb, mc.trust_remote_code)
+    # the teacher scores every position the student samples: the pair's context is the shorter of the two
+    positions, model = max_positions(mc.student, emb, mc.trust_remote_code), "student"
+    teacher_positions = max_positions(mc.teacher, emb, mc.trust_remote_code)
+    if teacher_positions and (not positions or teacher_positions < positions):
+        positions, model = teacher_positions, "teacher"
     tr, new_tokens = cfg.trainer, int(cfg.trainer.max_new_tokens)
     scored = benchmarks + ([validation] if validation else [])
     for prompts, where in [(train_prompts, f"dataset ({task.name}, training prompts)"),
                            *[(b.prompts, f"benchmark {b.name}") for b in scored]]:
-        new_tokens = check_prompts(tok, prompts, where, positions, new_tokens, bool(tr.get("clip_max_new_tokens")))
+        new_tokens = check_prompts(tok, prompts, where, positions, new_tokens, bool(tr.get("clip_max_new_tokens")),
+                                   model=model)
     if new_tokens != tr.max_new_tokens:  # clipped (one warning line said so): the loop and evaluations read it
         tr.max_new_tokens = new_tokens
     if rollout.engine in ("vllm", "auto"):  # configs only: a pair vLLM cannot run stops here, in one line
@@ -177,9 +182,12 @@ def setup_eval(cfg) -> Experiment:
     if len(set(names)) != len(names):
         raise ConfigError(f"eval.benchmarks: {names} names a benchmark twice; give each entry its own label")
     check_ks(None if ev.get("ks") is None else [int(k) for k in ev.ks], benchmarks)
-    positions = max_positions(name, emb, mc.trust_remote_code)
-    for b in benchmarks:
-        check_prompts(tok, b.prompts, f"benchmark {b.name}", positions)
+    positions, new_tokens = max_positions(name, emb, mc.trust_remote_code), int(ev.max_new_tokens)
+    for b in benchmarks:  # prompt + eval.max_new_tokens within the student's positions: refused, or clipped
+        new_tokens = check_prompts(tok, b.prompts, f"benchmark {b.name}", positions, new_tokens,
+                                   bool(ev.get("clip_max_new_tokens")), field="eval.max_new_tokens")
+    if new_tokens != ev.max_new_tokens:  # clipped (one warning line said so)
+        ev.max_new_tokens = new_tokens
     model = load_model(name, device=device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code, train=False,
                        embedded_dir=emb, field="model.student")
     rows = model.get_output_embeddings().weight.shape[0]

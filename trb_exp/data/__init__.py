@@ -239,9 +239,9 @@ def check_answers(rows: list[tuple[str, str]], lines: list[int] | None, grader: 
 
 def check_prompts(tokenizer, prompts: list[str], where: str, max_positions: int | None,
                   max_new_tokens: int | None = None, clip: bool = False,
-                  field: str = "trainer.max_new_tokens") -> int | None:
+                  field: str = "trainer.max_new_tokens", model: str = "student") -> int | None:
     """Every rendered prompt encodes without unknown tokens and leaves room for a response within the
-    model's ``max_positions``: one line naming the first that does not. With ``max_new_tokens``: the longest
+    ``max_positions`` of ``model`` (the one with the fewest): one line naming the first that does not. With ``max_new_tokens``: the longest
     prompt plus ``max_new_tokens`` must fit too, else one line with the numbers, or (``clip``) one warning
     line and the largest ``max_new_tokens`` that fits, which is returned (``max_new_tokens`` otherwise)."""
     if not prompts:
@@ -260,17 +260,17 @@ def check_prompts(tokenizer, prompts: list[str], where: str, max_positions: int 
     n = len(ids[longest])
     if n >= max_positions:
         raise ConfigError(f"{where}: prompt {longest} is {n} tokens, no room for a response in the "
-                          f"student's {max_positions} positions (max_position_embeddings); shorten or drop such prompts")
+                          f"{model}'s {max_positions} positions (max_position_embeddings); shorten or drop such prompts")
     if max_new_tokens is None or n + max_new_tokens <= max_positions:
         return max_new_tokens
     room = max_positions - n
     if not clip:
         raise ConfigError(f"{field}={max_new_tokens}: {where}: prompt {longest} is {n} tokens, and {n} + "
-                          f"{max_new_tokens} = {n + max_new_tokens} is beyond the student's {max_positions} positions "
+                          f"{max_new_tokens} = {n + max_new_tokens} is beyond the {model}'s {max_positions} positions "
                           f"(max_position_embeddings); give {field}={room} or less, or "
                           f"{field.rsplit('.', 1)[0]}.clip_max_new_tokens=true to clip it")
     print(f"[warning] {field}={max_new_tokens} clipped to {room}: {where}: prompt {longest} is {n} tokens of the "
-          f"student's {max_positions} positions", file=sys.stderr, flush=True)
+          f"{model}'s {max_positions} positions", file=sys.stderr, flush=True)
     return room
 
 

@@ -48,7 +48,12 @@ class StartupStop(BaseException):
     def exit_code(self) -> int:
         return EXIT_INTERRUPTED if self.signame == "SIGINT" else EXIT_PREEMPTED
 
-    def line(self) -> str:
+    def line(self, what: str = "run") -> str:
+        """One line; ``what``: the run (stopped during its start-up) or an evaluation (stopped anywhere: it
+        writes nothing until it has finished)."""
+        if what != "run":
+            return (f"[{'interrupted' if self.signame == 'SIGINT' else self.signame}] {what} stopped before it "
+                    f"finished: nothing written; exit {self.exit_code} (rerun the same command)")
         if self.signame == "SIGINT":
             return "[interrupted] stopped during start-up: nothing to save yet"
         return (f"[{self.signame}] stopped during start-up: nothing to save yet; exit {self.exit_code} "
