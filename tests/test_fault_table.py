@@ -46,6 +46,10 @@ DATA_ROWS = [
                          "as UTF-8"),
     ("three.jsonl", (), "dataset.train_file='{f}': line 3: answer 'three' can never be graded; the exact grader "
                         "compares integers: give an integer answer, or dataset.grader=math"),
+    ("three.jsonl", ("dataset.grader=math",),
+     "dataset.train_file='{f}': line 3: answer 'three' can never be graded; math-verify reads a bare word as a "
+     "product of one-letter symbols (t*h*r*e*e), which no response will match: give the answer as a number or "
+     "expression (e.g. 3)"),
     ("nan.jsonl", (), "dataset.train_file='{f}': line 2 has an empty or non-text 'prompt'/'answer'"),
     ("nan_text.jsonl", ("dataset.grader=math",),
      "dataset.train_file='{f}': line 1: answer 'nan' can never be graded; math-verify cannot parse it as a number "
@@ -53,7 +57,7 @@ DATA_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("name, extra, message", DATA_ROWS, ids=[r[0] for r in DATA_ROWS])
+@pytest.mark.parametrize("name, extra, message", DATA_ROWS, ids=[" ".join([r[0], *r[1]]) for r in DATA_ROWS])
 def test_data_row_is_one_line_naming_file_and_line(name, extra, message, data, tiny_pair, tmp_path, no_model_load):
     with pytest.raises(ConfigError) as e:
         run(compose([*FAST, *_pair(tiny_pair), *_local(data, name, *extra)]), tmp_path / "run")

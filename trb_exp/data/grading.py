@@ -100,14 +100,19 @@ def math_grade(response: str, reference: str) -> bool:
 
 def ungradable(reference: str, grader: str) -> str | None:
     """None if grader ``grader`` (``exact`` or ``math``) can grade against ``reference``, else what to do:
-    ``exact`` compares integers; ``math`` needs an expression math-verify parses (not NaN)."""
+    ``exact`` compares integers; ``math`` needs an expression math-verify parses (not NaN, not a bare word
+    such as 'three', which it reads as a product of symbols)."""
     if grader == "exact":
         try:
             int(reference.strip())
             return None
         except ValueError:
             return "the exact grader compares integers: give an integer answer, or dataset.grader=math"
-    gold = [] if reference.strip().lower() == "nan" else _parse_reference(reference)
+    word = reference.strip()
+    if len(word) > 1 and word.isascii() and word.isalpha() and word.lower() not in ("nan", "inf"):  # 'three' parses, as the product t*h*r*e*e of symbols
+        return (f"math-verify reads a bare word as a product of one-letter symbols ({'*'.join(word)}), which no "
+                "response will match: give the answer as a number or expression (e.g. 3)")
+    gold = [] if word.lower() == "nan" else _parse_reference(reference)
     if gold and not isinstance(gold[0], str):  # a sympy object, not only the text math-verify gave up on
         return None
     return "math-verify cannot parse it as a number or expression: give the final answer (e.g. 42 or \\frac{1}{2})"
