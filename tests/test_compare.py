@@ -366,3 +366,17 @@ def test_compare_warns_across_isas_and_versions(tmp_path, capsys):
     _write_run(tmp_path / "same" / "b", "trb", 0, curve, environment={**env, "threads": 2, "commit": "def"})
     C.main([str(tmp_path / "same"), "--out", str(tmp_path / "o2")])
     assert "environments" not in capsys.readouterr().err  # threads and commit do not change the bits
+
+
+def test_train_minutes_at_evals_sums_the_step_times_up_to_each_evaluation(tmp_path):
+    """Logged step k + 1 is training step k: the evaluation at step s comes after logged steps 1..s."""
+    from pathlib import Path
+
+    from trb_exp.analysis.runs import Run, train_minutes_at_evals
+
+    train = [{"step": k, "train/loss": 1.0, "time/step_s": 6.0 * k} for k in range(1, 5)]  # 6, 12, 18, 24 s
+    run = Run(path=Path(tmp_path), rel="r", method="opd", seed=0, cfg={}, evals={0: {}, 2: {}, 4: {}},
+              train=train, summary={})
+    assert train_minutes_at_evals(run) == {0: 0.0, 2: (6 + 12) / 60, 4: (6 + 12 + 18 + 24) / 60}
+    assert train_minutes_at_evals(Run(path=Path(tmp_path), rel="r", method="opd", seed=0, cfg={},
+                                      evals={0: {}}, train=[{"step": 1, "train/loss": 1.0}], summary={})) == {}

@@ -18,7 +18,8 @@ PNG plots next to it:
 - steps-to-target (``--teacher-pass1``): the first evaluated step reaching target_frac × teacher pass@1;
 - wall-clock per run and mean step time during and after warmup;
 - a summary (each family's headline configuration against the baseline), a sweeps table, every family −
-  baseline, the paper's own Table 1 (``--paper``), and the plots headline_curves / learning_curves /
+  baseline, the paper's own Table 1 (``--paper``), and the plots headline_curves (against steps and, as
+  headline_curves_wall, against training minutes) / learning_curves /
   sweeps / trb_diagnostics. Unfinished runs (no summary.json) are left out; the last line names the command.
 
 The maths (``mean_ci``, ``paired_difference``, ``best_checkpoint``, ``steps_to_target``) are pure
@@ -74,6 +75,9 @@ def compare(run_dirs, out: Path, *, target_frac: float = 0.8, teacher_pass1: flo
     plots = {}
     if plot_headline_curves(seeded_groups(groups, ci_seeds), out / "headline_curves.png", roles, teacher_pass1):
         plots["headline learning curves"] = "headline_curves.png"
+    if plot_headline_curves(seeded_groups(groups, ci_seeds), out / "headline_curves_wall.png", roles, teacher_pass1,
+                            x="minutes"):
+        plots["headline learning curves against training minutes (compute-matched)"] = "headline_curves_wall.png"
     if plot_learning_curves(groups, out / "learning_curves.png"):
         plots["learning curves per configuration"] = "learning_curves.png"
     if plot_sweeps(groups, out / "sweeps.png", roles):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from trb_exp.analysis.report import Roles
-from trb_exp.analysis.runs import DIAGNOSTICS, fmt_value, headline_config, seed_curve
+from trb_exp.analysis.runs import DIAGNOSTICS, fmt_value, headline_config, seed_curve, train_minutes_at_evals
+
 
 def save_png(fig, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -14,8 +15,8 @@ def save_png(fig, path: Path) -> None:
     fig.savefig(path, dpi=100, metadata={"Software": None})
 
 
-def _band(ax, curve, n_runs, **kw):
-    xs = list(curve)
+def _band(ax, curve, n_runs, xs=None, **kw):
+    xs = list(curve) if xs is None else xs
     (line,) = ax.plot(xs, [sum(v) / len(v) for v in curve.values()], marker="o", ms=3, **kw)
     if n_runs > 1:
         ax.fill_between(xs, [min(v) for v in curve.values()], [max(v) for v in curve.values()],
@@ -23,23 +24,40 @@ def _band(ax, curve, n_runs, **kw):
     return line
 
 
-def plot_headline_curves(sgroups, path: Path, roles: Roles, teacher_pass1: float | None = None) -> bool:
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def plot_headline_curves(sgroups, path: Path, roles: Roles, teacher_pass1: float | None = None,
+                         x: str = "step") -> bool:
     """One axis: each family's headline configuration, seed mean with a min-max band (the focus's and
-    the baseline's drawn thicker)."""
+    the baseline's drawn thicker), against the step (``x="step"``) or against the training minutes spent by
+    that step, median over seeds (``x="minutes"``: the compute-matched view, since a TRB warmup step costs
+    more than an OPD step; runs without step times are left out of it)."""
     from matplotlib.figure import Figure
 
-    series = [(fam, label, cfgs[label]) for fam, cfgs in sgroups.items()
-              if (label := headline_config(cfgs)) is not None and seed_curve(cfgs[label])]
+    series = []
+    for fam, cfgs in sgroups.items():
+        label = headline_config(cfgs)
+        rs = [] if label is None else [r for r in cfgs[label] if x == "step" or train_minutes_at_evals(r)]
+        if rs and seed_curve(rs):
+            series.append((fam, rs))
     if not series:
         return False
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
-    for fam, label, rs in series:
-        _band(ax, seed_curve(rs), len(rs), label=f"{fam} (n={len(rs)})", lw=2.5 if fam in (roles.focus, roles.baseline) else 1.2)
+    for fam, rs in series:
+        curve = seed_curve(rs)
+        xs = None if x == "step" else [_median([train_minutes_at_evals(r)[s] for r in rs]) for s in curve]
+        _band(ax, curve, len(rs), xs, label=f"{fam} (n={len(rs)})",
+              lw=2.5 if fam in (roles.focus, roles.baseline) else 1.2)
     if teacher_pass1 is not None:
         ax.axhline(teacher_pass1, color="k", ls=":", lw=1, label=f"teacher {teacher_pass1:.3f}")
-    ax.set_title("pass@1, each family's headline configuration: seed mean, band = min-max", fontsize=10)
-    ax.set_xlabel("step")
+    ax.set_title("pass@1, each family's headline configuration: seed mean, band = min-max"
+                 + ("" if x == "step" else ";\nx = training minutes by each evaluation (median over seeds, wall time "
+                    "on the machine that ran them)"), fontsize=10)
+    ax.set_xlabel("step" if x == "step" else "training minutes (sum of time/step_s)")
     ax.set_ylabel("pass@1")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8, ncol=2)

@@ -245,6 +245,22 @@ def seed_curve(runs: list[Run], key: str = PASS1, source: str = "eval"):
     return {s: [p[s] for p in per] for s in common}
 
 
+def train_minutes_at_evals(r: Run) -> dict[int, float]:
+    """{evaluated step s: training minutes spent by then}: the sum of ``time/step_s`` over logged steps 1..s
+    (logged step k + 1 is training step k; evaluations are not counted). Empty for a run that logged no
+    step time."""
+    times = sorted((int(t["step"]), float(t["time/step_s"])) for t in r.train if "time/step_s" in t)
+    if not times:
+        return {}
+    out, total, i = {}, 0.0, 0
+    for step in sorted(r.evals):
+        while i < len(times) and times[i][0] <= step:
+            total += times[i][1]
+            i += 1
+        out[step] = total / 60
+    return out
+
+
 def run_steps_to_target(r: Run, target: float):
     return steps_to_target(list(r.evals), [r.pass1(s) for s in r.evals], target)
 
