@@ -592,7 +592,7 @@ def selection_section(runs: dict) -> list[str]:
             v = f"{sum(auc(r.val) for r in recs) / len(recs):.3f}" if recs else "—"
             t = f"{sum(auc(r.evals) for r in recs) / len(recs):.3f}" if recs else "—"
             L.append(f"| {e:g} | {k} | {len(recs)}/{len(SELECTION_SEEDS)} | {v} | {t} |")
-    sel = selected(lambda rel: grid.get(rel.split("/")[2], {}).get(int(rel.rsplit("_", 1)[1])))
+    sel = selection_of(runs)
     L += ["", f"Selected: eps0 = {sel[0]:g}, K = {sel[1]}." if sel else "Selected: not yet (the grid is incomplete).", ""]
     return L
 
@@ -665,8 +665,74 @@ def plot_jumps(runs: dict, path: Path) -> None:
     save_png(fig, path)
 
 
+def selection_of(runs: dict) -> tuple[float, int] | None:
+    """The selected (eps0, K) from the collected selection runs; None until the grid is complete."""
+    grid = runs["selection"]
+    return selected(lambda rel: grid.get(rel.split("/")[2], {}).get(int(rel.rsplit("_", 1)[1])))
+
+
+def main_arms(runs: dict) -> tuple[str, ...]:
+    """The arms the main comparison runs: trb_sel is the trb arm when the selection picks the frozen point."""
+    return ("opd", "trb") if selection_of(runs) == (FROZEN["eps0"], FROZEN["K"]) else MAIN_ARMS
+
+
+def findings_section(runs: dict, final: bool) -> list[str]:
+    """What the study found, in sentences built from the same numbers as the tables above (no free text)."""
+    from trb_exp.analysis.stats import mcnemar_exact, paired_difference
+
+    L = ["## What it found" + ("" if final else " (so far: interim, on the seeds finished)"), ""]
+    per, re = across(runs, "trb", "opd")
+    done = {s: d for s, d in per.items() if d["n"]}
+    if re is None:
+        L.append("- **TRB (frozen) − OPD**: too few settings with paired seeds for an estimate across settings.")
+    else:
+        _, re_wo = across(runs, "trb", "opd", SETTINGS[1:])
+        L.append(f"- **TRB at the frozen configuration (eps0 = {FROZEN['eps0']:g}, K = {FROZEN['K']}) − OPD, AUC, "
+                 f"over {re.k} settings: {re.mean:+.3f}, 95% CI [{re.lo:+.3f}, {re.hi:+.3f}]**, between-setting SD "
+                 f"τ = {re.tau:.3f}: {verdict(re)}. Per setting: "
+                 + "; ".join(f"{s} {_ci(d)}" for s, d in done.items()) + "."
+                 + (f" Without mini_a, where that configuration was chosen: {re_wo.mean:+.3f} "
+                    f"[{re_wo.lo:+.3f}, {re_wo.hi:+.3f}]." if re_wo is not None else ""))
+    sel = selection_of(runs)
+    if sel is None:
+        L.append("- **The configuration selected on validation** is not known yet (the grid is incomplete).")
+    elif sel == (FROZEN["eps0"], FROZEN["K"]):
+        L.append(f"- **Selection on mini_a's validation split** picked eps0 = {sel[0]:g}, K = {sel[1]}: the frozen "
+                 "configuration, so `trb_sel` is the `trb` arm.")
+    else:
+        _, re_sel = across(runs, "trb_sel", "opd")
+        L.append(f"- **Selection on mini_a's validation split** picked eps0 = {sel[0]:g}, K = {sel[1]}; `trb_sel` − "
+                 f"OPD across settings: " + (f"{re_sel.mean:+.3f} [{re_sel.lo:+.3f}, {re_sel.hi:+.3f}], "
+                                              f"{verdict(re_sel)}." if re_sel is not None else "no estimate yet."))
+    b = c = n = 0
+    for st in SETTINGS:
+        for seed in sorted(set(runs[st]["trb"]) & set(runs[st]["opd"])):
+            t, o = (steps_to(runs[st][x][seed].evals) is not None for x in ("trb", "opd"))
+            b, c, n = b + (t and not o), c + (o and not t), n + 1
+    if n:
+        L.append(f"- **Reaching pass@1 ≥ {TARGET} by step 250**: of {n} paired (setting, seed) runs, TRB alone "
+                 f"reached it in {b}, OPD alone in {c} (exact McNemar p = {mcnemar_exact(b, c):.3f}).")
+    fn = (lambda r: auc(r.evals))
+    a = {(st, x): fn(r) for st in MATCHED_SEEDS for x, r in runs[st]["trb_reward"].items() if x in MATCHED_SEEDS[st]}
+    m = {(st, x): fn(r) for st in MATCHED_SEEDS for x, r in runs[st]["trb_matched"].items() if x in MATCHED_SEEDS[st]}
+    d = paired_difference(a, m)
+    if d["n"]:
+        spent = {arm: median(sum(r.eps.values()) for st in MATCHED_SEEDS for r in runs[st][arm].values())
+                 for arm in ("trb_reward", "trb") if all(runs[st][arm] for st in MATCHED_SEEDS)}
+        v = matched_verdict(d)
+        L.append(f"- **The reward budget against a linear schedule with its measured budget and hand-over**: "
+                 f"AUC {_ci(d)} pooled over mini_a and mini_b: {v}."
+                 + (f" The powered study's \"the reward budget beats the selected grid point\" compared arms whose "
+                    f"budgets differ {spent['trb_reward'] / spent['trb']:.0f}-fold (median Σ eps "
+                    f"{spent['trb_reward']:.1f} against {spent['trb']:.1f} nats·steps)"
+                    if len(spent) == 2 and spent["trb"] > 0 else "")
+                 + ("; given the same budget and hand-over, the plain linear schedule does as well." if
+                    v.startswith("no difference") else "."))
+    return L + [""]
+
+
 def build_report(runs: dict, plan_commit: str, command: str) -> str:
-    final = all(len(runs[s][a]) >= len(SEEDS) for s in SETTINGS for a in MAIN_ARMS)
+    final = all(len(runs[s][a]) >= len(SEEDS) for s in SETTINGS for a in main_arms(runs))
     envs = sorted({(r.env or {}).get("commit") or "?" for s in SETTINGS for a in ("opd", "trb", "trb_sel", "trb_matched")
                    for r in runs[s][a].values() if r.env} | {(r.env or {}).get("commit") or "?"
                    for c in runs["selection"].values() for r in c.values() if r.env})
@@ -701,6 +767,7 @@ def build_report(runs: dict, plan_commit: str, command: str) -> str:
     L += ["## Verdict (the plan's rules" + (")" if final else "; interim, on what is complete)"), "",
           f"- **TRB − OPD across settings**: {_re(re)}: {verdict(re)}.",
           f"- **trb_sel − OPD across settings**: {verdict(across(runs, 'trb_sel', 'opd')[1])}.", "",
+          *findings_section(runs, final),
           "![pass@1 per step](curves.png)", "",
           "The compute-matched view below places each evaluation at the median cumulative training minutes (Σ "
           "`time/step_s`). Those are wall minutes and follow the machine's load when each run ran: the powered "

@@ -121,6 +121,24 @@ def test_report_on_synthetic_runs(gs, tmp_path):
     assert (tmp_path / "r" / "curves_wall.png").is_file() and (tmp_path / "r" / "jumps.png").is_file()
 
 
+def test_a_frozen_selection_makes_trb_sel_the_trb_arm_and_the_findings_say_so(gs, tmp_path):
+    steps = (0, 50, 100, 150, 200, 250)
+    for e in gs.GRID_EPS0:
+        for k in gs.GRID_K:
+            for seed in gs.SELECTION_SEEDS:
+                best = (e, k) == (gs.FROZEN["eps0"], gs.FROZEN["K"])
+                _write(tmp_path / "runs", gs.grid_rel(gs.SELECTION_SETTING, e, k, seed), {s: 0.1 for s in steps}, seed,
+                       val={s: (0.4 if best else 0.2) for s in steps})
+    runs = gs.collect([tmp_path / "runs"])
+    assert gs.selection_of(runs) == (0.5, 50) and gs.main_arms(runs) == ("opd", "trb")
+    found = "\n".join(gs.findings_section(runs, final=False))
+    assert "picked eps0 = 0.5, K = 50: the frozen configuration, so `trb_sel` is the `trb` arm." in found
+    # the reused powered runs: mini_a +0.082 +- 0.047 (n=10), mini_b -0.037 +- 0.045 (n=6), as in the committed report
+    assert "Per setting: mini_a +0.082 ± 0.047 (n=10); mini_b -0.037 ± 0.045 (n=6)." in found
+    del runs["selection"][f"eps0_2_K_50"][200]
+    assert gs.selection_of(runs) is None and gs.main_arms(runs) == gs.MAIN_ARMS
+
+
 def test_verdict_rules(gs):
     from trb_exp.analysis.stats import random_effects
 
