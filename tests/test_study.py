@@ -6,6 +6,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,7 @@ def test_mini_grids_differ_from_the_papers_only_where_stated():
 def test_multirun_with_a_sweep_preset_adds_the_seed_list(tmp_path):
     """`-m sweep=veto seed=3,4` launches the preset's 4 configurations x the 2 command-line seeds."""
     out = subprocess.run(
-        ["python", "-m", "trb_exp.train", "-m", "sweep=veto", "seed=3,4", "logger=none", "trainer.max_steps=1",
+        [sys.executable, "-m", "trb_exp.train", "-m", "sweep=veto", "seed=3,4", "logger=none", "trainer.max_steps=1",
          "trainer.eval_every=0", "trainer.eval_size=1", "trainer.eval_samples=1", "trainer.prompts_per_step=1",
          "trainer.max_new_tokens=4", "trainer.save_student=false", f"hydra.sweep.dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
