@@ -775,13 +775,16 @@ def build_report(runs: dict, plan_commit: str, command: str) -> str:
           "under the same conditions (the powered study's own view: `docs/results/powered/compute_matched.md`).", "",
           "![pass@1 per training minute](curves_wall.png)", "",
           "![time to the jump](jumps.png)", "",
-          "## To continue the study", "",
+          "## Reproducing the runs" if final else "## To continue the study", "",
           "The runs use the code of commit `e46b301` in a worktree of their own (`git -C <repo> worktree add --detach "
           "/work/wt-study-runs e46b301`, with its own `.venv`: `pip install torch==2.13.0 && pip install -e .`); the "
-          "runner skips every run in `runs.jsonl.gz` (and those reused from the powered study) and resumes "
-          "interrupted ones from their checkpoints:", "",
+          + ("runner, given an empty `--out` and a `--committed` folder with no runs, re-runs every new run (the "
+             "powered study's runs are reused as in PLAN.md); values repeat bit for bit only on the same CPU model "
+             "and library versions:" if final else
+             "runner skips every run in `runs.jsonl.gz` (and those reused from the powered study) and resumes "
+             "interrupted ones from their checkpoints:"), "",
           "    nice -n 19 python scripts/generalisation_study.py run --out /work/study_runs/generalisation --lanes 2 \\",
-          "        --pairs-from trb_exp/assets --code /work/wt-study-runs", "",
+          "        --pairs-from trb_exp/assets --code /work/wt-study-runs" + (" --committed /tmp/empty" if final else ""), "",
           "then `python scripts/collect_runs.py /work/study_runs/generalisation docs/results/generalisation/runs.jsonl.gz` "
           "and `python scripts/generalisation_study.py report`.", "", "---", f"`{command}`", ""]
     return "\n".join(L)
