@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,13 @@ def no_model_load(monkeypatch):
         raise AssertionError("a model was loaded before the bad input was reported")
 
     monkeypatch.setattr(experiment, "load_model", fail)
+
+
+def wait_until(proc, cond, timeout: float = 240.0) -> None:
+    """Poll ``cond()`` until it holds, failing if the subprocess ``proc`` ends first or ``timeout`` seconds pass
+    (the signal tests: send the signal at the moment the condition describes)."""
+    t0 = time.time()
+    while not cond():
+        assert proc.poll() is None, f"the run ended before the signal: {proc.communicate()}"
+        assert time.time() - t0 < timeout, "timed out waiting for the run"
+        time.sleep(0.001)

@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose
+from conftest import compose, wait_until
 from safetensors.torch import load_file
 
 from trb_exp.run.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Stopped, StopSignals
@@ -54,14 +53,6 @@ def _start(run_dir: Path, *extra):
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(proc, cond, timeout=120.0):
-    t0 = time.time()
-    while not cond():
-        assert proc.poll() is None, f"the run ended before the signal: {proc.communicate()}"
-        assert time.time() - t0 < timeout, "timed out waiting for the run"
-        time.sleep(0.002)
-
-
 def _train_steps(run_dir: Path) -> int:
     p = run_dir / "metrics.jsonl"
     return sum('"train/loss"' in line for line in p.read_text().splitlines()) if p.exists() else 0
@@ -79,7 +70,7 @@ def reference(tiny_pair, tmp_path_factory):
 def test_kill_9_after_step_6_checkpoint_resumes_identically(reference, tiny_pair, tmp_path):
     args = [*ARGS, *_pair(tiny_pair)]
     proc = _start(tmp_path, *args)
-    _wait_for(proc, lambda: (tmp_path / "checkpoints" / "step_6" / "state.pt").exists())
+    wait_until(proc, lambda: (tmp_path / "checkpoints" / "step_6" / "state.pt").exists(), timeout=120.0)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL and not (tmp_path / "summary.json").exists()
@@ -96,7 +87,7 @@ def test_kill_9_after_step_6_checkpoint_resumes_identically(reference, tiny_pair
 def test_sigterm_checkpoints_exits_75_and_resumes_identically(reference, tiny_pair, tmp_path):
     args = [*ARGS, *_pair(tiny_pair), "trainer.checkpoint_every=0"]  # only the signal writes a checkpoint
     proc = _start(tmp_path, *args)
-    _wait_for(proc, lambda: _train_steps(tmp_path) >= 2)
+    wait_until(proc, lambda: _train_steps(tmp_path) >= 2, timeout=120.0)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED == 75, err
@@ -111,7 +102,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_identically(reference, tiny_pa
 def test_sigint_checkpoints_and_prints_the_resume_command(tiny_pair, tmp_path):
     args = [*ARGS, *_pair(tiny_pair), "trainer.checkpoint_every=0"]
     proc = _start(tmp_path, *args)
-    _wait_for(proc, lambda: _train_steps(tmp_path) >= 1)
+    wait_until(proc, lambda: _train_steps(tmp_path) >= 1, timeout=120.0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED == 130, err

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import compose
+from conftest import compose, wait_until
 
 from trb_exp.config import ConfigError
 from trb_exp.trainer import run
@@ -101,14 +101,6 @@ def _catches(pid: int, sig: signal.Signals) -> bool:
     return False
 
 
-def _wait(proc, cond, timeout=240.0):
-    t0 = time.time()
-    while not cond():
-        assert proc.poll() is None, f"the run ended before the signal: {proc.communicate()}"
-        assert time.time() - t0 < timeout, "timed out waiting for the run"
-        time.sleep(0.001)
-
-
 STARTUP = {"SIGINT": (130, "[interrupted] stopped during start-up: nothing to save yet"),
            **{s: (75, f"[{s}] stopped during start-up: nothing to save yet; exit 75 (rerun the same command to "
                       "start the run)") for s in ("SIGTERM", "SIGUSR1", "SIGHUP")}}
@@ -121,7 +113,7 @@ def test_signal_during_the_imports_is_one_line_and_no_run_dir(signame, tiny_pair
     """As soon as the process can catch the signal (its first lines, before torch, transformers or Hydra are
     imported): the documented exit code, one line, no traceback and no run directory."""
     proc = _start(*FAST, *_pair(tiny_pair), f"hydra.run.dir={tmp_path / 'runs' / 'x'}")
-    _wait(proc, lambda: _catches(proc.pid, signal.SIGTERM))
+    wait_until(proc, lambda: _catches(proc.pid, signal.SIGTERM))
     proc.send_signal(getattr(signal, signame))
     out, err = proc.communicate(timeout=120)
     code, line = STARTUP[signame]
@@ -140,7 +132,7 @@ def test_signal_during_setup_exits_75_with_a_step_0_checkpoint_or_nothing_to_sav
 
     run_dir = tmp_path / "runs" / "x"
     proc = _start(*FAST, *_pair(tiny_pair), "trainer.max_steps=50", f"hydra.run.dir={run_dir}")
-    _wait(proc, lambda: (run_dir / ".hydra").exists() if when == "accepted" else run_dir.exists())
+    wait_until(proc, lambda: (run_dir / ".hydra").exists() if when == "accepted" else run_dir.exists())
     proc.send_signal(getattr(signal, signame))
     out, err = proc.communicate(timeout=240)
     lines = err.strip().splitlines()
@@ -162,7 +154,7 @@ def test_sighup_during_training_checkpoints_and_exits_75(tiny_pair, tmp_path):
     run_dir = tmp_path / "run"
     proc = _start(*FAST, *_pair(tiny_pair), "trainer.max_steps=200", "trainer.eval_every=0",
                   f"hydra.run.dir={run_dir}")
-    _wait(proc, lambda: (run_dir / "metrics.jsonl").exists() and '"train/loss"' in (run_dir / "metrics.jsonl").read_text())
+    wait_until(proc, lambda: (run_dir / "metrics.jsonl").exists() and '"train/loss"' in (run_dir / "metrics.jsonl").read_text())
     proc.send_signal(signal.SIGHUP)
     _, err = proc.communicate(timeout=240)
     (ckpt,) = list_checkpoints(run_dir / "checkpoints")
@@ -180,7 +172,7 @@ def test_signal_during_an_evaluation_is_one_line_and_no_directory(signame, when,
     out_dir = tmp_path / "evals" / "x"
     proc = _start(f"model.student={tiny_pair / 'student'}", "dataset=arithmetic", "eval.max_new_tokens=8",
                   "eval.samples=64", "threads=1", f"hydra.run.dir={out_dir}", module="trb_exp.evaluate")
-    _wait(proc, lambda: _catches(proc.pid, signal.SIGTERM) if when == "imports" else out_dir.exists())
+    wait_until(proc, lambda: _catches(proc.pid, signal.SIGTERM) if when == "imports" else out_dir.exists())
     proc.send_signal(getattr(signal, signame))
     out, err = proc.communicate(timeout=120)
     code = 130 if signame == "SIGINT" else 75
