@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import median
 
 from trb_exp.analysis.report import Roles
 from trb_exp.analysis.runs import DIAGNOSTICS, fmt_value, headline_config, seed_curve, train_minutes_at_evals
@@ -22,11 +23,6 @@ def _band(ax, curve, n_runs, xs=None, **kw):
         ax.fill_between(xs, [min(v) for v in curve.values()], [max(v) for v in curve.values()],
                         color=line.get_color(), alpha=0.15)
     return line
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
 def plot_headline_curves(sgroups, path: Path, roles: Roles, teacher_pass1: float | None = None,
@@ -49,7 +45,8 @@ def plot_headline_curves(sgroups, path: Path, roles: Roles, teacher_pass1: float
     ax = fig.subplots()
     for fam, rs in series:
         curve = seed_curve(rs)
-        xs = None if x == "step" else [_median([train_minutes_at_evals(r)[s] for r in rs]) for s in curve]
+        minutes = [] if x == "step" else [train_minutes_at_evals(r) for r in rs]  # once per run
+        xs = None if x == "step" else [median(m[s] for m in minutes) for s in curve]
         _band(ax, curve, len(rs), xs, label=f"{fam} (n={len(rs)})",
               lw=2.5 if fam in (roles.focus, roles.baseline) else 1.2)
     if teacher_pass1 is not None:

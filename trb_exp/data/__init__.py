@@ -241,9 +241,10 @@ def check_prompts(tokenizer, prompts: list[str], where: str, max_positions: int 
                   max_new_tokens: int | None = None, clip: bool = False,
                   field: str = "trainer.max_new_tokens", model: str = "student") -> int | None:
     """Every rendered prompt encodes without unknown tokens and leaves room for a response within the
-    ``max_positions`` of ``model`` (the one with the fewest): one line naming the first that does not. With ``max_new_tokens``: the longest
-    prompt plus ``max_new_tokens`` must fit too, else one line with the numbers, or (``clip``) one warning
-    line and the largest ``max_new_tokens`` that fits, which is returned (``max_new_tokens`` otherwise)."""
+    ``max_positions`` of ``model`` (the one with the fewest): one line naming the first that does not. With
+    ``max_new_tokens``: the longest prompt plus ``max_new_tokens`` must fit too, else one line with the numbers,
+    or (``clip``) one warning line and the largest ``max_new_tokens`` that fits, which is returned
+    (``max_new_tokens`` otherwise)."""
     if not prompts:
         return max_new_tokens
     ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]

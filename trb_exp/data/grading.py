@@ -109,7 +109,8 @@ def ungradable(reference: str, grader: str) -> str | None:
         except ValueError:
             return "the exact grader compares integers: give an integer answer, or dataset.grader=math"
     word = reference.strip()
-    if len(word) > 1 and word.isascii() and word.isalpha() and word.lower() not in ("nan", "inf"):  # 'three' parses, as the product t*h*r*e*e of symbols
+    # a bare word parses, 'three' as the product t*h*r*e*e of symbols, which no response matches
+    if len(word) > 1 and word.isascii() and word.isalpha() and word.lower() not in ("nan", "inf"):
         return (f"math-verify reads a bare word as a product of one-letter symbols ({'*'.join(word)}), which no "
                 "response will match: give the answer as a number or expression (e.g. 3)")
     gold = [] if word.lower() == "nan" else _parse_reference(reference)
