@@ -544,6 +544,26 @@ def primary_section(runs: dict) -> list[str]:
     return L
 
 
+def jump_discordance(runs: dict) -> tuple[int, int, int]:
+    """Over the (setting, seed) pairs where trb and opd both finished: (trb alone reached pass@1 >= TARGET,
+    opd alone did, pairs)."""
+    b = c = n = 0
+    for s in SETTINGS:
+        for seed in sorted(set(runs[s]["trb"]) & set(runs[s]["opd"])):
+            t, o = (steps_to(runs[s][x][seed].evals) is not None for x in ("trb", "opd"))
+            b, c, n = b + (t and not o), c + (o and not t), n + 1
+    return b, c, n
+
+
+def pooled_matched(runs: dict, arm: str, base: str, fn) -> dict:
+    """``arm`` − ``base`` of ``fn(record)``, paired by (setting, seed) over the matched control's seeds."""
+    from trb_exp.analysis.stats import paired_difference
+
+    a = {(s, x): fn(r) for s in MATCHED_SEEDS for x, r in runs[s][arm].items() if x in MATCHED_SEEDS[s]}
+    b = {(s, x): fn(r) for s in MATCHED_SEEDS for x, r in runs[s][base].items() if x in MATCHED_SEEDS[s]}
+    return paired_difference(a, b)
+
+
 def jump_section(runs: dict) -> list[str]:
     from trb_exp.analysis.stats import mcnemar_exact
 
@@ -554,27 +574,19 @@ def jump_section(runs: dict) -> list[str]:
             r = runs[s][a]
             cells.append(f"{sum(steps_to(x.evals) is not None for x in r.values())}/{len(r)}" if r else "—")
         L.append(f"| {s} | " + " | ".join(cells) + " |")
-    b = c = n = 0
-    for s in SETTINGS:
-        for seed in sorted(set(runs[s]["trb"]) & set(runs[s]["opd"])):
-            t, o = (steps_to(runs[s][x][seed].evals) is not None for x in ("trb", "opd"))
-            b, c, n = b + (t and not o), c + (o and not t), n + 1
+    b, c, n = jump_discordance(runs)
     L += ["", f"Pooled over the {n} (setting, seed) pairs with both arms: TRB alone reached 0.3 in {b}, OPD alone in "
           f"{c}; exact McNemar p = {mcnemar_exact(b, c):.3f}.", ""]
     return L
 
 
 def matched_section(runs: dict) -> list[str]:
-    from trb_exp.analysis.stats import paired_difference
-
     L = ["| comparison | metric | " + " | ".join(MATCHED_SEEDS) + " | pooled |", "|---|---|" + "---|" * (len(MATCHED_SEEDS) + 1)]
     pooled_auc = None
     for arm, base in (("trb_reward", "trb_matched"), ("trb_matched", "opd"), ("trb_matched", "trb")):
         for name, fn in (("AUC", lambda r: auc(r.evals)), ("final", lambda r: r.evals[max(r.evals)])):
             cells = [_ci(paired(runs, s, arm, base, fn)) for s in MATCHED_SEEDS]
-            a = {(s, x): fn(r) for s in MATCHED_SEEDS for x, r in runs[s][arm].items() if x in MATCHED_SEEDS[s]}
-            bb = {(s, x): fn(r) for s in MATCHED_SEEDS for x, r in runs[s][base].items() if x in MATCHED_SEEDS[s]}
-            d = paired_difference(a, bb)
+            d = pooled_matched(runs, arm, base, fn)
             if (arm, base, name) == ("trb_reward", "trb_matched", "AUC"):
                 pooled_auc = d
             L.append(f"| {arm} − {base} | {name} | " + " | ".join(cells) + f" | {_ci(d)} |")
@@ -678,7 +690,7 @@ def main_arms(runs: dict) -> tuple[str, ...]:
 
 def findings_section(runs: dict, final: bool) -> list[str]:
     """What the study found, in sentences built from the same numbers as the tables above (no free text)."""
-    from trb_exp.analysis.stats import mcnemar_exact, paired_difference
+    from trb_exp.analysis.stats import mcnemar_exact
 
     L = ["## What it found" + ("" if final else " (so far: interim, on the seeds finished)"), ""]
     per, re = across(runs, "trb", "opd")
@@ -704,18 +716,11 @@ def findings_section(runs: dict, final: bool) -> list[str]:
         L.append(f"- **Selection on mini_a's validation split** picked eps0 = {sel[0]:g}, K = {sel[1]}; `trb_sel` − "
                  f"OPD across settings: " + (f"{re_sel.mean:+.3f} [{re_sel.lo:+.3f}, {re_sel.hi:+.3f}], "
                                               f"{verdict(re_sel)}." if re_sel is not None else "no estimate yet."))
-    b = c = n = 0
-    for st in SETTINGS:
-        for seed in sorted(set(runs[st]["trb"]) & set(runs[st]["opd"])):
-            t, o = (steps_to(runs[st][x][seed].evals) is not None for x in ("trb", "opd"))
-            b, c, n = b + (t and not o), c + (o and not t), n + 1
+    b, c, n = jump_discordance(runs)
     if n:
         L.append(f"- **Reaching pass@1 ≥ {TARGET} by step 250**: of {n} paired (setting, seed) runs, TRB alone "
                  f"reached it in {b}, OPD alone in {c} (exact McNemar p = {mcnemar_exact(b, c):.3f}).")
-    fn = (lambda r: auc(r.evals))
-    a = {(st, x): fn(r) for st in MATCHED_SEEDS for x, r in runs[st]["trb_reward"].items() if x in MATCHED_SEEDS[st]}
-    m = {(st, x): fn(r) for st in MATCHED_SEEDS for x, r in runs[st]["trb_matched"].items() if x in MATCHED_SEEDS[st]}
-    d = paired_difference(a, m)
+    d = pooled_matched(runs, "trb_reward", "trb_matched", lambda r: auc(r.evals))
     if d["n"]:
         spent = {arm: median(sum(r.eps.values()) for st in MATCHED_SEEDS for r in runs[st][arm].values())
                  for arm in ("trb_reward", "trb") if all(runs[st][arm] for st in MATCHED_SEEDS)}
